@@ -1,0 +1,189 @@
+"""Configs: dataclass defaults, then a YAML file, then `key=value` overrides from the command line.
+
+Every stage has a dataclass whose fields carry their help text; nested dataclasses are sections
+(`ppo.steps=50`). Unknown keys and values of the wrong type are errors that name the key, never
+silently ignored: a typo in a sweep must not train the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Returns value converted to hint (int -> float only), or raises ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(fields))})"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: is a section; set its keys, e.g. {key}.<name>=...")
+            _apply(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _check_type(key, value, hints[name]))
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['ppo.steps=50', 'model=tiny-bloom'] -> {'ppo': {'steps': 50}, 'model': 'tiny-bloom'}; values are YAML."""
+    tree: dict = {}
+    for arg in args:
+        key, sep, raw = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {arg!r} is not of the form key=value")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r} conflicts with an earlier one")
+        node[leaf] = value
+    return tree
+
+
+def load(cls: type, yaml_path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Builds cls from its defaults, the YAML file (if any) and the overrides, in that order."""
+    cfg = cls()
+    if yaml_path is not None:
+        with open(yaml_path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping of config keys at the top level")
+        try:
+            _apply(cfg, values)
+        except ConfigError as e:
+            raise ConfigError(f"{yaml_path}: {e}") from None
+    _apply(cfg, parse_overrides(list(overrides)))
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def cli(cls: type, argv: list[str], default_yaml: str | Path | None = None) -> Any:
+    """`stage.py [--config FILE] key=value ...` -> config. Exits with the error message on bad input."""
+    import sys
+
+    yaml_path, rest = default_yaml, []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            yaml_path = next(it, None)
+        elif arg.startswith("--config="):
+            yaml_path = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            print(help_text(cls))
+            sys.exit(0)
+        else:
+            rest.append(arg)
+    try:
+        return load(cls, yaml_path, rest)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"config error: {e}")
+
+
+def help_text(cls: type, prefix: str = "") -> str:
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            lines.append(help_text(type(default), prefix=f"{prefix}{f.name}."))
+        else:
+            lines.append(f"  {prefix}{f.name} = {default!r}    {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def field(default: Any, help: str) -> Any:
+    """A dataclass field with help text; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = (lambda d=default: type(d)(**dataclasses.asdict(d))) if dataclasses.is_dataclass(default) else (
+            lambda d=default: type(d)(d)
+        )
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# ---- sections shared by the stages ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    enabled: bool = field(False, "train LoRA adapters instead of all weights")
+    r: int = field(8, "adapter rank")
+    alpha: int = field(16, "adapter scaling numerator (scale = alpha / r)")
+    dropout: float = field(0.0, "dropout on the adapter input")
+    target_modules: list[str] = field([], "module names to adapt; empty: the registry entry's")
+
+
+@dataclasses.dataclass
+class StageConfig:
+    model: str = field("tiny-llama", "registry name of the base model (or a local model folder)")
+    run: str = field("", "run name in the store; empty: the model name")
+    store: str = field("store", "root folder of the checkpoint store")
+    data: str = field("task", "data profile (see alignment/data.py)")
+    seed: int = field(0, "seed for weights of new heads, data order and sampling")
+    threads: int = field(0, "torch CPU threads; 0: torch's default")
+    limit: int = field(0, "use only the first N records of each data split (0: all), for smoke runs")
+
+    @property
+    def run_name(self) -> str:
+        return self.run or Path(self.model.rstrip("/")).name

@@ -1,0 +1,155 @@
+"""Loading models and tokenizers from the registry or the store, and the forward passes PPO needs.
+
+Every checkpoint loads with the standard from_pretrained. A LoRA checkpoint holds only its adapter; its
+manifest names the `base` it was trained on (a registry path or a parent checkpoint), and loading
+merges the adapter into that base, so the stages downstream always get a plain model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+
+from alignment import ppo
+from alignment.registry import ModelSpec
+from alignment.store import MANIFEST, load_checkpoint
+
+_PEFT_TASKS = {AutoModelForCausalLM: "CAUSAL_LM", AutoModelForSequenceClassification: "SEQ_CLS"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str | Path, spec: ModelSpec):
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:  # LLaMA and GPT-2 ship without one; padding is masked out everywhere
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = spec.padding_side
+    return tokenizer
+
+
+def load_model(path: str | Path, auto_class, spec: ModelSpec, **kwargs) -> nn.Module:
+    """auto_class.from_pretrained(path); an adapter-only checkpoint is merged into the base its manifest names."""
+    path = Path(path)
+    kwargs.setdefault("dtype", DTYPES[spec.dtype])
+    kwargs.setdefault("trust_remote_code", spec.trust_remote_code)
+    if auto_class is AutoModelForSequenceClassification:
+        kwargs.setdefault("num_labels", 1)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base = load_model(load_checkpoint(path).manifest["base"], auto_class, spec, **kwargs)
+        # An SFT (causal-LM) adapter merged into the body of a reward model needs no task wrapper: drop it
+        # when the adapter's task differs from the class being loaded.
+        adapter_config = PeftConfig.from_pretrained(str(path))
+        if adapter_config.task_type != _PEFT_TASKS.get(auto_class):
+            adapter_config.task_type = None
+        merged = PeftModel.from_pretrained(base, str(path), config=adapter_config).merge_and_unload()
+        return merged.requires_grad_(True)  # peft froze the base; the caller decides what trains
+    model = auto_class.from_pretrained(str(path), **kwargs)
+    if model.config.pad_token_id is None:  # the reward model pools at the last non-pad token
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """RLHF models run without dropout: it would make log-probs, values and rewards noisy and the PPO ratio wrong."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---- forward passes over [query | response] batches, queries left-padded -------------------------------
+
+
+def _position_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
+    """Positions that skip left padding, for models that take them (Bloom's ALiBi reads the mask instead)."""
+    forward = getattr(model, "forward")
+    if "position_ids" not in inspect.signature(forward).parameters:
+        return {}
+    return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+
+def backbone_and_head(value_model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body and the scalar head of an AutoModelForSequenceClassification."""
+    return value_model.base_model, value_model.score
+
+
+def policy_forward(
+    model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of the response tokens under model, at the sampling temperature. -> [B, T] each."""
+    out = model(
+        input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+        **_position_kwargs(model, attention_mask),
+    )
+    logits = out.logits[:, context_length - 1 : -1]
+    responses = query_responses[:, context_length:]
+    return ppo.logprobs_from_logits(logits, responses, temperature), ppo.entropy_from_logits(logits, temperature)
+
+
+def value_forward(
+    value_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+) -> torch.Tensor:
+    """The critic's value of the state before each response token. -> [B, T]."""
+    body, head = backbone_and_head(value_model)
+    hidden = body(
+        input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+        **_position_kwargs(body, attention_mask),
+    ).last_hidden_state
+    return head(hidden).squeeze(-1)[:, context_length - 1 : -1].float()
+
+
+def reward_forward(reward_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's score of each whole sequence, pooled exactly as in its training. -> [B]."""
+    out = reward_model(
+        input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+        **_position_kwargs(reward_model, attention_mask),
+    )
+    return out.logits[:, 0].float()
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, greedy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples (or greedily decodes) responses to already-templated prompts.
+
+    Returns (query_responses [B, Q+T], query_mask [B, Q], responses [B, T]); queries are left-padded, and
+    every token after a response's first EOS is the pad token. Sampling uses the full distribution at
+    the given temperature (no top-k / top-p), the one PPO's log-probs are computed from.
+    """
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = side
+    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        **sampling,
+    )
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), generation_config=gen_config
+    )
+    context_length = enc.input_ids.shape[1]
+    responses = out[:, context_length:]
+    mask, _ = ppo.response_mask(responses, tokenizer.eos_token_id)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
+    query_responses = torch.cat([enc.input_ids.to(device), responses], dim=1)
+    return query_responses, enc.attention_mask.to(device), responses
+
+
+def decode_responses(tokenizer, responses: torch.Tensor) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]

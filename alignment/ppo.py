@@ -1,0 +1,187 @@
+"""PPO math for RLHF, as pure functions over tensors.
+
+Shapes: B = sequences in the batch, T = response length (tokens generated, padded). A `mask` is 1.0 on
+response tokens up to and including the first EOS and 0.0 after it, so padding never enters a loss or
+a statistic. Conventions follow Ziegler et al. (2019) and "The N Implementation Details of RLHF with
+PPO" (Huang et al., 2023): per-token reward -kl_coef * (log pi - log pi_ref), the reward model's score
+added at the last response token, GAE on top, whitened advantages, clipped policy and value losses.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at tokens. logits [B, T, V], tokens [B, T] -> [B, T].
+
+    Training must score tokens with the same temperature-scaled distribution they were sampled from,
+    or the ratio pi/pi_old is off from the very first step.
+    """
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position. [B, T, V] -> [B, T]."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first EOS, and whether each response has an EOS.
+
+    responses [B, T] -> (mask [B, T] float, ended [B] bool).
+    """
+    is_eos = responses == eos_token_id
+    ended = is_eos.any(dim=1)
+    # eos_before[t] = number of EOS strictly before t; keep t while it is 0
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (eos_before == 0).float(), ended
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+class TokenRewards(NamedTuple):
+    rewards: torch.Tensor  # [B, T] -kl_coef * kl per token, plus the score at the last response token
+    kl: torch.Tensor  # [B, T] log pi - log pi_ref per token (0 where masked)
+    non_score: torch.Tensor  # [B, T] the KL part alone
+
+
+def token_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> TokenRewards:
+    """Per-token rewards. scores [B]; logprobs, ref_logprobs, mask [B, T].
+
+    The score lands on the last unmasked token of each response (its EOS, or the last token generated
+    when the response never ended).
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    non_score = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards = non_score.clone()
+    rewards[torch.arange(len(scores)), last] += scores
+    return TokenRewards(rewards * mask, kl, non_score * mask)
+
+
+class Advantages(NamedTuple):
+    advantages: torch.Tensor  # [B, T] GAE advantages (not yet whitened)
+    returns: torch.Tensor  # [B, T] advantages + values: the value targets
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> Advantages:
+    """Generalised advantage estimation (Schulman et al., 2016) over masked responses.
+
+    rewards, values, mask [B, T]. Beyond the last response token the value is taken as 0 (the episode
+    has ended), which masking values achieves.
+    """
+    values = values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return Advantages(advantages, (advantages + values) * mask)
+
+
+class PolicyLoss(NamedTuple):
+    loss: torch.Tensor  # scalar
+    clip_frac: torch.Tensor  # share of tokens where the clipped objective was the active one
+    approx_kl: torch.Tensor  # 0.5 * E[(log pi - log pi_old)^2], how far the update moved the policy
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> PolicyLoss:
+    """Clipped surrogate loss: mean of max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi / pi_old. All [B, T]."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
+    return PolicyLoss(loss, clip_frac, approx_kl)
+
+
+class ValueLoss(NamedTuple):
+    loss: torch.Tensor  # scalar
+    clip_frac: torch.Tensor  # share of tokens where the clipped error was the larger
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> ValueLoss:
+    """0.5 * mean of max((v - R)^2, (v_clipped - R)^2), v_clipped within clip of the rollout's value."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((clipped_err > unclipped_err).float(), mask)
+    return ValueLoss(loss, clip_frac)
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. (2019) controller: move kl_coef so the observed KL approaches target.
+
+    kl is the mean per-sequence KL of the batch just seen, n_steps the episodes it held.
+    """
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+class RunningMoments:
+    """Running mean and standard deviation of a stream of scores (Chan et al.'s parallel update)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        batch_mean, batch_var = x.float().mean().item(), x.float().var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]

@@ -1,0 +1,193 @@
+"""Stage 3, PPO: improve the SFT policy against the reward model while a KL penalty keeps it close.
+
+    make ppo [MODEL=tiny-llama] [ARGS="ppo.steps=50 ppo.kl_coef=0.1"]
+    python stages/ppo.py --config configs/ppo.yaml key=value ...
+
+Each step: 1. sample responses to a batch of prompts; 2. score them: log-probs under policy and frozen
+reference, values from the critic, a score from the reward model; 3. per-token rewards (KL penalty,
+score at the last token) and GAE advantages; 4. several epochs of clipped policy and value updates on
+minibatches. The loop is ours (TRL no longer ships PPO); the math is in alignment/ppo.py.
+At the end the policy is compared with the SFT policy on held-out prompts, and saved as <run>/ppo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from alignment import config, data, evaluation, modeling, ppo, registry
+from alignment.config import field
+from alignment.store import Store
+
+
+@dataclasses.dataclass
+class PPOSettings:
+    steps: int = field(60, "PPO iterations: rollout batches sampled, scored and trained on")
+    batch_size: int = field(64, "prompts per rollout batch")
+    mini_batch_size: int = field(16, "sequences per optimizer step inside a PPO epoch")
+    ppo_epochs: int = field(4, "passes over each rollout batch")
+    learning_rate: float = field(1e-4, "AdamW learning rate for policy and critic")
+    max_new_tokens: int = field(20, "longest response sampled")
+    temperature: float = field(1.0, "sampling temperature; log-probs are computed at the same temperature")
+    kl_coef: float = field(0.15, "beta of the per-token penalty beta * (log pi - log pi_ref)")
+    adaptive_kl: bool = field(False, "adapt kl_coef towards kl_target (Ziegler et al., 2019)")
+    kl_target: float = field(1.0, "target per-sequence KL of the adaptive controller")
+    kl_horizon: int = field(10000, "horizon (episodes) of the adaptive controller")
+    gamma: float = field(1.0, "discount")
+    lam: float = field(0.95, "GAE lambda")
+    clip_range: float = field(0.2, "policy ratio clip epsilon")
+    value_clip: float = field(0.2, "value clip around the rollout's values")
+    vf_coef: float = field(0.1, "weight of the value loss")
+    whiten_advantages: bool = field(True, "normalise advantages over each batch")
+    normalize_reward: bool = field(True, "scale scores by running mean and std of the reward model's output")
+    reward_clip: float = field(5.0, "clip (normalised) scores to +-reward_clip")
+    missing_eos_penalty: float = field(1.0, "subtracted from the score of a response that never ends; 0: off")
+    max_grad_norm: float = field(1.0, "gradient clipping")
+    eval_samples: int = field(4, "sampled responses per held-out prompt in the final comparison")
+
+
+@dataclasses.dataclass
+class Config(config.StageConfig):
+    ppo: PPOSettings = field(PPOSettings(), "PPO settings")
+
+
+def main(argv: list[str]) -> None:
+    # 0. config, store, inputs: the run's SFT checkpoint (policy init and reference) and reward model
+    cfg = config.cli(Config, argv, default_yaml="configs/ppo.yaml")
+    p = cfg.ppo
+    started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
+    sft, rm = store.get(run, "sft"), store.get(run, "rm")
+    accelerator = Accelerator()
+    writer = SummaryWriter(str(store.root / run / "tensorboard" / "ppo"))
+
+    tokenizer = modeling.load_tokenizer(sft.path, spec)
+    policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec)
+    ref_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec).requires_grad_(False)
+    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).requires_grad_(False)
+    value_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec)  # critic starts as the RM
+    for m in (policy, ref_policy, reward_model, value_model):
+        modeling.disable_dropout(m)
+        m.eval()  # no dropout anywhere; gradients still flow in eval mode
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=p.learning_rate, eps=1e-5)
+    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+    ref_policy, reward_model = ref_policy.to(accelerator.device), reward_model.to(accelerator.device)
+    print(f"[ppo] policy and reference from {sft.id}, reward model and critic from {rm.id}")
+
+    prompts = [spec.format_prompt(r["prompt"]) for r in data.load(cfg.data, "prompts_train", cfg.limit)]
+    order = torch.Generator().manual_seed(cfg.seed)
+    queue: list[int] = []
+    kl_coef, moments = p.kl_coef, ppo.RunningMoments()
+    log, eos_id = [], tokenizer.eos_token_id
+
+    for step in (bar := tqdm(range(1, p.steps + 1), desc="ppo", dynamic_ncols=True)):
+        # 1. rollout: sample responses from the current policy
+        if len(queue) < p.batch_size:
+            queue += torch.randperm(len(prompts), generator=order).tolist()
+        batch, queue = [prompts[i] for i in queue[: p.batch_size]], queue[p.batch_size :]
+        t0 = time.time()
+        query_responses, query_mask, responses = modeling.generate(
+            accelerator.unwrap_model(policy), tokenizer, batch, p.max_new_tokens, p.temperature
+        )
+        mask, ended = ppo.response_mask(responses, eos_id)
+        attention = torch.cat([query_mask, mask.long()], dim=1)
+        context = query_mask.shape[1]
+        t_generate = time.time() - t0
+
+        # 2. score: old log-probs, reference log-probs, values, reward-model score
+        with torch.no_grad():
+            old_logprobs, entropy = modeling.policy_forward(policy, query_responses, attention, context, p.temperature)
+            ref_logprobs, _ = modeling.policy_forward(ref_policy, query_responses, attention, context, p.temperature)
+            old_values = modeling.value_forward(value_model, query_responses, attention, context)
+            raw_scores = modeling.reward_forward(reward_model, query_responses, attention)
+
+        # 3. rewards and advantages
+        scores = torch.where(ended, raw_scores, raw_scores - p.missing_eos_penalty)
+        if p.normalize_reward:
+            moments.update(scores)
+            scores = (scores - moments.mean) / moments.std
+        scores = scores.clamp(-p.reward_clip, p.reward_clip)
+        rewards = ppo.token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef)
+        adv = ppo.gae(rewards.rewards, old_values, mask, p.gamma, p.lam)
+        advantages = ppo.masked_whiten(adv.advantages, mask) if p.whiten_advantages else adv.advantages
+
+        # 4. optimise: ppo_epochs passes of clipped policy and value updates over minibatches
+        stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": []}
+        for _ in range(p.ppo_epochs):
+            for idx in torch.randperm(p.batch_size, generator=order).split(p.mini_batch_size):
+                logprobs, _ = modeling.policy_forward(
+                    policy, query_responses[idx], attention[idx], context, p.temperature
+                )
+                values = modeling.value_forward(value_model, query_responses[idx], attention[idx], context)
+                pl = ppo.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], p.clip_range)
+                vl = ppo.value_loss(values, old_values[idx], adv.returns[idx], mask[idx], p.value_clip)
+                optimizer.zero_grad()
+                accelerator.backward(pl.loss + p.vf_coef * vl.loss)
+                accelerator.clip_grad_norm_([*policy.parameters(), *value_model.parameters()], p.max_grad_norm)
+                optimizer.step()
+                for key, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clip_frac", pl.clip_frac),
+                                   ("value_clip_frac", vl.clip_frac), ("approx_kl", pl.approx_kl)):
+                    stats[key].append(value.item())
+
+        # 5. log, and adapt the KL coefficient
+        sequence_kl = rewards.kl.sum(1).mean().item()
+        record = {
+            "step": step,
+            "reward": raw_scores.mean().item(),
+            "kl": sequence_kl,
+            "kl_coef": kl_coef,
+            "entropy": ppo.masked_mean(entropy, mask).item(),
+            "response_length": mask.sum(1).mean().item(),
+            "ended": ended.float().mean().item(),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "generate_s": t_generate,
+            "step_s": time.time() - t0,
+        }
+        log.append(record)
+        for key, value in record.items():
+            writer.add_scalar(f"ppo/{key}", value, step)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{sequence_kl:.3f}", len=f"{record['response_length']:.1f}")
+        if p.adaptive_kl:
+            kl_coef = ppo.adaptive_kl_coef(kl_coef, sequence_kl, p.kl_target, p.kl_horizon, p.batch_size)
+    writer.close()
+
+    # 6. compare with the SFT policy on held-out prompts: greedy and sampled, gold and RM score, KL
+    policy = accelerator.unwrap_model(policy)
+    eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit)]
+    summary = evaluation.compare_policies(
+        policy, ref_policy, reward_model, tokenizer, spec, eval_prompts, gold=cfg.data == "task",
+        max_new_tokens=p.max_new_tokens, temperature=p.temperature, samples=p.eval_samples, seed=cfg.seed,
+    )
+
+    # 7. save: the policy as a causal LM, the critic beside it, the per-step log, the manifest
+    tmp = store.staging(run, "ppo")
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    accelerator.unwrap_model(value_model).save_pretrained(tmp / "value_model")
+    with open(tmp / "ppo_log.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in log)
+    metrics = {**summary, "final_kl_coef": kl_coef, "steps": p.steps, "duration_s": round(time.time() - started, 1)}
+    checkpoint = store.publish(tmp, {
+        "run": run, "stage": "ppo", "model": spec.name, "parents": [sft.id, rm.id],
+        "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": str(sft.path), "adapter": False,
+        "config": config.to_dict(cfg),
+        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["prompts_train", "prompts_eval"])},
+        "metrics": metrics,
+    })
+    print(f"[ppo] saved {checkpoint.id} -> {checkpoint.path}")
+    print(evaluation.format_comparison(summary))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,136 @@
+"""Stage 2, reward model: a scalar head on the SFT model, trained on pairwise preferences.
+
+    make rm [MODEL=tiny-llama] [ARGS="rm.epochs=2"]
+    python stages/rm.py --config configs/rm.yaml key=value ...
+
+The model is AutoModelForSequenceClassification with one label, initialised from the run's SFT
+checkpoint; TRL's RewardTrainer minimises -log sigmoid(r_chosen - r_rejected). Held-out pairwise
+accuracy, with its bootstrap interval, goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from alignment import config, data, evaluation, modeling, registry
+from alignment.config import field
+from alignment.store import Store
+
+
+@dataclasses.dataclass
+class RMSettings:
+    epochs: float = field(2.0, "passes over the preference pairs")
+    batch_size: int = field(32, "pairs per optimizer step")
+    learning_rate: float = field(5e-4, "peak AdamW learning rate")
+    warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_length: int = field(256, "longest prompt+response in tokens; longer pairs are dropped and counted")
+    bf16: bool = field(False, "bf16 autocast (mixed precision)")
+    logging_steps: int = field(20, "log every N optimizer steps")
+
+
+@dataclasses.dataclass
+class Config(config.StageConfig):
+    rm: RMSettings = field(RMSettings(), "training settings")
+    lora: config.LoraSettings = field(config.LoraSettings(), "LoRA adapters instead of full fine-tuning")
+
+
+def main(argv: list[str]) -> None:
+    # 1. config, store, the run's SFT checkpoint
+    cfg = config.cli(Config, argv, default_yaml="configs/rm.yaml")
+    started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
+    sft = store.get(run, "sft")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.root / run / "tensorboard" / "rm")
+
+    # 2. reward model = SFT body + a new scalar head (seeded)
+    torch.manual_seed(cfg.seed)
+    tokenizer = modeling.load_tokenizer(sft.path, spec)
+    model = modeling.load_model(sft.path, AutoModelForSequenceClassification, spec)
+    print(f"[rm] from {sft.id}: {modeling.count_parameters(model):,} parameters")
+
+    # 3. preference pairs; prompts carry the model's template, so the RM reads what the policy writes
+    def templated(records: list[dict]) -> list[dict]:
+        return [{"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
+
+    raw_eval = data.load(cfg.data, "prefs_eval", cfg.limit)
+    train_pairs, eval_pairs = templated(data.load(cfg.data, "prefs_train", cfg.limit)), templated(raw_eval)
+
+    # 4. train
+    peft_config = None
+    if cfg.lora.enabled:
+        peft_config = LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="SEQ_CLS",
+            target_modules=cfg.lora.target_modules or list(spec.lora_targets), modules_to_save=["score"],
+        )
+    args = RewardConfig(
+        output_dir=str(store.root / run / ".trainer-rm"),
+        num_train_epochs=cfg.rm.epochs,
+        per_device_train_batch_size=cfg.rm.batch_size,
+        per_device_eval_batch_size=cfg.rm.batch_size,
+        learning_rate=cfg.rm.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.rm.warmup_ratio,
+        weight_decay=cfg.rm.weight_decay,
+        max_length=cfg.rm.max_length,
+        bf16=cfg.rm.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        logging_steps=cfg.rm.logging_steps,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=["tensorboard"],
+        seed=cfg.seed,
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
+        eval_dataset=Dataset.from_list(eval_pairs), processing_class=tokenizer, peft_config=peft_config,
+    )
+    dropped = len(train_pairs) - len(trainer.train_dataset)
+    if dropped:
+        print(f"[rm] {dropped} training pairs longer than rm.max_length={cfg.rm.max_length} tokens were dropped")
+    result = trainer.train()
+
+    # 5. held-out accuracy, scored the way PPO will score (our forward pass, not the trainer's batches)
+    trainer.model.eval()
+    held_out = evaluation.pairwise_accuracy(trainer.model, tokenizer, spec, raw_eval)
+
+    # 6. save to the store
+    tmp = store.staging(run, "rm")
+    trainer.model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_accuracy": held_out["accuracy"],
+        "eval_accuracy_ci95": held_out["accuracy_ci95"],
+        "eval_margin": held_out["margin"],
+        "eval_pairs": len(raw_eval),
+        "dropped_too_long": dropped,
+        "steps": result.global_step,
+        "duration_s": round(time.time() - started, 1),
+    }
+    checkpoint = store.publish(tmp, {
+        "run": run, "stage": "rm", "model": spec.name, "parents": [sft.id], "parent_uids": [sft.manifest["uid"]],
+        "base": str(sft.path), "adapter": cfg.lora.enabled, "config": config.to_dict(cfg),
+        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["prefs_train", "prefs_eval"])},
+        "metrics": metrics,
+    })
+    lo, hi = held_out["accuracy_ci95"]
+    print(f"[rm] saved {checkpoint.id} -> {checkpoint.path}")
+    print(f"[rm] held-out pairwise accuracy {held_out['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {len(raw_eval)} pairs")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

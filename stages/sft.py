@@ -1,0 +1,126 @@
+"""Stage 1, supervised fine-tuning: teach the base model to answer instructions from demonstrations.
+
+    make sft [MODEL=tiny-llama] [ARGS="sft.epochs=2 lora.enabled=true"]
+    python stages/sft.py --config configs/sft.yaml key=value ...
+
+TRL's SFTTrainer runs the loop; the loss covers response tokens only (prompt-completion records).
+The result lands in the store as <run>/sft: a full model, or with LoRA only the adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig as TRLSFTConfig
+from trl import SFTTrainer
+
+from alignment import config, data, modeling, registry
+from alignment.config import field
+from alignment.store import Store
+
+
+@dataclasses.dataclass
+class SFTSettings:
+    epochs: float = field(3.0, "passes over the demonstrations")
+    batch_size: int = field(32, "sequences per optimizer step")
+    learning_rate: float = field(2e-3, "peak AdamW learning rate (tiny models want high rates; 7B wants ~2e-5)")
+    warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_length: int = field(256, "longest sequence in tokens; longer ones are truncated from the right")
+    bf16: bool = field(False, "bf16 autocast (mixed precision)")
+    logging_steps: int = field(20, "log every N optimizer steps")
+
+
+@dataclasses.dataclass
+class Config(config.StageConfig):
+    sft: SFTSettings = field(SFTSettings(), "training settings")
+    lora: config.LoraSettings = field(config.LoraSettings(), "LoRA adapters instead of full fine-tuning")
+
+
+def main(argv: list[str]) -> None:
+    # 1. config, store, model entry
+    cfg = config.cli(Config, argv, default_yaml="configs/sft.yaml")
+    started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.root / run / "tensorboard" / "sft")
+
+    # 2. base model and tokenizer, from the hub / a local folder / the tiny-twin cache
+    base_path = registry.resolve(spec)
+    tokenizer = modeling.load_tokenizer(base_path, spec)
+    model = modeling.load_model(base_path, AutoModelForCausalLM, spec)
+    print(f"[sft] {spec.name}: {modeling.count_parameters(model):,} parameters, from {base_path}")
+
+    # 3. demonstrations as prompt-completion records: TRL masks the prompt out of the loss
+    def records(split: str) -> Dataset:
+        rows = data.load(cfg.data, split, cfg.limit)
+        return Dataset.from_list([{"prompt": spec.format_prompt(r["prompt"]), "completion": r["completion"]} for r in rows])
+
+    train_set, eval_set = records("sft_train"), records("sft_eval")
+
+    # 4. train
+    peft_config = None
+    if cfg.lora.enabled:
+        peft_config = LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
+            target_modules=cfg.lora.target_modules or list(spec.lora_targets),
+        )
+    args = TRLSFTConfig(
+        output_dir=str(store.root / run / ".trainer-sft"),
+        num_train_epochs=cfg.sft.epochs,
+        per_device_train_batch_size=cfg.sft.batch_size,
+        per_device_eval_batch_size=cfg.sft.batch_size,
+        learning_rate=cfg.sft.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.sft.warmup_ratio,
+        weight_decay=cfg.sft.weight_decay,
+        max_length=cfg.sft.max_length,
+        completion_only_loss=True,
+        bf16=cfg.sft.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        logging_steps=cfg.sft.logging_steps,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=["tensorboard"],
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        processing_class=tokenizer, peft_config=peft_config,
+    )
+    result = trainer.train()
+    eval_metrics = trainer.evaluate()
+
+    # 5. save to the store: HF folder (or adapter) + tokenizer + manifest
+    tmp = store.staging(run, "sft")
+    trainer.model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    metrics = {
+        "train_loss": result.training_loss,
+        "eval_loss": eval_metrics["eval_loss"],
+        "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
+        "steps": result.global_step,
+        "duration_s": round(time.time() - started, 1),
+    }
+    checkpoint = store.publish(tmp, {
+        "run": run, "stage": "sft", "model": spec.name, "parents": [], "base": base_path,
+        "adapter": cfg.lora.enabled, "config": config.to_dict(cfg),
+        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["sft_train", "sft_eval"])},
+        "metrics": metrics,
+    })
+    print(f"[sft] saved {checkpoint.id} -> {checkpoint.path}")
+    print(f"[sft] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

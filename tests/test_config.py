@@ -1,0 +1,73 @@
+import dataclasses
+
+import pytest
+
+from alignment import config
+from stages import ppo as ppo_stage
+from stages import sft as sft_stage
+
+
+def test_defaults_yaml_and_overrides_in_order(tmp_path):
+    path = tmp_path / "ppo.yaml"
+    path.write_text("model: tiny-bloom\nppo:\n  steps: 7\n  kl_coef: 0.2\n")
+    cfg = config.load(ppo_stage.Config, path, ["ppo.steps=9", "run=exp1"])
+    assert cfg.model == "tiny-bloom" and cfg.run_name == "exp1"
+    assert cfg.ppo.steps == 9 and cfg.ppo.kl_coef == 0.2
+    assert cfg.ppo.batch_size == ppo_stage.PPOSettings().batch_size  # untouched default
+
+
+def test_int_is_accepted_for_float_and_lists_parse():
+    cfg = config.load(sft_stage.Config, None, ["sft.learning_rate=1", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.sft.learning_rate == 1.0 and isinstance(cfg.sft.learning_rate, float)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ppo.stepz=3", "unknown config key 'ppo.stepz' (did you mean 'ppo.steps'?)"),
+        ("nonsense=1", "unknown config key 'nonsense'"),
+        ("ppo.steps=abc", "ppo.steps: expected int, got 'abc'"),
+        ("ppo.steps=1.5", "ppo.steps: expected int, got 1.5"),
+        ("ppo.adaptive_kl=3", "ppo.adaptive_kl: expected bool, got 3"),
+        ("ppo=3", "ppo: is a section"),
+        ("justakey", "is not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(ppo_stage.Config, None, [override])
+    assert message in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("ppo:\n  kl_coeff: 0.1\n")
+    with pytest.raises(config.ConfigError, match=r"bad.yaml: unknown config key 'ppo.kl_coeff'"):
+        config.load(ppo_stage.Config, path)
+
+
+def test_cli_exits_with_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        config.cli(ppo_stage.Config, ["ppo.steps=x"])
+    assert "ppo.steps" in str(e.value.code)
+
+
+def test_shipped_yaml_files_load():
+    for stage in ("sft", "rm", "ppo"):
+        module = __import__(f"stages.{stage}", fromlist=["Config"])
+        cfg = config.load(module.Config, f"configs/{stage}.yaml")
+        assert dataclasses.is_dataclass(cfg)
+
+
+def test_sections_are_not_shared_between_instances():
+    a, b = ppo_stage.Config(), ppo_stage.Config()
+    a.ppo.steps = 123
+    assert b.ppo.steps != 123
+
+
+def test_exponent_without_dot_is_a_float():
+    cfg = config.load(ppo_stage.Config, None, ["ppo.learning_rate=1e-5"])
+    assert cfg.ppo.learning_rate == 1e-5
+    with pytest.raises(config.ConfigError, match="ppo.learning_rate: expected float, got 'fast'"):
+        config.load(ppo_stage.Config, None, ["ppo.learning_rate=fast"])

@@ -1,0 +1,125 @@
+"""PPO math against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from alignment import ppo
+
+
+def test_response_mask_keeps_tokens_up_to_first_eos():
+    eos = 2
+    responses = torch.tensor([[5, 6, 2, 2, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
+    mask, ended = ppo.response_mask(responses, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+def test_logprobs_use_temperature_scaled_logits():
+    logits = torch.tensor([[[1.0, 2.0, 3.0]]])
+    tokens = torch.tensor([[2]])
+    # at T=2 the logits are [0.5, 1, 1.5]: log p(2) = 1.5 - log(e^0.5 + e^1 + e^1.5)
+    expected = 1.5 - math.log(math.exp(0.5) + math.exp(1.0) + math.exp(1.5))
+    assert ppo.logprobs_from_logits(logits, tokens, temperature=2.0).item() == pytest.approx(expected, abs=1e-6)
+    assert ppo.logprobs_from_logits(logits, tokens, 1.0).item() == pytest.approx(
+        3 - math.log(math.exp(1) + math.exp(2) + math.exp(3)), abs=1e-6
+    )
+
+
+def test_entropy_of_uniform_and_peaked():
+    uniform = torch.zeros(1, 1, 4)
+    assert ppo.entropy_from_logits(uniform).item() == pytest.approx(math.log(4), abs=1e-6)
+    peaked = torch.tensor([[[100.0, 0.0, 0.0]]])
+    assert ppo.entropy_from_logits(peaked).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_masked_mean_var_whiten_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert ppo.masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert ppo.masked_var(x, mask).item() == pytest.approx(1.0)  # unbiased: ((1)+(0)+(1))/2
+    w = ppo.masked_whiten(x, mask)
+    assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)
+    assert w[0, 3].item() == 0.0
+
+
+def test_token_rewards_put_score_on_last_response_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    scores = torch.tensor([10.0, 20.0])
+    out = ppo.token_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    # row 0: kl = [0.5, -1.0, (masked)]; rewards = [-0.05, 0.1 + 10, 0]
+    assert out.kl[0].tolist() == pytest.approx([0.5, -1.0, 0.0])
+    assert out.rewards[0].tolist() == pytest.approx([-0.05, 10.1, 0.0])
+    # row 1: kl = [1, 1, 1]; the score lands on the third token
+    assert out.rewards[1].tolist() == pytest.approx([-0.1, -0.1, 19.9])
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4]])
+    mask = torch.ones(1, 3)
+    gamma, lam = 0.9, 0.5
+    # deltas: d2 = 1 - 0.4 = 0.6; d1 = 0 + 0.9*0.4 - 0.2 = 0.16; d0 = 0 + 0.9*0.2 - 0.5 = -0.32
+    # A2 = 0.6; A1 = 0.16 + 0.45*0.6 = 0.43; A0 = -0.32 + 0.45*0.43 = -0.1265
+    out = ppo.gae(rewards, values, mask, gamma, lam)
+    assert out.advantages[0].tolist() == pytest.approx([-0.1265, 0.43, 0.6])
+    assert out.returns[0].tolist() == pytest.approx([0.3735, 0.63, 1.0])
+
+
+def test_gae_treats_tokens_after_the_end_as_terminal():
+    rewards = torch.tensor([[0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.3, 9.0]])  # 9.0 sits on a padding position and must not leak in
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    out = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # A1 = 1 - 0.3 = 0.7; A0 = 0 + 0.3 - 0.5 + 0.7 = 0.5
+    assert out.advantages[0].tolist() == pytest.approx([0.5, 0.7, 0.0])
+
+
+def test_policy_loss_clips_the_ratio():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    out = ppo.policy_loss(new, old, adv, mask, clip=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped)
+    assert out.loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert out.clip_frac.item() == pytest.approx(1.0)
+    assert out.approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
+
+
+def test_policy_loss_unclipped_inside_the_trust_region_and_masked():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.1, 50.0]]))  # the second token is padding
+    out = ppo.policy_loss(new, old, torch.tensor([[2.0, 2.0]]), torch.tensor([[1.0, 0.0]]), clip=0.2)
+    assert out.loss.item() == pytest.approx(-2.2)
+    assert out.clip_frac.item() == 0.0
+
+
+def test_value_loss_takes_the_larger_of_clipped_and_unclipped_error():
+    old = torch.tensor([[1.0, 1.0]])
+    new = torch.tensor([[2.0, 1.1]])
+    returns = torch.tensor([[3.0, 0.0]])
+    out = ppo.value_loss(new, old, returns, torch.ones(1, 2), clip=0.2)
+    # token 0: unclipped (2-3)^2 = 1, clipped (1.2-3)^2 = 3.24 -> 3.24; token 1: 1.21 vs (1.1-0)^2 = 1.21 -> 1.21
+    assert out.loss.item() == pytest.approx(0.5 * (3.24 + 1.21) / 2)
+    assert out.clip_frac.item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller_moves_towards_target():
+    # kl twice the target: error clipped to +0.2, coef * (1 + 0.2 * 100 / 1000)
+    assert ppo.adaptive_kl_coef(0.1, kl=2.0, target=1.0, horizon=1000, n_steps=100) == pytest.approx(0.102)
+    assert ppo.adaptive_kl_coef(0.1, kl=0.9, target=1.0, horizon=1000, n_steps=100) == pytest.approx(0.099)
+
+
+def test_running_moments_match_the_whole_stream():
+    rm = ppo.RunningMoments()
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0])
+    rm.update(a)
+    rm.update(b)
+    full = torch.cat([a, b])
+    assert rm.mean == pytest.approx(full.mean().item())
+    assert rm.std == pytest.approx(full.std(unbiased=False).item())
+    assert rm.count == 5
