@@ -1,5 +1,6 @@
 # RLHF pipeline. Quick start:  make sft rm ppo      Tests:  make test
 # Variables: MODEL=<registry name>  RUN=<run name>  STORE=<store root>  ARGS="key=value ..."
+#            CHECKPOINTS=<run/stage,...> (make eval)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,10 +8,11 @@ MODEL  ?=
 RUN    ?=
 STORE  ?=
 ARGS   ?=
+CHECKPOINTS ?=
 STAGE_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(RUN),run=$(RUN)) $(if $(STORE),store=$(STORE)) $(ARGS)
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: sft rm ppo test test-slow store data install clean
+.PHONY: sft rm ppo eval test test-slow store data install clean
 
 # torch is pinned first: 2.13.0 resolves to the local CPU wheel, and pyproject's range then adds nothing.
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +25,11 @@ install: $(VENV)/.installed
 
 sft rm ppo: $(VENV)/.installed
 	$(PY) stages/$@.py --config configs/$@.yaml $(STAGE_ARGS)
+
+# The run: RUN, else the MODEL name, else the latest run in the store.
+eval: $(VENV)/.installed
+	$(PY) stages/eval.py --config configs/eval.yaml $(if $(RUN),run=$(RUN),$(if $(MODEL),run=$(notdir $(MODEL)))) $(if $(STORE),store=$(STORE)) \
+		$(if $(CHECKPOINTS),eval.checkpoints=[$(CHECKPOINTS)]) $(ARGS)
 
 store: $(VENV)/.installed
 	$(PY) -m alignment store list $(if $(STORE),--root $(STORE))

@@ -1,10 +1,19 @@
-"""Command line of the library: `python -m alignment store list [--json] [--root DIR]`."""
+"""Command line of the library.
+
+    python -m alignment store list [--json] [--root DIR]     checkpoints, lineage, headline metrics
+    python -m alignment eval [key=value ...]                 the evaluation stage (stages/eval.py)
+    python -m alignment generate CHECKPOINT "prompt"         one response from a policy checkpoint
+    python -m alignment chat CHECKPOINT                      prompts from the terminal, one response each
+
+CHECKPOINT is a folder, or a store id run/stage (--root picks the store).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from alignment.store import Store
 
@@ -37,7 +46,38 @@ def store_list(root: str, as_json: bool) -> None:
         print(f"{c.id:32s} {m['model']:16s} {m.get('created', '')[:19]:20s} <- {parents:28s} {_headline(c.metrics)}")
 
 
+def load_policy(checkpoint: str, root: str):
+    """A policy checkpoint (folder or store id) -> (model, tokenizer, registry entry)."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment import modeling, registry
+    from alignment.store import load_checkpoint
+
+    path = Path(checkpoint)
+    if not (path / "manifest.json").is_file():
+        run, _, stage = checkpoint.partition("/")
+        path = Store(root).get(run, stage).path
+    spec = registry.get(load_checkpoint(path).manifest["model"])
+    model = modeling.load_model(path, AutoModelForCausalLM, spec).eval()
+    return model, modeling.load_tokenizer(path, spec), spec
+
+
+def respond(model, tokenizer, spec, prompt: str, args) -> str:
+    from alignment import modeling
+
+    _, _, responses = modeling.generate(
+        model, tokenizer, [spec.format_prompt(prompt)], args.max_new_tokens, args.temperature, greedy=not args.sample
+    )
+    return modeling.decode_responses(tokenizer, responses)[0]
+
+
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["eval"]:  # the stage parses its own key=value arguments
+        import runpy
+
+        sys.argv = ["stages/eval.py", *argv[1:]]
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "stages" / "eval.py"), run_name="__main__")
+        return
     parser = argparse.ArgumentParser(prog="python -m alignment")
     commands = parser.add_subparsers(dest="command", required=True)
     store = commands.add_parser("store", help="inspect the checkpoint store")
@@ -45,9 +85,30 @@ def main(argv: list[str]) -> None:
     listing = store_commands.add_parser("list", help="runs, stages, lineage and headline metrics")
     listing.add_argument("--root", default="store", help="store root (default: ./store)")
     listing.add_argument("--json", action="store_true", help="print a JSON list of checkpoint objects")
+    for name, text in (("generate", "one response to a prompt"), ("chat", "read prompts from the terminal")):
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("checkpoint", help="checkpoint folder or store id run/stage")
+        if name == "generate":
+            cmd.add_argument("prompt")
+        cmd.add_argument("--root", default="store", help="store root for a run/stage id")
+        cmd.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        cmd.add_argument("--temperature", type=float, default=1.0)
+        cmd.add_argument("--max-new-tokens", type=int, default=64)
+    commands.add_parser("eval", help="evaluate checkpoints and write the report (key=value arguments)")
     args = parser.parse_args(argv)
     if args.command == "store" and args.store_command == "list":
         store_list(args.root, args.json)
+    elif args.command == "generate":
+        model, tokenizer, spec = load_policy(args.checkpoint, args.root)
+        print(respond(model, tokenizer, spec, args.prompt, args))
+    elif args.command == "chat":
+        model, tokenizer, spec = load_policy(args.checkpoint, args.root)
+        print(f"{args.checkpoint} ({spec.name}, template '{spec.template}'). Each line is answered on its own; "
+              "an empty line or Ctrl-D ends.")
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            print(respond(model, tokenizer, spec, line.strip(), args), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,64 +1,200 @@
-"""Measuring checkpoints: reward-model accuracy on held-out pairs, policy quality on held-out prompts,
-and bootstrap intervals so that a difference comes with its uncertainty."""
+"""Measuring checkpoints honestly: every headline number on held-out data, with a 95% bootstrap interval.
+
+The first half is pure metric functions (tested against hand-computed values); the second half runs
+models: reward-model accuracy on held-out pairs, policy cross-entropy on held-out demonstrations, and
+policy behaviour on held-out prompts scored by the reward model, the reference and (on the embedded
+task) the gold judge.
+"""
 
 from __future__ import annotations
 
+import math
 import random
+from typing import Callable, Sequence
 
 import torch
 
 from alignment import modeling, ppo, task
 
+METRICS = {
+    # name -> one sentence a reader of the report needs to interpret it
+    "cross_entropy": "Mean negative log-likelihood, in nats per token, of the response tokens of held-out demonstrations.",
+    "perplexity": "exp(cross_entropy): the number of equally likely tokens the model hesitates between, on average.",
+    "rm_accuracy": "Share of held-out preference pairs where the reward model scores the chosen response above the rejected one.",
+    "rm_margin": "Mean of r(chosen) - r(rejected) over held-out pairs.",
+    "rm_calibration": "Held-out accuracy within buckets of |margin|, beside sigmoid(|margin|), the accuracy a calibrated Bradley-Terry model would have.",
+    "rm_length_correlation": "Pearson correlation between reward and response length (tokens) over all held-out responses: how much of the reward length alone explains.",
+    "shorter_wins_accuracy": "Accuracy on the same pairs of the rule 'the shorter response wins', a baseline the reward model should beat.",
+    "reward": "Mean reward-model score of the policy's sampled responses to held-out prompts.",
+    "win_rate_vs_sft": "Share of held-out prompts where the policy's response scores higher than the SFT policy's (ties count half), judged by the reward model.",
+    "kl_per_token": "Mean over response tokens of log pi(token) - log pi_ref(token) on the policy's own samples: the per-token KL estimate to the SFT reference.",
+    "kl_per_response": "The same summed over each response: nats of KL per response.",
+    "response_length": "Mean response length in tokens, EOS included.",
+    "distinct_1": "Distinct unigrams over all unigrams of all responses: lexical diversity.",
+    "distinct_2": "Distinct bigrams over all bigrams of all responses.",
+    "ended_with_eos": "Share of responses that end with EOS within the length limit.",
+    "gold": "Mean gold-judge score (embedded task only): share of right answer positions, minus 0.4 if anything follows the answer.",
+    "gold_win_rate_vs_sft": "Share of held-out prompts where the policy's response beats the SFT policy's by the gold judge (ties count half).",
+}
 
-def bootstrap_ci(values: list[float], n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of values."""
+# ---- pure metrics -------------------------------------------------------------------------------------
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if len(xs) else float("nan")
+
+
+def bootstrap_ci(
+    values: Sequence, statistic: Callable[[list], float] = mean, n_resamples: int = 2000, level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of statistic(values), resampling the items with replacement."""
     rng = random.Random(seed)
     k = len(values)
-    means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n_resamples))
-    lo = means[int((1 - level) / 2 * n_resamples)]
-    hi = means[min(n_resamples - 1, int((1 + level) / 2 * n_resamples))]
+    stats = sorted(statistic([values[rng.randrange(k)] for _ in range(k)]) for _ in range(n_resamples))
+    lo = stats[int((1 - level) / 2 * n_resamples)]
+    hi = stats[min(n_resamples - 1, int((1 + level) / 2 * n_resamples))]
     return lo, hi
+
+
+def estimate(values: Sequence[float], seed: int = 0) -> dict:
+    """{"mean", "ci95"}: the mean of values with its bootstrap interval."""
+    lo, hi = bootstrap_ci(values, seed=seed)
+    return {"mean": mean(values), "ci95": [lo, hi]}
 
 
 def paired_difference(after: list[float], before: list[float], seed: int = 0) -> dict:
     """Mean of after - before over the same items, with its 95% paired bootstrap interval."""
-    diffs = [a - b for a, b in zip(after, before, strict=True)]
-    lo, hi = bootstrap_ci(diffs, seed=seed)
-    return {"mean": sum(diffs) / len(diffs), "ci95": [lo, hi]}
+    return estimate([a - b for a, b in zip(after, before, strict=True)], seed=seed)
+
+
+def wins(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Per item: 1 if a beats b, 0.5 on a tie, 0 otherwise. Their mean is the win rate of a over b."""
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams over all word n-grams in texts (0 when there are none)."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    mx, my = mean(x), mean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def calibration(margins: Sequence[float], buckets: int = 5) -> list[dict]:
+    """Accuracy of a reward model by |margin| bucket (equal-count buckets, smallest margins first).
+
+    margins are r(chosen) - r(rejected); a pair is right when its margin is > 0. Each bucket reports the
+    accuracy and sigmoid of its mean |margin|, which a calibrated model's accuracy should match.
+    """
+    ordered = sorted(margins, key=abs)
+    size = math.ceil(len(ordered) / buckets)
+    out = []
+    for i in range(0, len(ordered), size):
+        chunk = ordered[i : i + size]
+        mean_abs = mean([abs(m) for m in chunk])
+        out.append({
+            "abs_margin_min": abs(chunk[0]), "abs_margin_max": abs(chunk[-1]), "pairs": len(chunk),
+            "accuracy": mean([float(m > 0) for m in chunk]), "predicted": 1 / (1 + math.exp(-mean_abs)),
+        })
+    return out
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood per sequence of the masked labels. logits [B, T, V] predict labels [B, T]."""
+    return -(ppo.logprobs_from_logits(logits, labels) * mask).sum(1)
+
+
+# ---- model-driven measurements ------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def score_texts(reward_model, tokenizer, texts: list[str], batch_size: int = 64) -> list[float]:
-    """Reward-model scores of whole texts (prompt + response), each ended by EOS as in training."""
-    scores = []
+def cross_entropy(model, tokenizer, spec, records: list[dict], batch_size: int = 32, seed: int = 0) -> dict:
+    """Cross-entropy (nats/token) and perplexity of the completions of held-out prompt-completion records.
+
+    The interval resamples records, keeping the ratio total NLL / total tokens.
+    """
+    per_record = []  # (nll, tokens)
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        prompts = [tokenizer(spec.format_prompt(r["prompt"])).input_ids for r in chunk]
+        fulls = [tokenizer(spec.format_prompt(r["prompt"]) + r["completion"]).input_ids + [tokenizer.eos_token_id]
+                 for r in chunk]
+        width = max(map(len, fulls))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+        attention = torch.zeros_like(ids)
+        loss_mask = torch.zeros(len(chunk), width)
+        for row, (p, f) in enumerate(zip(prompts, fulls)):
+            ids[row, : len(f)] = torch.tensor(f)
+            attention[row, : len(f)] = 1
+            loss_mask[row, len(p) : len(f)] = 1.0
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        nll = token_nll(logits, ids[:, 1:], loss_mask[:, 1:])
+        per_record += list(zip(nll.tolist(), loss_mask[:, 1:].sum(1).tolist()))
+
+    def ratio(items):
+        return sum(n for n, _ in items) / sum(t for _, t in items)
+
+    ce = ratio(per_record)
+    lo, hi = bootstrap_ci(per_record, ratio, seed=seed)
+    return {
+        "cross_entropy": {"mean": ce, "ci95": [lo, hi]},
+        "perplexity": {"mean": math.exp(ce), "ci95": [math.exp(lo), math.exp(hi)]},
+        "tokens": int(sum(t for _, t in per_record)),
+    }
+
+
+@torch.no_grad()
+def score_texts(reward_model, tokenizer, texts: list[str], batch_size: int = 64) -> tuple[list[float], list[int]]:
+    """Reward-model scores of whole texts (prompt + response, ended by EOS as in training), and their lengths."""
+    scores, lengths = [], []
     for i in range(0, len(texts), batch_size):
         chunk = [t + tokenizer.eos_token for t in texts[i : i + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True)
         scores += modeling.reward_forward(reward_model, enc.input_ids, enc.attention_mask).tolist()
-    return scores
+        lengths += enc.attention_mask.sum(1).tolist()
+    return scores, lengths
+
+
+def reward_model_metrics(reward_model, tokenizer, spec, pairs: list[dict], seed: int = 0) -> dict:
+    """Accuracy, margin, calibration and length dependence of a reward model on held-out pairs."""
+    prompts = [spec.format_prompt(p["prompt"]) for p in pairs]
+    prompt_lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    chosen, chosen_len = score_texts(reward_model, tokenizer, [p + r["chosen"] for p, r in zip(prompts, pairs)])
+    rejected, rejected_len = score_texts(reward_model, tokenizer, [p + r["rejected"] for p, r in zip(prompts, pairs)])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    response_len = [n - k for n, k in zip(chosen_len + rejected_len, prompt_lengths * 2)]
+    shorter = [1.0 if len(r["chosen"]) < len(r["rejected"]) else 0.5 if len(r["chosen"]) == len(r["rejected"]) else 0.0
+               for r in pairs]
+    return {
+        "rm_accuracy": estimate([float(m > 0) for m in margins], seed),
+        "rm_margin": estimate(margins, seed),
+        "rm_calibration": calibration(margins),
+        "rm_length_correlation": pearson(chosen + rejected, response_len),
+        "shorter_wins_accuracy": mean(shorter),
+        "pairs": len(pairs),
+    }
 
 
 def pairwise_accuracy(reward_model, tokenizer, spec, pairs: list[dict]) -> dict:
-    """Share of held-out pairs where the chosen response scores higher, and the mean margin."""
-    chosen = score_texts(reward_model, tokenizer, [spec.format_prompt(p["prompt"]) + p["chosen"] for p in pairs])
-    rejected = score_texts(reward_model, tokenizer, [spec.format_prompt(p["prompt"]) + p["rejected"] for p in pairs])
-    wins = [float(c > r) for c, r in zip(chosen, rejected)]
-    lo, hi = bootstrap_ci(wins)
-    return {
-        "accuracy": sum(wins) / len(wins),
-        "accuracy_ci95": [lo, hi],
-        "margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs),
-        "pairs": len(pairs),
-    }
+    """Held-out accuracy with its interval, and the mean margin: the reward-model stage's own check."""
+    m = reward_model_metrics(reward_model, tokenizer, spec, pairs)
+    return {"accuracy": m["rm_accuracy"]["mean"], "accuracy_ci95": m["rm_accuracy"]["ci95"],
+            "margin": m["rm_margin"]["mean"], "pairs": len(pairs)}
 
 
 @torch.no_grad()
 def rollout_scores(
     policy, ref_policy, reward_model, tokenizer, spec, prompts: list[str], *, max_new_tokens: int,
     temperature: float, greedy: bool, gold: bool, batch_size: int = 100,
-) -> dict[str, list[float]]:
+) -> dict[str, list]:
     """Responses of policy to prompts, with per-response RM score, gold score, KL to the reference and length."""
-    out = {"reward": [], "gold": [], "kl": [], "length": [], "ended": [], "responses": []}
+    out = {"reward": [], "gold": [], "kl": [], "kl_tokens": [], "length": [], "ended": [], "responses": []}
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         templated = [spec.format_prompt(p) for p in batch]
@@ -71,7 +207,9 @@ def rollout_scores(
         t = 1.0 if greedy else temperature
         logprobs, _ = modeling.policy_forward(policy, query_responses, attention, context, t)
         ref_logprobs, _ = modeling.policy_forward(ref_policy, query_responses, attention, context, t)
-        out["kl"] += ((logprobs - ref_logprobs) * mask).sum(1).tolist()
+        kl = (logprobs - ref_logprobs) * mask
+        out["kl"] += kl.sum(1).tolist()
+        out["kl_tokens"] += kl.sum(1).div(mask.sum(1).clamp(min=1)).tolist()
         out["reward"] += modeling.reward_forward(reward_model, query_responses, attention).tolist()
         texts = modeling.decode_responses(tokenizer, responses)
         out["responses"] += texts
@@ -82,8 +220,22 @@ def rollout_scores(
     return out
 
 
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
+def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) -> dict:
+    """Headline figures of one policy's rollout on held-out prompts, against the SFT policy's on the same prompts."""
+    out = {
+        "reward": estimate(rollout["reward"], seed),
+        "win_rate_vs_sft": estimate(wins(rollout["reward"], sft_rollout["reward"]), seed),
+        "kl_per_token": estimate(rollout["kl_tokens"], seed),
+        "kl_per_response": estimate(rollout["kl"], seed),
+        "response_length": estimate(rollout["length"], seed),
+        "distinct_1": distinct_n(rollout["responses"], 1),
+        "distinct_2": distinct_n(rollout["responses"], 2),
+        "ended_with_eos": estimate(rollout["ended"], seed),
+    }
+    if gold:
+        out["gold"] = estimate(rollout["gold"], seed)
+        out["gold_win_rate_vs_sft"] = estimate(wins(rollout["gold"], sft_rollout["gold"]), seed)
+    return out
 
 
 def compare_policies(
@@ -113,7 +265,7 @@ def compare_policies(
         section["ended_with_eos"] = {"sft": mean(before["ended"]), "ppo": mean(after["ended"])}
         section["examples"] = [
             {"prompt": p, "sft": b, "ppo": a}
-            for p, b, a in list(zip(repeated, before["responses"], after["responses"]))[:: reps][:3]
+            for p, b, a in list(zip(repeated, before["responses"], after["responses"]))[::reps][:3]
         ]
         out[mode] = section
     return out

@@ -37,7 +37,7 @@ class PPOSettings:
     learning_rate: float = field(1e-4, "AdamW learning rate for policy and critic")
     max_new_tokens: int = field(20, "longest response sampled")
     temperature: float = field(1.0, "sampling temperature; log-probs are computed at the same temperature")
-    kl_coef: float = field(0.15, "beta of the per-token penalty beta * (log pi - log pi_ref)")
+    kl_coef: float = field(0.3, "beta of the per-token penalty beta * (log pi - log pi_ref)")
     adaptive_kl: bool = field(False, "adapt kl_coef towards kl_target (Ziegler et al., 2019)")
     kl_target: float = field(1.0, "target per-sequence KL of the adaptive controller")
     kl_horizon: int = field(10000, "horizon (episodes) of the adaptive controller")
@@ -52,6 +52,8 @@ class PPOSettings:
     missing_eos_penalty: float = field(1.0, "subtracted from the score of a response that never ends; 0: off")
     max_grad_norm: float = field(1.0, "gradient clipping")
     eval_samples: int = field(4, "sampled responses per held-out prompt in the final comparison")
+    eval_every: int = field(10, "evaluate on held-out prompts every N steps (and before the first); 0: off")
+    eval_prompts: int = field(64, "held-out prompts used by the evaluation during training")
 
 
 @dataclasses.dataclass
@@ -86,6 +88,25 @@ def main(argv: list[str]) -> None:
     print(f"[ppo] policy and reference from {sft.id}, reward model and critic from {rm.id}")
 
     prompts = [spec.format_prompt(r["prompt"]) for r in data.load(cfg.data, "prompts_train", cfg.limit)]
+    eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit)]
+    gold = cfg.data == "task"  # the gold judge exists for the embedded task only
+
+    def evaluate(step: int) -> dict:
+        """Sampled responses to held-out prompts: RM reward, gold score, KL. Leaves the training RNG untouched."""
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            r = evaluation.rollout_scores(
+                accelerator.unwrap_model(policy), ref_policy, reward_model, tokenizer, spec,
+                eval_prompts[: p.eval_prompts], max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                greedy=False, gold=gold,
+            )
+        point = {"step": step, **{f"eval_{k}": evaluation.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
+        for key, value in point.items():
+            if key != "step":
+                writer.add_scalar(f"ppo/{key}", value, step)
+        return point
+
+    eval_log = [evaluate(0)] if p.eval_every else []
     order = torch.Generator().manual_seed(cfg.seed)
     queue: list[int] = []
     kl_coef, moments = p.kl_coef, ppo.RunningMoments()
@@ -160,13 +181,14 @@ def main(argv: list[str]) -> None:
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{sequence_kl:.3f}", len=f"{record['response_length']:.1f}")
         if p.adaptive_kl:
             kl_coef = ppo.adaptive_kl_coef(kl_coef, sequence_kl, p.kl_target, p.kl_horizon, p.batch_size)
+        if p.eval_every and (step % p.eval_every == 0 or step == p.steps):
+            eval_log.append(evaluate(step))
     writer.close()
 
     # 6. compare with the SFT policy on held-out prompts: greedy and sampled, gold and RM score, KL
     policy = accelerator.unwrap_model(policy)
-    eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit)]
     summary = evaluation.compare_policies(
-        policy, ref_policy, reward_model, tokenizer, spec, eval_prompts, gold=cfg.data == "task",
+        policy, ref_policy, reward_model, tokenizer, spec, eval_prompts, gold=gold,
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, samples=p.eval_samples, seed=cfg.seed,
     )
 
@@ -177,7 +199,7 @@ def main(argv: list[str]) -> None:
     accelerator.unwrap_model(value_model).save_pretrained(tmp / "value_model")
     with open(tmp / "ppo_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
-    metrics = {**summary, "final_kl_coef": kl_coef, "steps": p.steps, "duration_s": round(time.time() - started, 1)}
+    metrics = {**summary, "eval_curve": eval_log, "final_kl_coef": kl_coef, "steps": p.steps, "duration_s": round(time.time() - started, 1)}
     checkpoint = store.publish(tmp, {
         "run": run, "stage": "ppo", "model": spec.name, "parents": [sft.id, rm.id],
         "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": str(sft.path), "adapter": False,
