@@ -1,6 +1,7 @@
 # RLHF pipeline. Quick start:  make sft rm ppo      Tests:  make test
 # Variables: MODEL=<registry name>  RUN=<run name>  STORE=<store root>  ARGS="key=value ..."
-#            CHECKPOINTS=<run/stage,...> (make eval)
+#            CHECKPOINTS=<run/stage,...> (make eval)   RESUME=0 (start a stage over instead of resuming)
+#            NPROC=<processes>  ACCELERATE_CONFIG=<configs/accelerate/*.yaml> (multi-process / DeepSpeed)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,20 @@ RUN    ?=
 STORE  ?=
 ARGS   ?=
 CHECKPOINTS ?=
-STAGE_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(RUN),run=$(RUN)) $(if $(STORE),store=$(STORE)) $(ARGS)
+RESUME ?= 1
+NPROC  ?= 1
+ACCELERATE_CONFIG ?=
+STAGE_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(RUN),run=$(RUN)) $(if $(STORE),store=$(STORE)) \
+             $(if $(filter 0,$(RESUME)),resume=false) $(ARGS)
+# One process: plain python. Several: `accelerate launch --multi_gpu`, which really starts NPROC processes
+# (NCCL on GPUs, gloo on CPUs); plain --num_processes or --cpu would quietly start one.
+ifeq ($(NPROC)$(ACCELERATE_CONFIG),1)
+LAUNCH = $(PY)
+else
+LAUNCH = $(VENV)/bin/accelerate launch \
+         $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG) $(if $(filter-out 1,$(NPROC)),--num_processes $(NPROC)),\
+         --multi_gpu --num_processes $(NPROC))
+endif
 export TOKENIZERS_PARALLELISM = false
 
 .PHONY: sft rm ppo eval test test-slow store data install clean
@@ -24,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 sft rm ppo: $(VENV)/.installed
-	$(PY) stages/$@.py --config configs/$@.yaml $(STAGE_ARGS)
+	$(LAUNCH) stages/$@.py --config configs/$@.yaml $(STAGE_ARGS)
 
 # The run: RUN, else the MODEL name, else the latest run in the store.
 eval: $(VENV)/.installed

@@ -1,6 +1,7 @@
 """Command line of the library.
 
     python -m alignment store list [--json] [--root DIR]     checkpoints, lineage, headline metrics
+    python -m alignment store verify [--root DIR]            manifests, files and hashes; exit 1 on a problem
     python -m alignment eval [key=value ...]                 the evaluation stage (stages/eval.py)
     python -m alignment generate CHECKPOINT "prompt"         one response from a policy checkpoint
     python -m alignment chat CHECKPOINT                      prompts from the terminal, one response each
@@ -85,6 +86,8 @@ def main(argv: list[str]) -> None:
     listing = store_commands.add_parser("list", help="runs, stages, lineage and headline metrics")
     listing.add_argument("--root", default="store", help="store root (default: ./store)")
     listing.add_argument("--json", action="store_true", help="print a JSON list of checkpoint objects")
+    verify = store_commands.add_parser("verify", help="check every checkpoint: manifest, files, hashes")
+    verify.add_argument("--root", default="store", help="store root (default: ./store)")
     for name, text in (("generate", "one response to a prompt"), ("chat", "read prompts from the terminal")):
         cmd = commands.add_parser(name, help=text)
         cmd.add_argument("checkpoint", help="checkpoint folder or store id run/stage")
@@ -98,6 +101,12 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.command == "store" and args.store_command == "list":
         store_list(args.root, args.json)
+    elif args.command == "store" and args.store_command == "verify":
+        problems = Store(args.root).verify()
+        for line in problems:
+            print(line)
+        print(f"{len(Store(args.root).list())} checkpoints in {args.root}/, {len(problems)} problems")
+        sys.exit(1 if problems else 0)
     elif args.command == "generate":
         model, tokenizer, spec = load_policy(args.checkpoint, args.root)
         print(respond(model, tokenizer, spec, args.prompt, args))

@@ -183,6 +183,10 @@ class StageConfig:
     seed: int = field(0, "seed for weights of new heads, data order and sampling")
     threads: int = field(0, "torch CPU threads; 0: torch's default")
     limit: int = field(0, "use only the first N records of each data split (0: all), for smoke runs")
+    resume: bool = field(True, "continue from the last complete saved state of this stage, if there is one")
+    save_every: int = field(50, "optimizer steps (PPO: PPO steps) between resumable states")
+    max_bad_steps: int = field(5, "stop after this many updates in a row with non-finite loss or gradients")
+    check_sync: bool = field(False, "after every optimizer step, check all processes hold identical parameters")
 
     @property
     def run_name(self) -> str:

@@ -35,6 +35,7 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, **kwargs) -> nn.Mo
     path = Path(path)
     kwargs.setdefault("dtype", DTYPES[spec.dtype])
     kwargs.setdefault("trust_remote_code", spec.trust_remote_code)
+    kwargs.setdefault("use_safetensors", True)  # never unpickle weights: a .bin checkpoint can run code
     if auto_class is AutoModelForSequenceClassification:
         kwargs.setdefault("num_labels", 1)
     if (path / "adapter_config.json").is_file():
@@ -52,6 +53,16 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, **kwargs) -> nn.Mo
     if model.config.pad_token_id is None:  # the reward model pools at the last non-pad token
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def lora_targets(model: nn.Module, wanted: list[str], model_name: str) -> list[str]:
+    """wanted, checked against the model's modules: a clear stop at start-up instead of a peft error later."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__ or
+                     "Conv1D" in type(m).__name__})
+    missing = [t for t in wanted if t not in linear]
+    if missing:
+        raise SystemExit(f"lora.target_modules: {missing} not in {model_name}; its linear layers are {linear}")
+    return wanted
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -80,11 +91,6 @@ def _position_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
 
-def backbone_and_head(value_model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer body and the scalar head of an AutoModelForSequenceClassification."""
-    return value_model.base_model, value_model.score
-
-
 def policy_forward(
     model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
     temperature: float,
@@ -99,16 +105,29 @@ def policy_forward(
     return ppo.logprobs_from_logits(logits, responses, temperature), ppo.entropy_from_logits(logits, temperature)
 
 
+class TokenValues(nn.Module):
+    """The critic: a one-label sequence-classification model read at every position instead of the last.
+
+    A module of its own so that its forward is the one a distributed wrapper (DDP) sees and synchronises.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        body = self.model.base_model
+        hidden = body(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_position_kwargs(body, attention_mask)
+        ).last_hidden_state
+        return self.model.score(hidden).squeeze(-1)
+
+
 def value_forward(
     value_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int
 ) -> torch.Tensor:
-    """The critic's value of the state before each response token. -> [B, T]."""
-    body, head = backbone_and_head(value_model)
-    hidden = body(
-        input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
-        **_position_kwargs(body, attention_mask),
-    ).last_hidden_state
-    return head(hidden).squeeze(-1)[:, context_length - 1 : -1].float()
+    """The critic's (a TokenValues) value of the state before each response token. -> [B, T]."""
+    return value_model(query_responses, attention_mask)[:, context_length - 1 : -1].float()
 
 
 def reward_forward(reward_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

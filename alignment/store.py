@@ -10,6 +10,7 @@ base model, parent checkpoints, resolved config, data fingerprint, metrics, time
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import datetime
 import json
 import os
@@ -60,6 +61,10 @@ class Store:
     def path(self, run: str, stage: str) -> Path:
         return self.root / check_name("run", run) / check_name("stage", stage)
 
+    def run_dir(self, run: str) -> Path:
+        """The run's folder, for its logs, report and the trainers' working state."""
+        return self.root / check_name("run", run)
+
     def staging(self, run: str, stage: str) -> Path:
         """A fresh temporary folder to write a checkpoint into before publish()."""
         parent = self.path(run, stage).parent
@@ -67,26 +72,20 @@ class Store:
         return Path(tempfile.mkdtemp(prefix=f".tmp-{stage}-", dir=parent))
 
     def publish(self, tmp: Path, manifest: dict) -> Checkpoint:
-        """Writes the manifest into tmp, flushes everything to disk and renames tmp into place."""
+        """Writes the manifest (with a sha256 of every file) into tmp, flushes it to disk, renames it into place."""
         run, stage = manifest["run"], manifest["stage"]
-        final = self.path(run, stage)
-        manifest = {**manifest, "id": f"{run}/{stage}", "status": "complete", "uid": uuid.uuid4().hex[:12]}
+        manifest = {**manifest, "id": f"{run}/{stage}", "status": "complete", "uid": uuid.uuid4().hex[:12],
+                    "files": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}}
         manifest.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"))
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, default=str)
-        _fsync_tree(tmp)
-        old = None
-        if final.exists():  # replacing an earlier checkpoint of this stage: move it aside, then swap
-            old = final.parent / f".old-{stage}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        final = self.path(run, stage)
+        _swap_in(tmp, final)
         return Checkpoint(final, manifest)
 
     def get(self, run: str, stage: str) -> Checkpoint:
         path = self.path(run, stage)
+        _recover(path)
         if not (path / MANIFEST).is_file():
             raise StoreError(
                 f"no complete '{stage}' checkpoint for run '{run}' in {self.root}/ "
@@ -97,9 +96,104 @@ class Store:
     def list(self) -> list[Checkpoint]:
         if not self.root.is_dir():
             return []
-        found = [load_checkpoint(m.parent) for m in sorted(self.root.glob(f"*/*/{MANIFEST}"))]
+        for old in self.root.glob("*/.old-*"):
+            _recover(old.parent / old.name.split("-")[1])
+        found = []
+        for m in sorted(self.root.glob(f"*/*/{MANIFEST}")):
+            try:
+                found.append(load_checkpoint(m.parent))
+            except (OSError, json.JSONDecodeError):  # unreadable: `store verify` reports it
+                continue
         found = [c for c in found if not c.path.parent.name.startswith(".") and not c.path.name.startswith(".")]
         return sorted(found, key=lambda c: (c.manifest.get("run", ""), c.manifest.get("created", "")))
+
+    # ---- resumable training state: <root>/<run>/.state/<stage>/, invisible to list(), same atomic swap ----
+
+    def state_path(self, run: str, stage: str) -> Path:
+        return self.root / check_name("run", run) / ".state" / check_name("stage", stage)
+
+    def save_state(self, run: str, stage: str, write) -> Path:
+        """write(folder) fills a temporary folder; it replaces the previous state only once complete."""
+        final = self.state_path(run, stage)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{stage}-", dir=final.parent))
+        write(tmp)
+        (tmp / "COMPLETE").write_text("")
+        _swap_in(tmp, final)
+        return final
+
+    def load_state_path(self, run: str, stage: str) -> Path | None:
+        path = self.state_path(run, stage)
+        _recover(path)
+        return path if (path / "COMPLETE").is_file() else None
+
+    def clear_state(self, run: str, stage: str) -> None:
+        shutil.rmtree(self.state_path(run, stage), ignore_errors=True)
+
+    def verify(self) -> list[str]:
+        """Problems with the store, one line each: every checkpoint's manifest, files and hashes."""
+        problems = []
+        if not self.root.is_dir():
+            return [f"{self.root}: no such store"]
+        for folder in sorted(p for p in self.root.glob("*/*") if p.is_dir() and not p.name.startswith(".")):
+            if folder.name in ("tensorboard", "plots"):
+                continue
+            label = f"{folder.parent.name}/{folder.name}"
+            try:
+                with open(folder / MANIFEST) as f:
+                    manifest = json.load(f)
+            except FileNotFoundError:
+                problems.append(f"{label}: no {MANIFEST}")
+                continue
+            except json.JSONDecodeError as e:
+                problems.append(f"{label}: {MANIFEST} does not parse ({e.msg})")
+                continue
+            if manifest.get("status") != "complete":
+                problems.append(f"{label}: status is {manifest.get('status')!r}, not 'complete'")
+            for name, digest in manifest.get("files", {}).items():
+                path = folder / name
+                if not path.is_file():
+                    problems.append(f"{label}: {name} is missing")
+                elif _sha256(path) != digest:
+                    problems.append(f"{label}: {name} does not match its recorded sha256")
+            if not manifest.get("files") and not any((folder / f).is_file() for f in WEIGHT_FILES):
+                problems.append(f"{label}: no weights ({' or '.join(WEIGHT_FILES)})")
+        return problems
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Flushes tmp to disk and renames it to final. An earlier final is moved aside first and deleted after;
+    a crash between the two renames leaves it as .old-<name>-*, which _recover() puts back."""
+    _fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(final: Path) -> None:
+    """If a crash interrupted _swap_in after moving the old version aside, put it back; drop stale copies."""
+    olds = sorted(final.parent.glob(f".old-{final.name}-*")) if final.parent.is_dir() else []
+    for old in olds:
+        if not final.exists():
+            os.rename(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -16,14 +16,17 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors.torch import load_model, save_model
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import config, data, evaluation, modeling, ppo, registry
+from alignment import config, data, evaluation, modeling, ppo, registry, training
 from alignment.config import field
 from alignment.store import Store
 
@@ -61,6 +64,32 @@ class Config(config.StageConfig):
     ppo: PPOSettings = field(PPOSettings(), "PPO settings")
 
 
+def save_training_state(store: Store, run: str, accelerator, policy, value_model, optimizer, order, state: dict) -> None:
+    """Everything a resumed run needs to go on as if never stopped; written atomically by the main process."""
+    rng = gather_object([{"torch": torch.get_rng_state(), "order": order.get_state()}])  # one per process
+    if not accelerator.is_main_process:
+        return
+
+    def write(folder: Path) -> None:
+        save_model(accelerator.unwrap_model(policy), str(folder / "policy.safetensors"))
+        save_model(accelerator.unwrap_model(value_model), str(folder / "value_model.safetensors"))
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(rng, folder / "rng.pt")
+        (folder / "state.json").write_text(json.dumps(state))
+
+    store.save_state(run, "ppo", write)
+
+
+def load_training_state(folder: Path, accelerator, policy, value_model, optimizer, order) -> dict:
+    load_model(accelerator.unwrap_model(policy), str(folder / "policy.safetensors"))
+    load_model(accelerator.unwrap_model(value_model), str(folder / "value_model.safetensors"))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))  # tensors only, no pickle code
+    rng = torch.load(folder / "rng.pt", weights_only=True)[accelerator.process_index]
+    torch.set_rng_state(rng["torch"])
+    order.set_state(rng["order"])
+    return json.loads((folder / "state.json").read_text())
+
+
 def main(argv: list[str]) -> None:
     # 0. config, store, inputs: the run's SFT checkpoint (policy init and reference) and reward model
     cfg = config.cli(Config, argv, default_yaml="configs/ppo.yaml")
@@ -68,24 +97,29 @@ def main(argv: list[str]) -> None:
     started = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    # cpu=True where there is no GPU: without it Accelerate treats a multi-process CPU launch as one process.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main_process = accelerator.is_main_process
+    torch.manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own responses
     store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
     sft, rm = store.get(run, "sft"), store.get(run, "rm")
-    accelerator = Accelerator()
-    writer = SummaryWriter(str(store.root / run / "tensorboard" / "ppo"))
+    writer = SummaryWriter(str(store.run_dir(run) / "tensorboard" / "ppo")) if main_process else None
 
     tokenizer = modeling.load_tokenizer(sft.path, spec)
     policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec)
     ref_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec).requires_grad_(False)
     reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).requires_grad_(False)
-    value_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec)  # critic starts as the RM
+    critic = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec)  # the critic starts as the RM
+    value_model = modeling.TokenValues(critic)
     for m in (policy, ref_policy, reward_model, value_model):
         modeling.disable_dropout(m)
         m.eval()  # no dropout anywhere; gradients still flow in eval mode
     optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=p.learning_rate, eps=1e-5)
     policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
     ref_policy, reward_model = ref_policy.to(accelerator.device), reward_model.to(accelerator.device)
-    print(f"[ppo] policy and reference from {sft.id}, reward model and critic from {rm.id}")
+    trained = [*policy.parameters(), *value_model.parameters()]
+    print(f"[ppo] policy and reference from {sft.id}, reward model and critic from {rm.id}; "
+          f"{accelerator.num_processes} process(es) x {p.batch_size} prompts per step")
 
     prompts = [spec.format_prompt(r["prompt"]) for r in data.load(cfg.data, "prompts_train", cfg.limit)]
     eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit)]
@@ -106,22 +140,36 @@ def main(argv: list[str]) -> None:
                 writer.add_scalar(f"ppo/{key}", value, step)
         return point
 
-    eval_log = [evaluate(0)] if p.eval_every else []
-    order = torch.Generator().manual_seed(cfg.seed)
-    queue: list[int] = []
-    kl_coef, moments = p.kl_coef, ppo.RunningMoments()
-    log, eos_id = [], tokenizer.eos_token_id
+    # Training state: fresh, or resumed from the last complete state saved by a run with the same config.
+    order = torch.Generator().manual_seed(cfg.seed)  # prompt order and minibatches: the same in every process
+    moments = ppo.RunningMoments()
+    state = {"step": 0, "kl_coef": p.kl_coef, "queue": [], "log": [], "eval_log": [], "skipped": 0, "in_a_row": 0,
+             "moments": moments.state_dict(), "config": config.to_dict(cfg)}
+    saved = store.load_state_path(run, "ppo") if cfg.resume else None
+    if not cfg.resume:
+        store.clear_state(run, "ppo")
+    if saved:
+        training.check_same_config(json.loads((saved / "state.json").read_text())["config"], state["config"], saved,
+                                   ignore=("ppo.steps",))
+        state = {**load_training_state(saved, accelerator, policy, value_model, optimizer, order), "config": state["config"]}
+        moments.load_state_dict(state["moments"])
+        print(f"[ppo] resuming after step {state['step']} from {saved}")
+    elif p.eval_every and main_process:
+        state["eval_log"].append(evaluate(0))
+    per_step = p.batch_size * accelerator.num_processes  # prompts consumed per step, over all processes
 
-    for step in (bar := tqdm(range(1, p.steps + 1), desc="ppo", dynamic_ncols=True)):
-        # 1. rollout: sample responses from the current policy
-        if len(queue) < p.batch_size:
-            queue += torch.randperm(len(prompts), generator=order).tolist()
-        batch, queue = [prompts[i] for i in queue[: p.batch_size]], queue[p.batch_size :]
+    for step in (bar := tqdm(range(state["step"] + 1, p.steps + 1), desc="ppo", disable=not main_process,
+                             initial=state["step"], total=p.steps, dynamic_ncols=True)):
+        # 1. rollout: sample responses from the current policy (each process on its own share of the prompts)
+        if len(state["queue"]) < per_step:
+            state["queue"] += torch.randperm(len(prompts), generator=order).tolist()
+        mine = state["queue"][: per_step][accelerator.process_index :: accelerator.num_processes]
+        batch, state["queue"] = [prompts[i] for i in mine], state["queue"][per_step:]
         t0 = time.time()
         query_responses, query_mask, responses = modeling.generate(
             accelerator.unwrap_model(policy), tokenizer, batch, p.max_new_tokens, p.temperature
         )
-        mask, ended = ppo.response_mask(responses, eos_id)
+        mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
         attention = torch.cat([query_mask, mask.long()], dim=1)
         context = query_mask.shape[1]
         t_generate = time.time() - t0
@@ -133,20 +181,26 @@ def main(argv: list[str]) -> None:
             old_values = modeling.value_forward(value_model, query_responses, attention, context)
             raw_scores = modeling.reward_forward(reward_model, query_responses, attention)
 
-        # 3. rewards and advantages
+        # 3. rewards and advantages (reward statistics are shared by all processes)
         scores = torch.where(ended, raw_scores, raw_scores - p.missing_eos_penalty)
+        all_scores = accelerator.gather(scores)
+        if not torch.isfinite(all_scores).all():
+            state["skipped"] += 1
+            state["in_a_row"] += 1
+            _check_patience(state, step, cfg.max_bad_steps, "reward")
+            continue
         if p.normalize_reward:
-            moments.update(scores)
+            moments.update(all_scores)
             scores = (scores - moments.mean) / moments.std
         scores = scores.clamp(-p.reward_clip, p.reward_clip)
-        rewards = ppo.token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef)
+        rewards = ppo.token_rewards(scores, old_logprobs, ref_logprobs, mask, state["kl_coef"])
         adv = ppo.gae(rewards.rewards, old_values, mask, p.gamma, p.lam)
         advantages = ppo.masked_whiten(adv.advantages, mask) if p.whiten_advantages else adv.advantages
 
         # 4. optimise: ppo_epochs passes of clipped policy and value updates over minibatches
         stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": []}
         for _ in range(p.ppo_epochs):
-            for idx in torch.randperm(p.batch_size, generator=order).split(p.mini_batch_size):
+            for idx in torch.randperm(len(batch), generator=order).split(p.mini_batch_size):
                 logprobs, _ = modeling.policy_forward(
                     policy, query_responses[idx], attention[idx], context, p.temperature
                 )
@@ -155,34 +209,53 @@ def main(argv: list[str]) -> None:
                 vl = ppo.value_loss(values, old_values[idx], adv.returns[idx], mask[idx], p.value_clip)
                 optimizer.zero_grad()
                 accelerator.backward(pl.loss + p.vf_coef * vl.loss)
-                accelerator.clip_grad_norm_([*policy.parameters(), *value_model.parameters()], p.max_grad_norm)
+                # gradients are averaged over processes by now, so every process takes the same decision
+                if not training.grads_finite(trained):
+                    optimizer.zero_grad()
+                    state["skipped"] += 1
+                    state["in_a_row"] += 1
+                    _check_patience(state, step, cfg.max_bad_steps, "gradient")
+                    continue
+                state["in_a_row"] = 0
+                accelerator.clip_grad_norm_(trained, p.max_grad_norm)
                 optimizer.step()
+                if cfg.check_sync:
+                    training.assert_in_sync(trained, f"PPO step {step}")
                 for key, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clip_frac", pl.clip_frac),
                                    ("value_clip_frac", vl.clip_frac), ("approx_kl", pl.approx_kl)):
                     stats[key].append(value.item())
 
-        # 5. log, and adapt the KL coefficient
-        sequence_kl = rewards.kl.sum(1).mean().item()
+        # 5. log, adapt the KL coefficient, evaluate, save a resumable state
+        sequence_kl = accelerator.gather(rewards.kl.sum(1)).mean().item()
         record = {
             "step": step,
-            "reward": raw_scores.mean().item(),
+            "reward": accelerator.gather(raw_scores).mean().item(),
             "kl": sequence_kl,
-            "kl_coef": kl_coef,
+            "kl_coef": state["kl_coef"],
             "entropy": ppo.masked_mean(entropy, mask).item(),
             "response_length": mask.sum(1).mean().item(),
             "ended": ended.float().mean().item(),
-            **{k: sum(v) / len(v) for k, v in stats.items()},
+            **{k: sum(v) / len(v) for k, v in stats.items() if v},
+            "skipped_non_finite": state["skipped"],
             "generate_s": t_generate,
             "step_s": time.time() - t0,
         }
-        log.append(record)
-        for key, value in record.items():
-            writer.add_scalar(f"ppo/{key}", value, step)
+        state["log"].append(record)
+        if main_process:
+            for key, value in record.items():
+                writer.add_scalar(f"ppo/{key}", value, step)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{sequence_kl:.3f}", len=f"{record['response_length']:.1f}")
         if p.adaptive_kl:
-            kl_coef = ppo.adaptive_kl_coef(kl_coef, sequence_kl, p.kl_target, p.kl_horizon, p.batch_size)
-        if p.eval_every and (step % p.eval_every == 0 or step == p.steps):
-            eval_log.append(evaluate(step))
+            state["kl_coef"] = ppo.adaptive_kl_coef(state["kl_coef"], sequence_kl, p.kl_target, p.kl_horizon, per_step)
+        if p.eval_every and main_process and (step % p.eval_every == 0 or step == p.steps):
+            state["eval_log"].append(evaluate(step))
+        if step % cfg.save_every == 0 and step < p.steps:
+            state.update(step=step, moments=moments.state_dict())
+            save_training_state(store, run, accelerator, policy, value_model, optimizer, order, state)
+
+    accelerator.wait_for_everyone()
+    if not main_process:
+        return
     writer.close()
 
     # 6. compare with the SFT policy on held-out prompts: greedy and sampled, gold and RM score, KL
@@ -196,10 +269,12 @@ def main(argv: list[str]) -> None:
     tmp = store.staging(run, "ppo")
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    accelerator.unwrap_model(value_model).save_pretrained(tmp / "value_model")
+    accelerator.unwrap_model(value_model).model.save_pretrained(tmp / "value_model")
     with open(tmp / "ppo_log.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
-    metrics = {**summary, "eval_curve": eval_log, "final_kl_coef": kl_coef, "steps": p.steps, "duration_s": round(time.time() - started, 1)}
+        f.writelines(json.dumps(r) + "\n" for r in state["log"])
+    metrics = {**summary, "eval_curve": state["eval_log"], "final_kl_coef": state["kl_coef"], "steps": p.steps,
+               "skipped_non_finite": state["skipped"], "processes": accelerator.num_processes,
+               "duration_s": round(time.time() - started, 1)}
     checkpoint = store.publish(tmp, {
         "run": run, "stage": "ppo", "model": spec.name, "parents": [sft.id, rm.id],
         "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": str(sft.path), "adapter": False,
@@ -207,8 +282,18 @@ def main(argv: list[str]) -> None:
         "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["prompts_train", "prompts_eval"])},
         "metrics": metrics,
     })
+    store.clear_state(run, "ppo")  # published: a rerun starts a new training
     print(f"[ppo] saved {checkpoint.id} -> {checkpoint.path}")
     print(evaluation.format_comparison(summary))
+
+
+def _check_patience(state: dict, step: int, patience: int, what: str) -> None:
+    print(f"[guard] step {step}: non-finite {what}, update skipped ({state['skipped']} so far)")
+    if state["in_a_row"] >= patience:
+        raise training.NonFiniteError(
+            f"stopping at PPO step {step}: {state['in_a_row']} updates in a row had a non-finite {what}; "
+            "the last complete state is kept for resuming"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import time
 
@@ -21,7 +22,7 @@ from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from alignment import config, data, evaluation, modeling, registry
+from alignment import config, data, training, evaluation, modeling, registry
 from alignment.config import field
 from alignment.store import Store
 
@@ -52,7 +53,9 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(cfg.threads)
     store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
     sft = store.get(run, "sft")
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.root / run / "tensorboard" / "rm")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.run_dir(run) / "tensorboard" / "rm")
+    work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
+    resume_from = training.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
 
     # 2. reward model = SFT body + a new scalar head (seeded)
     torch.manual_seed(cfg.seed)
@@ -72,10 +75,11 @@ def main(argv: list[str]) -> None:
     if cfg.lora.enabled:
         peft_config = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="SEQ_CLS",
-            target_modules=cfg.lora.target_modules or list(spec.lora_targets), modules_to_save=["score"],
+            target_modules=modeling.lora_targets(model, cfg.lora.target_modules or list(spec.lora_targets), spec.name),
+            modules_to_save=["score"],
         )
     args = RewardConfig(
-        output_dir=str(store.root / run / ".trainer-rm"),
+        output_dir=str(work_dir),
         num_train_epochs=cfg.rm.epochs,
         per_device_train_batch_size=cfg.rm.batch_size,
         per_device_eval_batch_size=cfg.rm.batch_size,
@@ -90,20 +94,29 @@ def main(argv: list[str]) -> None:
         disable_dropout=True,
         logging_steps=cfg.rm.logging_steps,
         eval_strategy="epoch",
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=2,
         report_to=["tensorboard"],
         seed=cfg.seed,
     )
+    guard = training.NonFiniteGuard(cfg.max_bad_steps)  # skips and counts non-finite updates
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
         eval_dataset=Dataset.from_list(eval_pairs), processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[training.MarkComplete(), guard, *([training.SyncCheck()] if cfg.check_sync else [])],
     )
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[rm] {dropped} training pairs longer than rm.max_length={cfg.rm.max_length} tokens were dropped")
-    result = trainer.train()
+    print(f"[rm] {args.world_size} process(es)")
+    if resume_from:
+        print(f"[rm] resuming from {resume_from}")
+    result = trainer.train(resume_from_checkpoint=resume_from)
 
     # 5. held-out accuracy, scored the way PPO will score (our forward pass, not the trainer's batches)
+    if not trainer.is_world_process_zero():  # one process measures and writes the result
+        return
     trainer.model.eval()
     held_out = evaluation.pairwise_accuracy(trainer.model, tokenizer, spec, raw_eval)
 
@@ -119,6 +132,8 @@ def main(argv: list[str]) -> None:
         "eval_pairs": len(raw_eval),
         "dropped_too_long": dropped,
         "steps": result.global_step,
+        "skipped_non_finite": guard.skipped,
+        "processes": args.world_size,
         "duration_s": round(time.time() - started, 1),
     }
     checkpoint = store.publish(tmp, {
@@ -128,6 +143,7 @@ def main(argv: list[str]) -> None:
         "metrics": metrics,
     })
     lo, hi = held_out["accuracy_ci95"]
+    shutil.rmtree(work_dir, ignore_errors=True)  # published: a rerun starts a new training
     print(f"[rm] saved {checkpoint.id} -> {checkpoint.path}")
     print(f"[rm] held-out pairwise accuracy {held_out['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {len(raw_eval)} pairs")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import time
 
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
-from alignment import config, data, modeling, registry
+from alignment import config, data, training, modeling, registry
 from alignment.config import field
 from alignment.store import Store
 
@@ -51,7 +52,9 @@ def main(argv: list[str]) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.root / run / "tensorboard" / "sft")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.run_dir(run) / "tensorboard" / "sft")
+    work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
+    resume_from = training.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
 
     # 2. base model and tokenizer, from the hub / a local folder / the tiny-twin cache
     base_path = registry.resolve(spec)
@@ -71,10 +74,10 @@ def main(argv: list[str]) -> None:
     if cfg.lora.enabled:
         peft_config = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
-            target_modules=cfg.lora.target_modules or list(spec.lora_targets),
+            target_modules=modeling.lora_targets(model, cfg.lora.target_modules or list(spec.lora_targets), spec.name),
         )
     args = TRLSFTConfig(
-        output_dir=str(store.root / run / ".trainer-sft"),
+        output_dir=str(work_dir),
         num_train_epochs=cfg.sft.epochs,
         per_device_train_batch_size=cfg.sft.batch_size,
         per_device_eval_batch_size=cfg.sft.batch_size,
@@ -89,17 +92,26 @@ def main(argv: list[str]) -> None:
         gradient_checkpointing=False,
         logging_steps=cfg.sft.logging_steps,
         eval_strategy="epoch",
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=2,
         report_to=["tensorboard"],
         seed=cfg.seed,
         dataloader_num_workers=0,
     )
+    guard = training.NonFiniteGuard(cfg.max_bad_steps)  # skips and counts non-finite updates
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[training.MarkComplete(), guard, *([training.SyncCheck()] if cfg.check_sync else [])],
     )
-    result = trainer.train()
+    print(f"[sft] {args.world_size} process(es)")
+    if resume_from:
+        print(f"[sft] resuming from {resume_from}")
+    result = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics = trainer.evaluate()
+    if not trainer.is_world_process_zero():  # one process writes the result
+        return
 
     # 5. save to the store: HF folder (or adapter) + tokenizer + manifest
     tmp = store.staging(run, "sft")
@@ -110,6 +122,8 @@ def main(argv: list[str]) -> None:
         "eval_loss": eval_metrics["eval_loss"],
         "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
         "steps": result.global_step,
+        "skipped_non_finite": guard.skipped,
+        "processes": args.world_size,
         "duration_s": round(time.time() - started, 1),
     }
     checkpoint = store.publish(tmp, {
@@ -118,6 +132,7 @@ def main(argv: list[str]) -> None:
         "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["sft_train", "sft_eval"])},
         "metrics": metrics,
     })
+    shutil.rmtree(work_dir, ignore_errors=True)  # published: a rerun starts a new training
     print(f"[sft] saved {checkpoint.id} -> {checkpoint.path}")
     print(f"[sft] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}")
 

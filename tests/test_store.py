@@ -68,3 +68,54 @@ def test_cli_json_listing(tmp_path):
 def test_run_names_that_leave_the_store_are_refused(tmp_path, name):
     with pytest.raises(StoreError, match="invalid run name"):
         Store(tmp_path).staging(name, "sft")
+
+
+def verify_cli(root):
+    return subprocess.run([sys.executable, "-m", "alignment", "store", "verify", "--root", str(root)],
+                          capture_output=True, text=True)
+
+
+def test_verify_finds_missing_corrupt_and_unparsable(tmp_path):
+    store = Store(tmp_path)
+    for stage in ("sft", "rm", "ppo"):
+        tmp = store.staging("r1", stage)
+        (tmp / "model.safetensors").write_bytes(b"weights " + stage.encode())
+        store.publish(tmp, {"run": "r1", "stage": stage, "model": "m", "parents": [], "metrics": {}})
+    assert store.verify() == [] and verify_cli(tmp_path).returncode == 0
+    (tmp_path / "r1" / "sft" / "model.safetensors").write_bytes(b"bit rot")
+    (tmp_path / "r1" / "rm" / "model.safetensors").unlink()
+    (tmp_path / "r1" / "ppo" / "manifest.json").write_text('{"run": ')
+    problems = store.verify()
+    assert "r1/sft: model.safetensors does not match its recorded sha256" in problems
+    assert "r1/rm: model.safetensors is missing" in problems
+    assert any(p.startswith("r1/ppo: manifest.json does not parse") for p in problems)
+    out = verify_cli(tmp_path)
+    assert out.returncode == 1 and "3 problems" in out.stdout
+
+
+def test_a_crash_during_publish_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import os
+
+    store = Store(tmp_path)
+    tmp = store.staging("r1", "sft")
+    (tmp / "model.safetensors").write_bytes(b"good")
+    store.publish(tmp, {"run": "r1", "stage": "sft", "model": "m", "parents": [], "metrics": {}})
+
+    # crash after the old checkpoint was moved aside, before the new one is renamed in
+    real_rename, calls = os.rename, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real_rename(src, dst)
+
+    tmp = store.staging("r1", "sft")
+    (tmp / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr("alignment.store.os.rename", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        store.publish(tmp, {"run": "r1", "stage": "sft", "model": "m", "parents": [], "metrics": {}})
+    monkeypatch.undo()
+    assert not (tmp_path / "r1" / "sft").exists()  # the window the crash hit
+    assert (store.get("r1", "sft").path / "model.safetensors").read_bytes() == b"good"  # put back on access
+    assert store.verify() == []

@@ -1,0 +1,119 @@
+"""What keeps a long training alive: resuming after a kill, and skipping non-finite steps.
+
+The SFT and reward-model stages run inside TRL's trainers, which save resumable checkpoints (weights,
+optimizer, scheduler, RNG states, step; the data position is restored by skipping batches) into
+<store>/<run>/.trainer-<stage>/. Their writes are not atomic, so a callback marks each checkpoint
+complete once it is on disk, and only a marked checkpoint is resumed from. PPO, whose loop is ours,
+keeps its state through Store.save_state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+COMPLETE = "COMPLETE"
+_IGNORED_ON_RESUME = ("threads", "resume")  # may differ between the killed run and its resumption
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def comparable(config: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """The config without the keys allowed to change between a run and its resumption."""
+    out = {k: v for k, v in config.items() if k not in _IGNORED_ON_RESUME}
+    for dotted in ignore:
+        section, _, key = dotted.partition(".")
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
+def check_same_config(saved: dict, current: dict, where: Path, ignore: tuple[str, ...] = ()) -> None:
+    a, b = comparable(saved, ignore), comparable(current, ignore)
+    if a != b:
+        diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise SystemExit(
+            f"{where} holds the state of a run with a different config (differs in: {', '.join(diffs)}); "
+            "run with resume=false (RESUME=0 through make) to start over"
+        )
+
+
+def trainer_resume_point(work_dir: Path, config: dict, resume: bool) -> str | None:
+    """The latest complete trainer checkpoint to resume from, or None to start fresh (clearing old state)."""
+    marker = work_dir / "stage_config.json"
+    if not resume or not marker.is_file():
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(config, indent=2))
+        return None
+    check_same_config(json.loads(marker.read_text()), config, work_dir)
+    complete = [p for p in work_dir.glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    if not complete:
+        return None
+    return str(max(complete, key=lambda p: int(p.name.split("-")[1])))
+
+
+class MarkComplete(TrainerCallback):
+    """After the trainer has written a checkpoint, flush it to disk and mark it complete."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            for dirpath, _, files in os.walk(folder):
+                for name in files:
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        os.fsync(f.fileno())
+            (folder / COMPLETE).write_text("")
+
+
+def grads_finite(parameters) -> bool:
+    return all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips optimizer steps whose gradients are not finite (a NaN/inf loss gives such gradients) and counts
+    them; after `patience` in a row it stops the stage, naming the step. The last complete checkpoint stays."""
+
+    def __init__(self, patience: int):
+        self.patience, self.skipped, self.in_a_row = patience, 0, 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if grads_finite(model.parameters()):
+            self.in_a_row = 0
+            return
+        for p in model.parameters():  # torch optimizers leave parameters without a gradient untouched
+            p.grad = None
+        self.skipped += 1
+        self.in_a_row += 1
+        print(f"[guard] step {state.global_step + 1}: non-finite gradient, update skipped ({self.skipped} so far)")
+        if self.in_a_row >= self.patience:
+            raise NonFiniteError(
+                f"stopping at step {state.global_step + 1}: {self.in_a_row} updates in a row had non-finite "
+                "gradients (loss or data went bad); the last complete checkpoint is kept for resuming"
+            )
+
+
+def assert_in_sync(parameters, where: str) -> None:
+    """Raises if the processes of a distributed run hold different parameters (a silent DDP failure)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, checksum)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"{where}: processes hold different parameters: {[g.item() for g in gathered]}")
+    print(f"[sync] {where}: {len(gathered)} processes hold identical parameters (checksum {checksum.item():.6f})")
+
+
+class SyncCheck(TrainerCallback):
+    """assert_in_sync after every optimizer step of a trainer."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        assert_in_sync(list(model.parameters()), f"step {state.global_step + 1}")

@@ -1,0 +1,191 @@
+"""Faults: SIGKILL mid-training then resume, non-finite steps, safe loading."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignment import modeling, registry, training
+from alignment.store import Store
+from stages import ppo as ppo_stage
+from stages import rm as rm_stage
+from stages import sft as sft_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["limit=64", "threads=1"]
+STAGE_ARGS = {
+    "sft": ["sft.epochs=6", "sft.batch_size=16", "save_every=4"],  # 24 steps
+    "rm": ["rm.epochs=6", "rm.batch_size=16", "save_every=4"],
+    "ppo": ["ppo.steps=8", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
+            "ppo.eval_samples=1", "ppo.eval_every=0", "save_every=2"],
+}
+RESUMABLE = {"sft": ".trainer-sft/checkpoint-*/COMPLETE", "rm": ".trainer-rm/checkpoint-*/COMPLETE",
+             "ppo": ".state/ppo/COMPLETE"}
+
+
+def stage_command(stage, store):
+    return [sys.executable, str(ROOT / "stages" / f"{stage}.py"), f"store={store}", *COMMON, *STAGE_ARGS[stage]]
+
+
+def run_to_end(stage, store):
+    out = subprocess.run(stage_command(stage, store), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def kill_after_first_state(stage, store):
+    """Starts the stage, SIGKILLs it as soon as a resumable state is on disk; asserts it had not finished."""
+    proc = subprocess.Popen(stage_command(stage, store), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((store / "tiny-llama").glob(RESUMABLE[stage])):
+        assert proc.poll() is None, f"{stage} ended before saving a resumable state"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (store / "tiny-llama" / stage / "manifest.json").exists(), "killed too late: the stage had finished"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_cache):
+    """A store with SFT and RM checkpoints, the inputs of the later stages."""
+    root = tmp_path_factory.mktemp("faults")
+    base = root / "base"
+    sft_stage.main([f"store={base}", *COMMON, "sft.epochs=1", "sft.batch_size=16"])
+    rm_stage.main([f"store={base}", *COMMON, "rm.epochs=1", "rm.batch_size=16"])
+    return root, base
+
+
+def copy_inputs(base, dest, stages):
+    import shutil
+
+    for stage in stages:
+        shutil.copytree(base / "tiny-llama" / stage, dest / "tiny-llama" / stage)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(prepared, stage):
+    root, base = prepared
+    inputs = {"sft": [], "rm": ["sft"], "ppo": ["sft", "rm"]}[stage]
+    straight, killed = root / f"{stage}-straight", root / f"{stage}-killed"
+    for store in (straight, killed):
+        copy_inputs(base, store, inputs)
+    env_cache = os.environ["ALIGNMENT_CACHE"]
+    assert env_cache  # subprocesses inherit the test cache
+    run_to_end(stage, straight)
+    kill_after_first_state(stage, killed)
+    resumed_output = run_to_end(stage, killed)
+    assert "resuming" in resumed_output
+
+    a, b = Store(straight).get("tiny-llama", stage), Store(killed).get("tiny-llama", stage)
+    assert a.metrics["steps"] == b.metrics["steps"]
+    assert Store(killed).verify() == []
+    if stage == "ppo":
+        log_a = [json.loads(x) for x in open(a.path / "ppo_log.jsonl")]
+        log_b = [json.loads(x) for x in open(b.path / "ppo_log.jsonl")]
+        assert [r["step"] for r in log_b] == list(range(1, 9))  # no step lost or repeated
+        assert log_b[-1]["reward"] == pytest.approx(log_a[-1]["reward"], abs=1e-3)
+        assert b.metrics["greedy"]["reward"]["ppo"] == pytest.approx(a.metrics["greedy"]["reward"]["ppo"], abs=1e-3)
+    else:
+        key = "eval_loss" if stage == "sft" else "eval_accuracy"
+        assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-3)  # same data order, same result
+    AutoModelForCausalLM.from_pretrained(b.path) if stage != "rm" else None
+    assert not (killed / "tiny-llama" / f".trainer-{stage}").exists() and not (killed / "tiny-llama" / ".state" / stage).exists()
+
+
+def test_resume_refuses_a_state_from_another_config(prepared):
+    root, base = prepared
+    store = root / "refuse"
+    kill_after_first_state("sft", store)
+    with pytest.raises(SystemExit, match=r"different config \(differs in: sft\).*resume=false"):
+        sft_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["sft"], "sft.learning_rate=0.1"])
+    sft_stage.main([f"store={store}", *COMMON, "sft.epochs=1", "sft.batch_size=16", "resume=false"])  # starts over
+    assert Store(store).get("tiny-llama", "sft").metrics["steps"] == 4
+
+
+def nan_on_calls(original, calls):
+    """Wraps a loss function: calls whose 1-based index is in `calls` return NaN."""
+    count = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        out = original(*args, **kwargs)
+        if count["n"] not in calls:
+            return out
+        if isinstance(out, tuple) and hasattr(out, "_replace"):
+            return out._replace(loss=out.loss * float("nan"))
+        return out * float("nan")
+
+    return wrapped
+
+
+def test_sft_skips_and_counts_nan_losses(prepared, monkeypatch):
+    from trl import SFTTrainer
+
+    root, _ = prepared
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_on_calls(SFTTrainer.compute_loss, {2, 3}))  # train steps 2, 3
+    sft_stage.main([f"store={root / 'nan-sft'}", *COMMON, "sft.epochs=2", "sft.batch_size=16"])
+    ckpt = Store(root / "nan-sft").get("tiny-llama", "sft")
+    assert ckpt.metrics["skipped_non_finite"] == 2 and ckpt.metrics["steps"] == 8
+    assert math.isfinite(ckpt.metrics["eval_loss"])
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sft_stops_after_a_run_of_nan_losses_keeping_the_last_checkpoint(prepared, monkeypatch):
+    from trl import SFTTrainer
+
+    root, _ = prepared
+    store = root / "nan-run"
+    # calls 1-4 train steps 1-4 (a checkpoint at step 4), 5-8 evaluate epoch 1, 9 on train steps 5, 6, ...
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_on_calls(SFTTrainer.compute_loss, set(range(6, 100))))
+    with pytest.raises(training.NonFiniteError, match="stopping at step 8: 4 updates in a row"):
+        sft_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["sft"], "max_bad_steps=4"])
+    kept = sorted((store / "tiny-llama" / ".trainer-sft").glob("checkpoint-*/COMPLETE"))
+    assert [p.parent.name for p in kept] == ["checkpoint-4"]  # the last good state, ready to resume from
+
+
+def test_ppo_skips_nan_losses_and_stops_after_a_run(prepared, monkeypatch):
+    from alignment import ppo
+
+    root, base = prepared
+    store = root / "nan-ppo"
+    copy_inputs(base, store, ["sft", "rm"])
+    monkeypatch.setattr(ppo, "policy_loss", nan_on_calls(ppo.policy_loss, {1, 3}))
+    ppo_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["ppo"]])
+    ckpt = Store(store).get("tiny-llama", "ppo")
+    assert ckpt.metrics["skipped_non_finite"] == 2
+    monkeypatch.setattr(ppo, "policy_loss", nan_on_calls(ppo.policy_loss, set(range(5, 100))))
+    with pytest.raises(training.NonFiniteError, match=r"stopping at PPO step 4: 3 updates in a row"):
+        ppo_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["ppo"], "max_bad_steps=3"])
+    state = json.loads((store / "tiny-llama" / ".state" / "ppo" / "state.json").read_text())
+    assert state["step"] == 2  # two minibatches a step: calls 5-7 are steps 3-4; step 2 is the last saved
+
+
+def test_pickled_checkpoint_is_refused(tmp_path, tiny_cache):
+    spec = registry.get("tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(registry.resolve(spec))
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle: unpickling can run code
+    assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(OSError, match="safetensors"):
+        modeling.load_model(tmp_path, AutoModelForCausalLM, spec)
+
+
+def test_path_traversal_run_name_is_refused(tmp_path):
+    with pytest.raises(Exception, match="invalid run name '../outside'"):
+        sft_stage.main([f"store={tmp_path}", "run=../outside", *COMMON])
+    assert not (tmp_path.parent / "outside").exists()
+
+
+def test_lora_targets_absent_from_the_model_fail_at_start(tmp_path, tiny_cache):
+    with pytest.raises(SystemExit, match=r"lora.target_modules: \['c_attn'\] not in tiny-llama"):
+        sft_stage.main([f"store={tmp_path}", *COMMON, "lora.enabled=true", "lora.target_modules=[c_attn]"])
