@@ -7,6 +7,7 @@ merges the adapter into that base, so the stages downstream always get a plain m
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 
@@ -105,29 +106,54 @@ def policy_forward(
     return ppo.logprobs_from_logits(logits, responses, temperature), ppo.entropy_from_logits(logits, temperature)
 
 
-class TokenValues(nn.Module):
-    """The critic: a one-label sequence-classification model read at every position instead of the last.
+class ActorCritic(nn.Module):
+    """The two trained PPO models as one module: one forward gives the policy's logits and the critic's value
+    at every position. One module is what a distributed wrapper (DDP, DeepSpeed) needs: it sees every
+    trained parameter used by one forward, and Accelerate's DeepSpeed engine takes one model.
 
-    A module of its own so that its forward is the one a distributed wrapper (DDP) sees and synchronises.
+    The critic is a one-label sequence-classification model read at every position instead of the last.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, policy: nn.Module, critic: nn.Module):
         super().__init__()
-        self.model = model
+        self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        body = self.model.base_model
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+            **_position_kwargs(self.policy, attention_mask),
+        ).logits
+        body = self.critic.base_model
         hidden = body(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_position_kwargs(body, attention_mask)
         ).last_hidden_state
-        return self.model.score(hidden).squeeze(-1)
+        return logits, self.critic.score(hidden).squeeze(-1)
 
 
-def value_forward(
-    value_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int
-) -> torch.Tensor:
-    """The critic's (a TokenValues) value of the state before each response token. -> [B, T]."""
-    return value_model(query_responses, attention_mask)[:, context_length - 1 : -1].float()
+def actor_critic_forward(
+    model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies, values) of the response tokens, each [B, T]; the value is that of the state
+    before the token, the log-probs at the sampling temperature."""
+    logits, values = model(query_responses, attention_mask)
+    logits = logits[:, context_length - 1 : -1]
+    responses = query_responses[:, context_length:]
+    return (
+        ppo.logprobs_from_logits(logits, responses, temperature),
+        ppo.entropy_from_logits(logits, temperature),
+        values[:, context_length - 1 : -1].float(),
+    )
+
+
+def gathered_parameters(accelerator, model: nn.Module):
+    """Under DeepSpeed ZeRO-3 each process holds a shard of every parameter: gather them (e.g. to generate)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
+    return contextlib.nullcontext()
 
 
 def reward_forward(reward_model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

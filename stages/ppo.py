@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -64,15 +64,15 @@ class Config(config.StageConfig):
     ppo: PPOSettings = field(PPOSettings(), "PPO settings")
 
 
-def save_training_state(store: Store, run: str, accelerator, policy, value_model, optimizer, order, state: dict) -> None:
+def save_training_state(store: Store, run: str, accelerator, model, optimizer, order, state: dict) -> None:
     """Everything a resumed run needs to go on as if never stopped; written atomically by the main process."""
     rng = gather_object([{"torch": torch.get_rng_state(), "order": order.get_state()}])  # one per process
+    weights = accelerator.get_state_dict(model)  # whole tensors, also from ZeRO-3 shards
     if not accelerator.is_main_process:
         return
 
     def write(folder: Path) -> None:
-        save_model(accelerator.unwrap_model(policy), str(folder / "policy.safetensors"))
-        save_model(accelerator.unwrap_model(value_model), str(folder / "value_model.safetensors"))
+        save_file({k: v.contiguous() for k, v in _untied(weights).items()}, str(folder / "actor_critic.safetensors"))
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(rng, folder / "rng.pt")
         (folder / "state.json").write_text(json.dumps(state))
@@ -80,9 +80,11 @@ def save_training_state(store: Store, run: str, accelerator, policy, value_model
     store.save_state(run, "ppo", write)
 
 
-def load_training_state(folder: Path, accelerator, policy, value_model, optimizer, order) -> dict:
-    load_model(accelerator.unwrap_model(policy), str(folder / "policy.safetensors"))
-    load_model(accelerator.unwrap_model(value_model), str(folder / "value_model.safetensors"))
+def load_training_state(folder: Path, accelerator, model, optimizer, order) -> dict:
+    unwrapped = accelerator.unwrap_model(model)
+    missing = unwrapped.load_state_dict(load_file(str(folder / "actor_critic.safetensors")), strict=False).missing_keys
+    if set(missing) - _tied_names(unwrapped):  # only the second name of a tied pair may be absent
+        raise RuntimeError(f"{folder}: the saved state lacks {sorted(missing)}")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))  # tensors only, no pickle code
     rng = torch.load(folder / "rng.pt", weights_only=True)[accelerator.process_index]
     torch.set_rng_state(rng["torch"])
@@ -106,18 +108,21 @@ def main(argv: list[str]) -> None:
     writer = SummaryWriter(str(store.run_dir(run) / "tensorboard" / "ppo")) if main_process else None
 
     tokenizer = modeling.load_tokenizer(sft.path, spec)
-    policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec)
+    policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec)  # trained: the actor
     ref_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec).requires_grad_(False)
     reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).requires_grad_(False)
-    critic = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec)  # the critic starts as the RM
-    value_model = modeling.TokenValues(critic)
-    for m in (policy, ref_policy, reward_model, value_model):
+    critic = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec)  # trained: starts as the RM
+    model = modeling.ActorCritic(policy, critic)
+    for m in (model, ref_policy, reward_model):
         modeling.disable_dropout(m)
         m.eval()  # no dropout anywhere; gradients still flow in eval mode
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=p.learning_rate, eps=1e-5)
-    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, eps=1e-5)
+    model, optimizer = accelerator.prepare(model, optimizer)
     ref_policy, reward_model = ref_policy.to(accelerator.device), reward_model.to(accelerator.device)
-    trained = [*policy.parameters(), *value_model.parameters()]
+    trained = list(model.parameters())
+
+    def unwrapped_policy():
+        return accelerator.unwrap_model(model).policy
     print(f"[ppo] policy and reference from {sft.id}, reward model and critic from {rm.id}; "
           f"{accelerator.num_processes} process(es) x {p.batch_size} prompts per step")
 
@@ -130,7 +135,7 @@ def main(argv: list[str]) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             r = evaluation.rollout_scores(
-                accelerator.unwrap_model(policy), ref_policy, reward_model, tokenizer, spec,
+                unwrapped_policy(), ref_policy, reward_model, tokenizer, spec,
                 eval_prompts[: p.eval_prompts], max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                 greedy=False, gold=gold,
             )
@@ -151,7 +156,7 @@ def main(argv: list[str]) -> None:
     if saved:
         training.check_same_config(json.loads((saved / "state.json").read_text())["config"], state["config"], saved,
                                    ignore=("ppo.steps",))
-        state = {**load_training_state(saved, accelerator, policy, value_model, optimizer, order), "config": state["config"]}
+        state = {**load_training_state(saved, accelerator, model, optimizer, order), "config": state["config"]}
         moments.load_state_dict(state["moments"])
         print(f"[ppo] resuming after step {state['step']} from {saved}")
     elif p.eval_every and main_process:
@@ -166,9 +171,10 @@ def main(argv: list[str]) -> None:
         mine = state["queue"][: per_step][accelerator.process_index :: accelerator.num_processes]
         batch, state["queue"] = [prompts[i] for i in mine], state["queue"][per_step:]
         t0 = time.time()
-        query_responses, query_mask, responses = modeling.generate(
-            accelerator.unwrap_model(policy), tokenizer, batch, p.max_new_tokens, p.temperature
-        )
+        with modeling.gathered_parameters(accelerator, model):
+            query_responses, query_mask, responses = modeling.generate(
+                unwrapped_policy(), tokenizer, batch, p.max_new_tokens, p.temperature
+            )
         mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
         attention = torch.cat([query_mask, mask.long()], dim=1)
         context = query_mask.shape[1]
@@ -176,9 +182,10 @@ def main(argv: list[str]) -> None:
 
         # 2. score: old log-probs, reference log-probs, values, reward-model score
         with torch.no_grad():
-            old_logprobs, entropy = modeling.policy_forward(policy, query_responses, attention, context, p.temperature)
+            old_logprobs, entropy, old_values = modeling.actor_critic_forward(
+                model, query_responses, attention, context, p.temperature
+            )
             ref_logprobs, _ = modeling.policy_forward(ref_policy, query_responses, attention, context, p.temperature)
-            old_values = modeling.value_forward(value_model, query_responses, attention, context)
             raw_scores = modeling.reward_forward(reward_model, query_responses, attention)
 
         # 3. rewards and advantages (reward statistics are shared by all processes)
@@ -201,10 +208,9 @@ def main(argv: list[str]) -> None:
         stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": []}
         for _ in range(p.ppo_epochs):
             for idx in torch.randperm(len(batch), generator=order).split(p.mini_batch_size):
-                logprobs, _ = modeling.policy_forward(
-                    policy, query_responses[idx], attention[idx], context, p.temperature
+                logprobs, _, values = modeling.actor_critic_forward(
+                    model, query_responses[idx], attention[idx], context, p.temperature
                 )
-                values = modeling.value_forward(value_model, query_responses[idx], attention[idx], context)
                 pl = ppo.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], p.clip_range)
                 vl = ppo.value_loss(values, old_values[idx], adv.returns[idx], mask[idx], p.value_clip)
                 optimizer.zero_grad()
@@ -251,15 +257,16 @@ def main(argv: list[str]) -> None:
             state["eval_log"].append(evaluate(step))
         if step % cfg.save_every == 0 and step < p.steps:
             state.update(step=step, moments=moments.state_dict())
-            save_training_state(store, run, accelerator, policy, value_model, optimizer, order, state)
+            save_training_state(store, run, accelerator, model, optimizer, order, state)
 
+    weights = _untied(accelerator.get_state_dict(model))  # whole tensors on the main process, also under ZeRO-3
     accelerator.wait_for_everyone()
     if not main_process:
         return
     writer.close()
 
     # 6. compare with the SFT policy on held-out prompts: greedy and sampled, gold and RM score, KL
-    policy = accelerator.unwrap_model(policy)
+    policy, critic = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
     summary = evaluation.compare_policies(
         policy, ref_policy, reward_model, tokenizer, spec, eval_prompts, gold=gold,
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, samples=p.eval_samples, seed=cfg.seed,
@@ -267,9 +274,9 @@ def main(argv: list[str]) -> None:
 
     # 7. save: the policy as a causal LM, the critic beside it, the per-step log, the manifest
     tmp = store.staging(run, "ppo")
-    policy.save_pretrained(tmp)
+    policy.save_pretrained(tmp, state_dict=_part(weights, "policy."))
     tokenizer.save_pretrained(tmp)
-    accelerator.unwrap_model(value_model).model.save_pretrained(tmp / "value_model")
+    critic.save_pretrained(tmp / "value_model", state_dict=_part(weights, "critic."))
     with open(tmp / "ppo_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in state["log"])
     metrics = {**summary, "eval_curve": state["eval_log"], "final_kl_coef": state["kl_coef"], "steps": p.steps,
@@ -285,6 +292,30 @@ def main(argv: list[str]) -> None:
     store.clear_state(run, "ppo")  # published: a rerun starts a new training
     print(f"[ppo] saved {checkpoint.id} -> {checkpoint.path}")
     print(evaluation.format_comparison(summary))
+
+
+def _untied(weights: dict) -> dict:
+    """A state dict with each shared tensor (tied embeddings) kept once, as safetensors requires."""
+    seen, out = set(), {}
+    for key, tensor in weights.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[key] = tensor
+    return out
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that share their tensor with an earlier one (tied embeddings)."""
+    seen, tied = set(), set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen:
+            tied.add(name)
+        seen.add(tensor.data_ptr())
+    return tied
+
+
+def _part(weights: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def _check_patience(state: dict, step: int, patience: int, what: str) -> None:
