@@ -1,11 +1,13 @@
 # RLHF pipeline. Quick start:  make sft rm ppo      Tests:  make test
-# Variables: MODEL=<registry name>  RUN=<run name>  STORE=<store root>  ARGS="key=value ..."
+# Variables: MODEL=<registry name>  DATA=<profile: task, hh-rlhf>  RUN=<run name>  STORE=<store root>
+#            ARGS="key=value ..."
 #            CHECKPOINTS=<run/stage,...> (make eval)   RESUME=0 (start a stage over instead of resuming)
 #            NPROC=<processes>  ACCELERATE_CONFIG=<configs/accelerate/*.yaml> (multi-process / DeepSpeed)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 MODEL  ?=
+DATA   ?=
 RUN    ?=
 STORE  ?=
 ARGS   ?=
@@ -13,7 +15,7 @@ CHECKPOINTS ?=
 RESUME ?= 1
 NPROC  ?= 1
 ACCELERATE_CONFIG ?=
-STAGE_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(RUN),run=$(RUN)) $(if $(STORE),store=$(STORE)) \
+STAGE_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(DATA),data=$(DATA)) $(if $(RUN),run=$(RUN)) $(if $(STORE),store=$(STORE)) \
              $(if $(filter 0,$(RESUME)),resume=false) $(ARGS)
 # One process: plain python. Several: `accelerate launch --multi_gpu`, which really starts NPROC processes
 # (NCCL on GPUs, gloo on CPUs); plain --num_processes or --cpu would quietly start one.
@@ -37,12 +39,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-sft rm ppo: $(VENV)/.installed
-	$(LAUNCH) stages/$@.py --config configs/$@.yaml $(STAGE_ARGS)
+# Each data profile other than the embedded task has its own configs: configs/<profile>/<stage>.yaml.
+CONFIGS = configs$(if $(filter-out task,$(or $(DATA),task)),/$(DATA))
 
-# The run: RUN, else the MODEL name, else the latest run in the store.
+sft rm ppo: $(VENV)/.installed
+	$(LAUNCH) stages/$@.py --config $(CONFIGS)/$@.yaml $(STAGE_ARGS)
+
+# The run: RUN, else the one MODEL and DATA name (as the stages name it), else the latest run in the store.
+EVAL_RUN = $(notdir $(or $(MODEL),tiny-llama))$(if $(filter-out task,$(or $(DATA),task)),-$(DATA))
 eval: $(VENV)/.installed
-	$(PY) stages/eval.py --config configs/eval.yaml $(if $(RUN),run=$(RUN),$(if $(MODEL),run=$(notdir $(MODEL)))) $(if $(STORE),store=$(STORE)) \
+	$(PY) stages/eval.py --config $(CONFIGS)/eval.yaml $(if $(RUN),run=$(RUN),$(if $(MODEL)$(DATA),run=$(EVAL_RUN))) \
+		$(if $(STORE),store=$(STORE)) \
 		$(if $(CHECKPOINTS),eval.checkpoints=[$(CHECKPOINTS)]) $(ARGS)
 
 store: $(VENV)/.installed

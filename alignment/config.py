@@ -179,7 +179,9 @@ class StageConfig:
     model: str = field("tiny-llama", "registry name of the base model (or a local model folder)")
     run: str = field("", "run name in the store; empty: the model name")
     store: str = field("store", "root folder of the checkpoint store")
-    data: str = field("task", "data profile (see alignment/data.py)")
+    data: str = field("task", "data profile (see alignment/data.py): task, hh-rlhf")
+    on_error: str = field("", "bad records: raise (name file, record, problem) or skip (count); empty: profile's")
+    template: str = field("", "prompt template (see alignment/registry.py); empty: the profile's, else the model's")
     seed: int = field(0, "seed for weights of new heads, data order and sampling")
     threads: int = field(0, "torch CPU threads; 0: torch's default")
     limit: int = field(0, "use only the first N records of each data split (0: all), for smoke runs")
@@ -187,7 +189,37 @@ class StageConfig:
     save_every: int = field(50, "optimizer steps (PPO: PPO steps) between resumable states")
     max_bad_steps: int = field(5, "stop after this many updates in a row with non-finite loss or gradients")
     check_sync: bool = field(False, "after every optimizer step, check all processes hold identical parameters")
+    quantization: str = field("", "load weights in 8 or 4 bit through bitsandbytes: '8bit', '4bit' (nf4, double "
+                              "quantization); trained models then need lora.enabled (QLoRA)")
+    compute_dtype: str = field("float32", "dtype of the 4-bit layers' matmuls: float32, bfloat16, float16")
 
+    def check_combinations(self, trains_weights: bool, lora: bool) -> None:
+        """Settings that cannot work together stop here, at start-up, saying what to change."""
+        import os
+
+        if self.quantization not in ("", "8bit", "4bit"):
+            raise SystemExit(f"quantization: {self.quantization!r} is not '', '8bit' or '4bit'")
+        if self.quantization and trains_weights and not lora:
+            raise SystemExit(f"quantization={self.quantization}: quantized weights cannot be trained directly; "
+                             "set lora.enabled=true (QLoRA) or quantization=''")
+        if self.quantization and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+            raise SystemExit(f"quantization={self.quantization} does not work with DeepSpeed ZeRO-3, which shards "
+                             "weights; use ZeRO-2 (configs/accelerate/zero2.yaml) or quantization=''")
     @property
     def run_name(self) -> str:
-        return self.run or Path(self.model.rstrip("/")).name
+        """The run: as given, else the model name, suffixed with the data profile unless it is the default."""
+        name = Path(self.model.rstrip("/")).name
+        return self.run or (name if self.data == "task" else f"{name}-{self.data}")
+
+
+def run(main) -> None:
+    """Runs a stage's main(argv); a missing input or bad data ends with its message instead of a traceback."""
+    import sys
+
+    from alignment.data import DataError
+    from alignment.store import StoreError
+
+    try:
+        main(sys.argv[1:])
+    except (StoreError, DataError) as e:
+        sys.exit(f"error: {e}")

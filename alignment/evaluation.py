@@ -149,16 +149,7 @@ def cross_entropy(model, tokenizer, spec, records: list[dict], batch_size: int =
     }
 
 
-@torch.no_grad()
-def score_texts(reward_model, tokenizer, texts: list[str], batch_size: int = 64) -> tuple[list[float], list[int]]:
-    """Reward-model scores of whole texts (prompt + response, ended by EOS as in training), and their lengths."""
-    scores, lengths = [], []
-    for i in range(0, len(texts), batch_size):
-        chunk = [t + tokenizer.eos_token for t in texts[i : i + batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True)
-        scores += modeling.reward_forward(reward_model, enc.input_ids, enc.attention_mask).tolist()
-        lengths += enc.attention_mask.sum(1).tolist()
-    return scores, lengths
+score_texts = modeling.score_texts
 
 
 def reward_model_metrics(reward_model, tokenizer, spec, pairs: list[dict], seed: int = 0) -> dict:
@@ -190,10 +181,11 @@ def pairwise_accuracy(reward_model, tokenizer, spec, pairs: list[dict]) -> dict:
 
 @torch.no_grad()
 def rollout_scores(
-    policy, ref_policy, reward_model, tokenizer, spec, prompts: list[str], *, max_new_tokens: int,
+    policy, ref_policy, scorer, tokenizer, spec, prompts: list, *, max_new_tokens: int,
     temperature: float, greedy: bool, gold: bool, batch_size: int = 100,
 ) -> dict[str, list]:
-    """Responses of policy to prompts, with per-response RM score, gold score, KL to the reference and length."""
+    """Responses of policy to prompts, with per-response RM score (scorer: a modeling.RewardScorer), gold score,
+    KL to the reference and length."""
     out = {"reward": [], "gold": [], "kl": [], "kl_tokens": [], "length": [], "ended": [], "responses": []}
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
@@ -210,7 +202,7 @@ def rollout_scores(
         kl = (logprobs - ref_logprobs) * mask
         out["kl"] += kl.sum(1).tolist()
         out["kl_tokens"] += kl.sum(1).div(mask.sum(1).clamp(min=1)).tolist()
-        out["reward"] += modeling.reward_forward(reward_model, query_responses, attention).tolist()
+        out["reward"] += scorer(batch, query_responses, attention, responses).tolist()
         texts = modeling.decode_responses(tokenizer, responses)
         out["responses"] += texts
         out["length"] += mask.sum(1).tolist()
@@ -239,7 +231,7 @@ def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) 
 
 
 def compare_policies(
-    policy, sft_policy, reward_model, tokenizer, spec, prompts: list[str], *, gold: bool, max_new_tokens: int,
+    policy, sft_policy, scorer, tokenizer, spec, prompts: list, *, gold: bool, max_new_tokens: int,
     temperature: float, samples: int, seed: int,
 ) -> dict:
     """The trained policy against the SFT policy on the same held-out prompts, greedy and sampled.
@@ -253,8 +245,8 @@ def compare_policies(
         torch.manual_seed(seed)
         repeated = [p for p in prompts for _ in range(reps)]
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, gold=gold)
-        before = rollout_scores(sft_policy, sft_policy, reward_model, tokenizer, spec, repeated, **kwargs)
-        after = rollout_scores(policy, sft_policy, reward_model, tokenizer, spec, repeated, **kwargs)
+        before = rollout_scores(sft_policy, sft_policy, scorer, tokenizer, spec, repeated, **kwargs)
+        after = rollout_scores(policy, sft_policy, scorer, tokenizer, spec, repeated, **kwargs)
         per_prompt = lambda xs: [mean(xs[i : i + reps]) for i in range(0, len(xs), reps)]  # noqa: E731
         section = {}
         for key in ("reward", "gold") if gold else ("reward",):

@@ -31,9 +31,27 @@ def load_tokenizer(path: str | Path, spec: ModelSpec):
     return tokenizer
 
 
-def load_model(path: str | Path, auto_class, spec: ModelSpec, **kwargs) -> nn.Module:
-    """auto_class.from_pretrained(path); an adapter-only checkpoint is merged into the base its manifest names."""
+def quantization_config(quantization: str, compute_dtype: str = "float32"):
+    """bitsandbytes settings for '8bit' or '4bit' (NF4 with double quantization), None for ''."""
+    from transformers import BitsAndBytesConfig
+
+    heads = ["lm_head", "score"]  # output layers stay in full precision (the reward head is tiny and trained)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=heads)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=DTYPES[compute_dtype], llm_int8_skip_modules=heads)
+    return None
+
+
+def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str = "", compute_dtype: str = "float32",
+               **kwargs) -> nn.Module:
+    """auto_class.from_pretrained(path), optionally in 8/4 bit; an adapter-only checkpoint is merged into the base
+    its manifest names (in full precision: merging into quantized weights would round the adapter away)."""
     path = Path(path)
+    if quantization and not (path / "adapter_config.json").is_file():
+        kwargs["quantization_config"] = quantization_config(quantization, compute_dtype)
+        kwargs.setdefault("dtype", DTYPES[compute_dtype])
     kwargs.setdefault("dtype", DTYPES[spec.dtype])
     kwargs.setdefault("trust_remote_code", spec.trust_remote_code)
     kwargs.setdefault("use_safetensors", True)  # never unpickle weights: a .bin checkpoint can run code
@@ -49,7 +67,14 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, **kwargs) -> nn.Mo
         if adapter_config.task_type != _PEFT_TASKS.get(auto_class):
             adapter_config.task_type = None
         merged = PeftModel.from_pretrained(base, str(path), config=adapter_config).merge_and_unload()
-        return merged.requires_grad_(True)  # peft froze the base; the caller decides what trains
+        merged.requires_grad_(True)  # peft froze the base; the caller decides what trains
+        if quantization:  # quantize the merged weights by a round trip through a temporary folder
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                merged.save_pretrained(tmp)
+                return load_model(tmp, auto_class, spec, quantization, compute_dtype, **kwargs)
+        return merged
     model = auto_class.from_pretrained(str(path), **kwargs)
     if model.config.pad_token_id is None:  # the reward model pools at the last non-pad token
         model.config.pad_token_id = model.config.eos_token_id
@@ -64,6 +89,13 @@ def lora_targets(model: nn.Module, wanted: list[str], model_name: str) -> list[s
     if missing:
         raise SystemExit(f"lora.target_modules: {missing} not in {model_name}; its linear layers are {linear}")
     return wanted
+
+
+def footprint(name: str, model: nn.Module) -> str:
+    """A log line with a model's memory footprint (weights and buffers)."""
+    size = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else sum(
+        t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return f"{name}: {size / 2**20:.1f} MiB in memory"
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -84,8 +116,30 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 # ---- forward passes over [query | response] batches, queries left-padded -------------------------------
 
 
+class AdapterDisabled(nn.Module):
+    """A LoRA policy seen with its adapters switched off: the frozen reference for LoRA-PPO, without a second
+    copy of the weights in memory."""
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def get_base_model(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    def forward(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+    def generate(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model.generate(**kwargs)
+
+
 def _position_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
     """Positions that skip left padding, for models that take them (Bloom's ALiBi reads the mask instead)."""
+    if hasattr(model, "get_base_model"):  # peft wrappers pass them through to the model they wrap
+        model = model.get_base_model()
     forward = getattr(model, "forward")
     if "position_ids" not in inspect.signature(forward).parameters:
         return {}
@@ -123,11 +177,12 @@ class ActorCritic(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
             **_position_kwargs(self.policy, attention_mask),
         ).logits
-        body = self.critic.base_model
+        critic = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
+        body = critic.base_model  # LoRA layers, if any, sit inside it
         hidden = body(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_position_kwargs(body, attention_mask)
         ).last_hidden_state
-        return logits, self.critic.score(hidden).squeeze(-1)
+        return logits, critic.score(hidden).squeeze(-1)
 
 
 def actor_critic_forward(
@@ -166,6 +221,41 @@ def reward_forward(reward_model: nn.Module, query_responses: torch.Tensor, atten
 
 
 @torch.no_grad()
+def score_texts(reward_model, tokenizer, texts: list[str], batch_size: int = 64) -> tuple[list[float], list[int]]:
+    """Reward-model scores of whole texts (prompt + response, ended by EOS as in training), and their lengths."""
+    scores, lengths = [], []
+    device = next(reward_model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        chunk = [t + tokenizer.eos_token for t in texts[i : i + batch_size]]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        scores += reward_forward(reward_model, enc.input_ids, enc.attention_mask).tolist()
+        lengths += enc.attention_mask.sum(1).tolist()
+    return scores, lengths
+
+
+class RewardScorer:
+    """Scores a policy's rollouts with a reward model. When both share tokenizer and template the token ids go
+    straight in; otherwise (any reward model with any policy) the responses are decoded and the text is
+    re-tokenized the way the reward model was trained: its template, its tokenizer, EOS at the end."""
+
+    def __init__(self, reward_model, rm_tokenizer, rm_spec: ModelSpec, policy_tokenizer, policy_spec: ModelSpec):
+        self.model, self.rm_tokenizer, self.rm_spec, self.policy_tokenizer = reward_model, rm_tokenizer, rm_spec, policy_tokenizer
+        self.by_text = (rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab()
+                        or rm_spec.template != policy_spec.template)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+                 responses: torch.Tensor) -> torch.Tensor:
+        """prompts: the raw prompts (strings or messages) of the batch. -> scores [B]."""
+        if not self.by_text:
+            return reward_forward(self.model, query_responses, attention_mask)
+        texts = self.policy_tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores, _ = score_texts(self.model, self.rm_tokenizer,
+                                [self.rm_spec.format_prompt(p) + t for p, t in zip(prompts, texts)])
+        return torch.tensor(scores, device=query_responses.device)
+
+
+@torch.no_grad()
 def generate(
     model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, greedy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,7 +274,7 @@ def generate(
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         **sampling,
     )
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     out = model.generate(
         input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), generation_config=gen_config
     )

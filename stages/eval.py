@@ -69,20 +69,22 @@ def main(argv: list[str]) -> None:
     for r, stages in wanted.items():
         # 2. the run's judge (reward model), reference (SFT policy) and held-out data
         sft, rm = store.get(r, "sft"), store.get(r, "rm")
-        spec, profile = registry.get(sft.manifest["model"]), sft.manifest["data"]["profile"]
+        spec = registry.get(sft.manifest["model"], template=sft.manifest["template"])
+        profile = sft.manifest["data"]["profile"]
         gold = profile == "task"
         tokenizer = modeling.load_tokenizer(sft.path, spec)
         sft_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec).eval()
         reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).eval()
-        demos = data.load(profile, "sft_eval", cfg.limit)
-        pairs = data.load(profile, "prefs_eval", cfg.limit)
-        prompts = [x["prompt"] for x in data.load(profile, "prompts_eval", cfg.limit)]
+        scorer = modeling.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
+        demos = data.load(profile, "sft_eval", cfg.limit, cfg.on_error)
+        pairs = data.load(profile, "prefs_eval", cfg.limit, cfg.on_error)
+        prompts = [x["prompt"] for x in data.load(profile, "prompts_eval", cfg.limit, cfg.on_error)]
         shown = prompts[: e.side_by_side]
         rollout = dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature, gold=gold)
 
         def sample(policy, greedy: bool, on: list[str]) -> dict:
             torch.manual_seed(cfg.seed)  # every policy sees the same sampling noise
-            return evaluation.rollout_scores(policy, sft_policy, reward_model, tokenizer, spec, on, greedy=greedy, **rollout)
+            return evaluation.rollout_scores(policy, sft_policy, scorer, tokenizer, spec, on, greedy=greedy, **rollout)
 
         sft_rollout = sample(sft_policy, False, prompts)
         entry = {"model": spec.name, "data": profile, "checkpoints": {}, "side_by_side": [{"prompt": p} for p in shown]}
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> None:
                                               **evaluation.reward_model_metrics(reward_model, tokenizer, spec, pairs)}
                 continue
             if stage == "base":
-                path = registry.resolve(spec)
+                path = sft.manifest["base"]  # what SFT started from
                 policy = modeling.load_model(path, AutoModelForCausalLM, spec).eval()
             elif stage == "sft":
                 path, policy = sft.path, sft_policy
@@ -128,4 +130,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.run(main)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -55,6 +56,8 @@ class PPOSettings:
     missing_eos_penalty: float = field(1.0, "subtracted from the score of a response that never ends; 0: off")
     max_grad_norm: float = field(1.0, "gradient clipping")
     eval_samples: int = field(4, "sampled responses per held-out prompt in the final comparison")
+    reward_model: str = field("", "store id run/rm of the reward model; empty: the run's. Any tokenizer: "
+                              "when it differs from the policy's, responses are scored from their text")
     eval_every: int = field(10, "evaluate on held-out prompts every N steps (and before the first); 0: off")
     eval_prompts: int = field(64, "held-out prompts used by the evaluation during training")
 
@@ -62,6 +65,8 @@ class PPOSettings:
 @dataclasses.dataclass
 class Config(config.StageConfig):
     ppo: PPOSettings = field(PPOSettings(), "PPO settings")
+    lora: config.LoraSettings = field(config.LoraSettings(), "train LoRA adapters on the SFT policy; the reference "
+                                      "is then the same weights with the adapters disabled (no second copy)")
 
 
 def save_training_state(store: Store, run: str, accelerator, model, optimizer, order, state: dict) -> None:
@@ -103,31 +108,57 @@ def main(argv: list[str]) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
     torch.manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own responses
-    store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
-    sft, rm = store.get(run, "sft"), store.get(run, "rm")
+    store, run = Store(cfg.store), cfg.run_name
+    sft = store.get(run, "sft")
+    rm = store.get(*p.reward_model.split("/", 1)) if p.reward_model else store.get(run, "rm")
+    spec = registry.get(cfg.model, template=sft.manifest["template"])
+    rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"])
     writer = SummaryWriter(str(store.run_dir(run) / "tensorboard" / "ppo")) if main_process else None
 
     tokenizer = modeling.load_tokenizer(sft.path, spec)
-    policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec)  # trained: the actor
-    ref_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec).requires_grad_(False)
-    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).requires_grad_(False)
-    critic = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec)  # trained: starts as the RM
+    cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
+    policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec, **quantized)  # trained: the actor
+    if cfg.lora.enabled:
+        policy = get_peft_model(policy, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
+            target_modules=modeling.lora_targets(policy, cfg.lora.target_modules or list(spec.lora_targets), spec.name),
+        ))
+        ref_policy = modeling.AdapterDisabled(policy)
+    else:
+        ref_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec, **quantized).requires_grad_(False)
+    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized)
+    reward_model.requires_grad_(False)
+    scorer = modeling.RewardScorer(reward_model, modeling.load_tokenizer(rm.path, rm_spec), rm_spec, tokenizer, spec)
+    # The critic (trained) starts as the reward model, or, if that reads other tokens, as the SFT body.
+    critic = modeling.load_model(sft.path if scorer.by_text else rm.path, AutoModelForSequenceClassification, spec,
+                                 **quantized)
+    if cfg.quantization:  # quantized weights train through adapters only: the critic gets its own
+        critic = get_peft_model(critic, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, task_type="SEQ_CLS", modules_to_save=["score"],
+            target_modules=modeling.lora_targets(critic, cfg.lora.target_modules or list(spec.lora_targets), spec.name),
+        ))
+    for name, m in (("policy", policy), ("reference", ref_policy), ("reward model", reward_model), ("critic", critic)):
+        print(f"[ppo] {modeling.footprint(name, m)}" + (" (the policy's weights, adapters off)" if name == "reference"
+                                                       and cfg.lora.enabled else ""))
     model = modeling.ActorCritic(policy, critic)
     for m in (model, ref_policy, reward_model):
         modeling.disable_dropout(m)
         m.eval()  # no dropout anywhere; gradients still flow in eval mode
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p.learning_rate, eps=1e-5)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ref_policy, reward_model = ref_policy.to(accelerator.device), reward_model.to(accelerator.device)
-    trained = list(model.parameters())
+    reward_model = reward_model.to(accelerator.device)
+    if not cfg.lora.enabled:
+        ref_policy = ref_policy.to(accelerator.device)
+    trained = [q for q in model.parameters() if q.requires_grad]
 
     def unwrapped_policy():
         return accelerator.unwrap_model(model).policy
     print(f"[ppo] policy and reference from {sft.id}, reward model and critic from {rm.id}; "
           f"{accelerator.num_processes} process(es) x {p.batch_size} prompts per step")
 
-    prompts = [spec.format_prompt(r["prompt"]) for r in data.load(cfg.data, "prompts_train", cfg.limit)]
-    eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit)]
+    prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_train", cfg.limit, cfg.on_error)]
+    eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)]
     gold = cfg.data == "task"  # the gold judge exists for the embedded task only
 
     def evaluate(step: int) -> dict:
@@ -135,7 +166,7 @@ def main(argv: list[str]) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             r = evaluation.rollout_scores(
-                unwrapped_policy(), ref_policy, reward_model, tokenizer, spec,
+                unwrapped_policy(), ref_policy, scorer, tokenizer, spec,
                 eval_prompts[: p.eval_prompts], max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                 greedy=False, gold=gold,
             )
@@ -169,7 +200,8 @@ def main(argv: list[str]) -> None:
         if len(state["queue"]) < per_step:
             state["queue"] += torch.randperm(len(prompts), generator=order).tolist()
         mine = state["queue"][: per_step][accelerator.process_index :: accelerator.num_processes]
-        batch, state["queue"] = [prompts[i] for i in mine], state["queue"][per_step:]
+        batch_prompts, state["queue"] = [prompts[i] for i in mine], state["queue"][per_step:]
+        batch = [spec.format_prompt(x) for x in batch_prompts]
         t0 = time.time()
         with modeling.gathered_parameters(accelerator, model):
             query_responses, query_mask, responses = modeling.generate(
@@ -186,7 +218,7 @@ def main(argv: list[str]) -> None:
                 model, query_responses, attention, context, p.temperature
             )
             ref_logprobs, _ = modeling.policy_forward(ref_policy, query_responses, attention, context, p.temperature)
-            raw_scores = modeling.reward_forward(reward_model, query_responses, attention)
+            raw_scores = scorer(batch_prompts, query_responses, attention, responses)
 
         # 3. rewards and advantages (reward statistics are shared by all processes)
         scores = torch.where(ended, raw_scores, raw_scores - p.missing_eos_penalty)
@@ -268,7 +300,7 @@ def main(argv: list[str]) -> None:
     # 6. compare with the SFT policy on held-out prompts: greedy and sampled, gold and RM score, KL
     policy, critic = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
     summary = evaluation.compare_policies(
-        policy, ref_policy, reward_model, tokenizer, spec, eval_prompts, gold=gold,
+        policy, ref_policy, scorer, tokenizer, spec, eval_prompts, gold=gold,
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, samples=p.eval_samples, seed=cfg.seed,
     )
 
@@ -283,8 +315,8 @@ def main(argv: list[str]) -> None:
                "skipped_non_finite": state["skipped"], "processes": accelerator.num_processes,
                "duration_s": round(time.time() - started, 1)}
     checkpoint = store.publish(tmp, {
-        "run": run, "stage": "ppo", "model": spec.name, "parents": [sft.id, rm.id],
-        "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": str(sft.path), "adapter": False,
+        "run": run, "stage": "ppo", "model": spec.name, "template": spec.template, "parents": [sft.id, rm.id],
+        "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": str(sft.path), "adapter": cfg.lora.enabled,
         "config": config.to_dict(cfg),
         "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["prompts_train", "prompts_eval"])},
         "metrics": metrics,
@@ -328,4 +360,4 @@ def _check_patience(state: dict, step: int, patience: int, what: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.run(main)

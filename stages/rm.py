@@ -34,7 +34,8 @@ class RMSettings:
     learning_rate: float = field(5e-4, "peak AdamW learning rate")
     warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
     weight_decay: float = field(0.0, "AdamW weight decay")
-    max_length: int = field(256, "longest prompt+response in tokens; longer pairs are dropped and counted")
+    max_length: int = field(512, "longest prompt+response in tokens; longer pairs are dropped and counted")
+    validation: int = field(200, "pairs carved from the end of the training pairs to choose the checkpoint on")
     bf16: bool = field(False, "bf16 autocast (mixed precision)")
     logging_steps: int = field(20, "log every N optimizer steps")
 
@@ -51,8 +52,9 @@ def main(argv: list[str]) -> None:
     started = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
+    store, run = Store(cfg.store), cfg.run_name
     sft = store.get(run, "sft")
+    spec = registry.get(cfg.model, template=sft.manifest["template"])
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.run_dir(run) / "tensorboard" / "rm")
     work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
     resume_from = training.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
@@ -60,15 +62,24 @@ def main(argv: list[str]) -> None:
     # 2. reward model = SFT body + a new scalar head (seeded)
     torch.manual_seed(cfg.seed)
     tokenizer = modeling.load_tokenizer(sft.path, spec)
-    model = modeling.load_model(sft.path, AutoModelForSequenceClassification, spec)
+    cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    model = modeling.load_model(sft.path, AutoModelForSequenceClassification, spec, cfg.quantization, cfg.compute_dtype)
     print(f"[rm] from {sft.id}: {modeling.count_parameters(model):,} parameters")
+    print(f"[rm] {modeling.footprint('reward model', model)}")
 
     # 3. preference pairs; prompts carry the model's template, so the RM reads what the policy writes
     def templated(records: list[dict]) -> list[dict]:
         return [{"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
 
-    raw_eval = data.load(cfg.data, "prefs_eval", cfg.limit)
-    train_pairs, eval_pairs = templated(data.load(cfg.data, "prefs_train", cfg.limit)), templated(raw_eval)
+    # the checkpoint is chosen on a validation split carved from the training pairs, never on the held-out ones
+    loaded = data.load_split(cfg.data, "prefs_train", cfg.limit, cfg.on_error)
+    skipped = dict(loaded.skipped)
+    if skipped:
+        print(f"[rm] prefs_train: skipped {sum(skipped.values())} pairs: {skipped}")
+    n_val = min(cfg.rm.validation, len(loaded.records) // 5)
+    train_pairs, val_pairs = templated(loaded.records[: len(loaded.records) - n_val]), templated(loaded.records[-n_val:])
+    held_out = data.load_split(cfg.data, "prefs_eval", cfg.limit, cfg.on_error)
+    raw_eval = held_out.records
 
     # 4. train
     peft_config = None
@@ -93,7 +104,10 @@ def main(argv: list[str]) -> None:
         gradient_checkpointing=False,
         disable_dropout=True,
         logging_steps=cfg.rm.logging_steps,
-        eval_strategy="epoch",
+        eval_strategy="steps",  # on the validation pairs, at every save: the best one is loaded at the end
+        eval_steps=cfg.save_every,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_accuracy",
         save_strategy="steps",
         save_steps=cfg.save_every,
         save_total_limit=2,
@@ -103,9 +117,15 @@ def main(argv: list[str]) -> None:
     guard = training.NonFiniteGuard(cfg.max_bad_steps)  # skips and counts non-finite updates
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
-        eval_dataset=Dataset.from_list(eval_pairs), processing_class=tokenizer, peft_config=peft_config,
+        eval_dataset=Dataset.from_list(val_pairs), processing_class=tokenizer, peft_config=peft_config,
         callbacks=[training.MarkComplete(), guard, *([training.SyncCheck()] if cfg.check_sync else [])],
     )
+    if cfg.quantization:
+        # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's recipe); the LoRA layers cast
+        # their input, but the plain linear reward head does not, so it goes back to the dtype of its input.
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and ".score." in f".{name}":
+                param.data = param.data.to(modeling.DTYPES[cfg.compute_dtype])
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[rm] {dropped} training pairs longer than rm.max_length={cfg.rm.max_length} tokens were dropped")
@@ -113,12 +133,13 @@ def main(argv: list[str]) -> None:
     if resume_from:
         print(f"[rm] resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
+    best_validation = trainer.state.best_metric
 
     # 5. held-out accuracy, scored the way PPO will score (our forward pass, not the trainer's batches)
     if not trainer.is_world_process_zero():  # one process measures and writes the result
         return
     trainer.model.eval()
-    held_out = evaluation.pairwise_accuracy(trainer.model, tokenizer, spec, raw_eval)
+    accuracy = evaluation.pairwise_accuracy(trainer.model, tokenizer, spec, raw_eval)
 
     # 6. save to the store
     tmp = store.staging(run, "rm")
@@ -126,9 +147,10 @@ def main(argv: list[str]) -> None:
     tokenizer.save_pretrained(tmp)
     metrics = {
         "train_loss": result.training_loss,
-        "eval_accuracy": held_out["accuracy"],
-        "eval_accuracy_ci95": held_out["accuracy_ci95"],
-        "eval_margin": held_out["margin"],
+        "eval_accuracy": accuracy["accuracy"],
+        "eval_accuracy_ci95": accuracy["accuracy_ci95"],
+        "eval_margin": accuracy["margin"],
+        "validation_accuracy": best_validation,
         "eval_pairs": len(raw_eval),
         "dropped_too_long": dropped,
         "steps": result.global_step,
@@ -137,16 +159,17 @@ def main(argv: list[str]) -> None:
         "duration_s": round(time.time() - started, 1),
     }
     checkpoint = store.publish(tmp, {
-        "run": run, "stage": "rm", "model": spec.name, "parents": [sft.id], "parent_uids": [sft.manifest["uid"]],
+        "run": run, "stage": "rm", "model": spec.name, "template": spec.template, "parents": [sft.id], "parent_uids": [sft.manifest["uid"]],
         "base": str(sft.path), "adapter": cfg.lora.enabled, "config": config.to_dict(cfg),
-        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["prefs_train", "prefs_eval"])},
+        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["prefs_train", "prefs_eval"]),
+                 "skipped": {"prefs_train": skipped, "prefs_eval": dict(held_out.skipped)}},
         "metrics": metrics,
     })
-    lo, hi = held_out["accuracy_ci95"]
+    lo, hi = accuracy["accuracy_ci95"]
     shutil.rmtree(work_dir, ignore_errors=True)  # published: a rerun starts a new training
     print(f"[rm] saved {checkpoint.id} -> {checkpoint.path}")
-    print(f"[rm] held-out pairwise accuracy {held_out['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {len(raw_eval)} pairs")
+    print(f"[rm] held-out pairwise accuracy {accuracy['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {len(raw_eval)} pairs")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.run(main)

@@ -34,8 +34,9 @@ class SFTSettings:
     learning_rate: float = field(2e-3, "peak AdamW learning rate (tiny models want high rates; 7B wants ~2e-5)")
     warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
     weight_decay: float = field(0.0, "AdamW weight decay")
-    max_length: int = field(256, "longest sequence in tokens; longer ones are truncated from the right")
+    max_length: int = field(512, "longest sequence in tokens; longer ones are truncated from the right")
     bf16: bool = field(False, "bf16 autocast (mixed precision)")
+    group_by_length: bool = field(False, "batch sequences of similar length together: less padding")
     logging_steps: int = field(20, "log every N optimizer steps")
 
 
@@ -51,21 +52,33 @@ def main(argv: list[str]) -> None:
     started = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    store, spec, run = Store(cfg.store), registry.get(cfg.model), cfg.run_name
+    store, run = Store(cfg.store), cfg.run_name
+    spec = registry.get(cfg.model, template=cfg.template or data.get_profile(cfg.data).template)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.run_dir(run) / "tensorboard" / "sft")
     work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
     resume_from = training.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
 
     # 2. base model and tokenizer, from the hub / a local folder / the tiny-twin cache
-    base_path = registry.resolve(spec)
+    # a tiny twin's tokenizer is trained on this profile's own text (cached per profile)
+    profile = data.get_profile(cfg.data)
+    base_path = registry.resolve(spec, data.corpus(cfg.data, spec.format_prompt), profile.tokenizer_vocab) \
+        if spec.is_tiny else registry.resolve(spec)
     tokenizer = modeling.load_tokenizer(base_path, spec)
-    model = modeling.load_model(base_path, AutoModelForCausalLM, spec)
+    cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    model = modeling.load_model(base_path, AutoModelForCausalLM, spec, cfg.quantization, cfg.compute_dtype)
     print(f"[sft] {spec.name}: {modeling.count_parameters(model):,} parameters, from {base_path}")
+    print(f"[sft] {modeling.footprint('policy', model)}")
 
     # 3. demonstrations as prompt-completion records: TRL masks the prompt out of the loss
+    skipped = {}
+
     def records(split: str) -> Dataset:
-        rows = data.load(cfg.data, split, cfg.limit)
-        return Dataset.from_list([{"prompt": spec.format_prompt(r["prompt"]), "completion": r["completion"]} for r in rows])
+        loaded = data.load_split(cfg.data, split, cfg.limit, cfg.on_error)
+        skipped[split] = dict(loaded.skipped)
+        if loaded.skipped:
+            print(f"[sft] {split}: skipped {sum(loaded.skipped.values())} records: {skipped[split]}")
+        return Dataset.from_list([{"prompt": spec.format_prompt(r["prompt"]), "completion": r["completion"]}
+                                  for r in loaded.records])
 
     train_set, eval_set = records("sft_train"), records("sft_eval")
 
@@ -87,6 +100,7 @@ def main(argv: list[str]) -> None:
         weight_decay=cfg.sft.weight_decay,
         max_length=cfg.sft.max_length,
         completion_only_loss=True,
+        train_sampling_strategy="group_by_length" if cfg.sft.group_by_length else "random",
         bf16=cfg.sft.bf16,
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
@@ -127,9 +141,10 @@ def main(argv: list[str]) -> None:
         "duration_s": round(time.time() - started, 1),
     }
     checkpoint = store.publish(tmp, {
-        "run": run, "stage": "sft", "model": spec.name, "parents": [], "base": base_path,
+        "run": run, "stage": "sft", "model": spec.name, "template": spec.template, "parents": [], "base": base_path,
         "adapter": cfg.lora.enabled, "config": config.to_dict(cfg),
-        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["sft_train", "sft_eval"])},
+        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["sft_train", "sft_eval"]),
+                 "skipped": skipped},
         "metrics": metrics,
     })
     shutil.rmtree(work_dir, ignore_errors=True)  # published: a rerun starts a new training
@@ -138,4 +153,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.run(main)

@@ -3,6 +3,7 @@ manifests linking sft -> rm -> ppo."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -34,15 +35,15 @@ def changed(before: dict, after: dict, prefix_after: str = "") -> float:
     return sum(not torch.equal(before[k], after[prefix_after + k]) for k in common) / len(common)
 
 
-def run_pipeline(store_root, model, sft_extra=(), rm_extra=()):
+def run_pipeline(store_root, model, sft_extra=(), rm_extra=(), ppo_extra=()):
     common = [f"store={store_root}", f"model={model}", *SMALL]
     sft_stage.main([*common, *SFT, *sft_extra])
     rm_stage.main([*common, *RM, *rm_extra])
-    ppo_stage.main([*common, *PPO])
+    ppo_stage.main([*common, *PPO, *ppo_extra])
     return Store(store_root)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bloom"])
+@pytest.mark.parametrize("model", [s.name for s in registry.MODELS.values() if s.is_tiny])
 def test_sft_rm_ppo_end_to_end(tmp_path, tiny_cache, model):
     store = run_pipeline(tmp_path / "store", model)
     sft, rm, ppo = (store.get(model, s) for s in ("sft", "rm", "ppo"))
@@ -87,7 +88,8 @@ def test_sft_rm_ppo_end_to_end(tmp_path, tiny_cache, model):
 
 def test_lora_sft_feeds_rm_and_ppo(tmp_path, tiny_cache):
     lora = ["lora.enabled=true", "lora.r=4"]
-    store = run_pipeline(tmp_path / "store", "tiny-llama", sft_extra=[*lora, "sft.learning_rate=1e-2"], rm_extra=lora)
+    store = run_pipeline(tmp_path / "store", "tiny-llama", sft_extra=[*lora, "sft.learning_rate=1e-2"], rm_extra=lora,
+                         ppo_extra=lora)
     sft = store.get("tiny-llama", "sft")
     assert (sft.path / "adapter_config.json").is_file() and not (sft.path / "model.safetensors").exists()
     base_path = registry.resolve(registry.get("tiny-llama"))
@@ -105,13 +107,87 @@ def test_lora_sft_feeds_rm_and_ppo(tmp_path, tiny_cache):
     reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, registry.get("tiny-llama"))
     assert reward_model.score.weight.abs().sum() > 0
 
-    # PPO's policy starts from the merged SFT model, and ends as a plain full model
+    # LoRA-PPO trained new adapters on the merged SFT model; loading merges both
     ppo = store.get("tiny-llama", "ppo")
-    assert ppo.manifest["parents"] == ["tiny-llama/sft", "tiny-llama/rm"]
+    assert ppo.manifest["parents"] == ["tiny-llama/sft", "tiny-llama/rm"] and ppo.manifest["base"] == str(sft.path)
+    assert (ppo.path / "adapter_config.json").is_file()
     merged_sft = modeling.load_model(sft.path, AutoModelForCausalLM, registry.get("tiny-llama"))
-    assert changed(merged_sft.state_dict(), weights(ppo.path)) > 0.5
+    merged_ppo = modeling.load_model(ppo.path, AutoModelForCausalLM, registry.get("tiny-llama"))
+    assert not torch.allclose(merged_sft(ids).logits, merged_ppo(ids).logits)
+
+
+def test_lora_reference_is_the_sft_model_with_adapters_disabled(tiny_cache):
+    from peft import LoraConfig, get_peft_model
+
+    spec = registry.get("tiny-llama")
+    path = registry.resolve(spec)
+    sft_model = AutoModelForCausalLM.from_pretrained(path).eval()
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(
+        r=4, target_modules=list(spec.lora_targets), init_lora_weights=False)).eval()  # adapters that change outputs
+    reference = modeling.AdapterDisabled(policy)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6], [0, 0, 2, 7, 1, 8, 2, 8]])
+    attention = torch.tensor([[1] * 8, [0, 0] + [1] * 6])  # left padding, as in PPO rollouts
+    ref_logprobs, _ = modeling.policy_forward(reference, ids, attention, 4, 1.0)
+    sft_logprobs, _ = modeling.policy_forward(sft_model, ids, attention, 4, 1.0)
+    policy_logprobs, _ = modeling.policy_forward(policy, ids, attention, 4, 1.0)
+    assert torch.equal(ref_logprobs, sft_logprobs)
+    assert not torch.allclose(policy_logprobs, sft_logprobs)
+    assert modeling.count_parameters(reference) == modeling.count_parameters(policy)  # the same weights, no copy
 
 
 def test_rm_without_sft_says_what_to_run(tmp_path):
     with pytest.raises(Exception, match="no complete 'sft' checkpoint for run 'tiny-llama'.*make sft"):
         rm_stage.main([f"store={tmp_path}", "model=tiny-llama"])
+
+
+def test_reward_model_with_another_tokenizer_scores_from_text(tmp_path, tiny_cache):
+    common = [f"store={tmp_path}", *SMALL]
+    sft_stage.main([*common, "model=tiny-bloom", *SFT])  # the reward model comes from a BLOOM run
+    rm_stage.main([*common, "model=tiny-bloom", *RM])
+    sft_stage.main([*common, "model=tiny-llama", *SFT])  # the policy is a LLaMA
+    ppo_stage.main([*common, "model=tiny-llama", *PPO, "ppo.reward_model=tiny-bloom/rm"])
+    store = Store(tmp_path)
+    ppo = store.get("tiny-llama", "ppo")
+    assert ppo.manifest["parents"] == ["tiny-llama/sft", "tiny-bloom/rm"]
+    assert math.isfinite(ppo.metrics["greedy"]["reward"]["ppo"])
+
+    # the scorer decodes the LLaMA policy's tokens and scores the text as the BLOOM reward model was trained
+    llama, bloom = registry.get("tiny-llama"), registry.get("tiny-bloom")
+    sft, rm = store.get("tiny-llama", "sft"), store.get("tiny-bloom", "rm")
+    policy_tokenizer, rm_tokenizer = modeling.load_tokenizer(sft.path, llama), modeling.load_tokenizer(rm.path, bloom)
+    assert policy_tokenizer.get_vocab() != rm_tokenizer.get_vocab()
+    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, bloom).eval()
+    scorer = modeling.RewardScorer(reward_model, rm_tokenizer, bloom, policy_tokenizer, llama)
+    assert scorer.by_text
+    prompts = ["sort: c a b", "copy: d e"]
+    policy = modeling.load_model(ppo.path, AutoModelForCausalLM, llama).eval()
+    query_responses, query_mask, responses = modeling.generate(
+        policy, policy_tokenizer, [llama.format_prompt(p) for p in prompts], 8, 1.0, greedy=True)
+    mask, _ = __import__("alignment.ppo", fromlist=["x"]).response_mask(responses, policy_tokenizer.eos_token_id)
+    scores = scorer(prompts, query_responses, torch.cat([query_mask, mask.long()], 1), responses)
+    texts = [bloom.format_prompt(p) + t for p, t in zip(prompts, policy_tokenizer.batch_decode(responses, skip_special_tokens=True))]
+    expected, _ = modeling.score_texts(reward_model, rm_tokenizer, texts)
+    assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_lora_in_every_stage(tmp_path, tiny_cache, bits, capsys):
+    q = [f"quantization={bits}", "lora.enabled=true", "lora.r=4"]
+    run_pipeline(tmp_path, "tiny-llama", sft_extra=q, rm_extra=q, ppo_extra=q)
+    out = capsys.readouterr().out
+    fp32 = AutoModelForCausalLM.from_pretrained(registry.resolve(registry.get("tiny-llama"))).get_memory_footprint()
+    policy_mib = float(re.search(r"\[sft\] policy: ([\d.]+) MiB", out).group(1))
+    assert policy_mib * 2**20 < 0.6 * fp32  # the weights really are stored in 8 or 4 bit
+    for name in ("policy", "reference", "reward model", "critic"):
+        assert f"[ppo] {name}: " in out  # each model's footprint is logged
+    store = Store(tmp_path)
+    for stage in ("sft", "rm", "ppo"):
+        ckpt = store.get("tiny-llama", stage)
+        assert ckpt.manifest["config"]["quantization"] == bits and (ckpt.path / "adapter_config.json").is_file()
+    assert math.isfinite(store.get("tiny-llama", "rm").metrics["train_loss"])
+    assert math.isfinite(store.get("tiny-llama", "ppo").metrics["greedy"]["reward"]["ppo"])
+
+
+def test_quantized_weights_without_lora_fail_at_start(tmp_path):
+    with pytest.raises(SystemExit, match="quantized weights cannot be trained directly; set lora.enabled=true"):
+        sft_stage.main([f"store={tmp_path}", "quantization=4bit"])

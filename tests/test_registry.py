@@ -36,7 +36,7 @@ def test_tiny_twin_builds_once_and_loads_with_from_pretrained(spec, tiny_cache):
 @pytest.mark.parametrize("spec", registry.MODELS.values(), ids=lambda s: s.name)
 def test_every_entry_resolves_its_settings(spec):
     assert spec.family in CONFIG_MAPPING
-    assert spec.template in registry.TEMPLATES and "{prompt}" in registry.TEMPLATES[spec.template]
+    assert spec.template in registry.TEMPLATES and "sort: b a" in spec.format_prompt("sort: b a")
     assert spec.padding_side in ("left", "right")
     assert spec.dtype in modeling.DTYPES
     assert not spec.trust_remote_code
