@@ -182,7 +182,7 @@ def pairwise_accuracy(reward_model, tokenizer, spec, pairs: list[dict]) -> dict:
 @torch.no_grad()
 def rollout_scores(
     policy, ref_policy, scorer, tokenizer, spec, prompts: list, *, max_new_tokens: int,
-    temperature: float, greedy: bool, gold: bool, batch_size: int = 100,
+    temperature: float, greedy: bool, gold: bool, batch_size: int = 100, max_prompt_tokens: int = 512,
 ) -> dict[str, list]:
     """Responses of policy to prompts, with per-response RM score (scorer: a modeling.RewardScorer), gold score,
     KL to the reference and length."""
@@ -191,7 +191,7 @@ def rollout_scores(
         batch = prompts[i : i + batch_size]
         templated = [spec.format_prompt(p) for p in batch]
         query_responses, query_mask, responses = modeling.generate(
-            policy, tokenizer, templated, max_new_tokens, temperature, greedy=greedy
+            policy, tokenizer, templated, max_new_tokens, temperature, greedy=greedy, max_prompt_tokens=max_prompt_tokens
         )
         mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
         attention = torch.cat([query_mask, mask.long()], dim=1)
@@ -279,5 +279,6 @@ def format_comparison(summary: dict) -> str:
             f" -> ppo {s['response_length']['ppo']:.1f}"
         )
     for ex in summary["greedy"]["examples"]:
-        lines.append(f"  e.g. {ex['prompt']!r}: sft {ex['sft']!r} -> ppo {ex['ppo']!r}")
+        prompt = ex["prompt"] if isinstance(ex["prompt"], str) else ex["prompt"][-1]["content"]  # last user turn
+        lines.append(f"  e.g. {prompt!r}: sft {ex['sft']!r} -> ppo {ex['ppo']!r}")
     return "\n".join(lines)

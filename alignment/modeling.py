@@ -257,18 +257,21 @@ class RewardScorer:
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, greedy: bool = False
+    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, greedy: bool = False,
+    max_prompt_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples (or greedily decodes) responses to already-templated prompts.
 
     Returns (query_responses [B, Q+T], query_mask [B, Q], responses [B, T]); queries are left-padded, and
     every token after a response's first EOS is the pad token. Sampling uses the full distribution at
-    the given temperature (no top-k / top-p), the one PPO's log-probs are computed from.
+    the given temperature (no top-k / top-p), the one PPO's log-probs are computed from. Prompts longer
+    than max_prompt_tokens (if > 0) are cut from the left.
     """
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    tokenizer.padding_side = side
+    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # a long prompt loses its oldest turns
+    limit = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, **limit)
+    tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
     sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

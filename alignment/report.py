@@ -156,7 +156,9 @@ def _html(result: dict, images: list[Path]) -> str:
         if e["side_by_side"] and stages:
             rows = []
             for row in e["side_by_side"]:
-                cells = [f"<span class='out'>{esc(row['prompt'])}</span>"]
+                prompt = row["prompt"] if isinstance(row["prompt"], str) else "\n".join(
+                    f"{m['role']}: {m['content']}" for m in row["prompt"])
+                cells = [f"<span class='out'>{esc(prompt)}</span>"]
                 for s in stages:
                     r = row.get(s)
                     score = "" if r is None else f"<br><small>RM {r['reward']:.2f}" + (

@@ -40,6 +40,7 @@ class PPOSettings:
     ppo_epochs: int = field(4, "passes over each rollout batch")
     learning_rate: float = field(1e-4, "AdamW learning rate for policy and critic")
     max_new_tokens: int = field(20, "longest response sampled")
+    max_prompt_length: int = field(512, "longest prompt in tokens; longer ones lose their beginning (counted)")
     temperature: float = field(1.0, "sampling temperature; log-probs are computed at the same temperature")
     kl_coef: float = field(0.3, "beta of the per-token penalty beta * (log pi - log pi_ref)")
     adaptive_kl: bool = field(False, "adapt kl_coef towards kl_target (Ziegler et al., 2019)")
@@ -205,8 +206,11 @@ def main(argv: list[str]) -> None:
         t0 = time.time()
         with modeling.gathered_parameters(accelerator, model):
             query_responses, query_mask, responses = modeling.generate(
-                unwrapped_policy(), tokenizer, batch, p.max_new_tokens, p.temperature
+                unwrapped_policy(), tokenizer, batch, p.max_new_tokens, p.temperature,
+                max_prompt_tokens=p.max_prompt_length,
             )
+        state["truncated_prompts"] = state.get("truncated_prompts", 0) + sum(
+            len(ids) > p.max_prompt_length for ids in tokenizer(batch).input_ids)
         mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
         attention = torch.cat([query_mask, mask.long()], dim=1)
         context = query_mask.shape[1]
@@ -312,7 +316,8 @@ def main(argv: list[str]) -> None:
     with open(tmp / "ppo_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in state["log"])
     metrics = {**summary, "eval_curve": state["eval_log"], "final_kl_coef": state["kl_coef"], "steps": p.steps,
-               "skipped_non_finite": state["skipped"], "processes": accelerator.num_processes,
+               "skipped_non_finite": state["skipped"], "truncated_prompts": state.get("truncated_prompts", 0),
+               "processes": accelerator.num_processes,
                "duration_s": round(time.time() - started, 1)}
     checkpoint = store.publish(tmp, {
         "run": run, "stage": "ppo", "model": spec.name, "template": spec.template, "parents": [sft.id, rm.id],

@@ -151,6 +151,7 @@ def main(argv: list[str]) -> None:
         "eval_accuracy_ci95": accuracy["accuracy_ci95"],
         "eval_margin": accuracy["margin"],
         "validation_accuracy": best_validation,
+        "references": dict(data.get_profile(cfg.data).rm_references),
         "eval_pairs": len(raw_eval),
         "dropped_too_long": dropped,
         "steps": result.global_step,
@@ -169,6 +170,8 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(work_dir, ignore_errors=True)  # published: a rerun starts a new training
     print(f"[rm] saved {checkpoint.id} -> {checkpoint.path}")
     print(f"[rm] held-out pairwise accuracy {accuracy['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {len(raw_eval)} pairs")
+    for name, value in data.get_profile(cfg.data).rm_references:
+        print(f"[rm]   reference on the same split: {name}: {value:.3f}")
 
 
 if __name__ == "__main__":

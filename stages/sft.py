@@ -81,6 +81,10 @@ def main(argv: list[str]) -> None:
                                   for r in loaded.records])
 
     train_set, eval_set = records("sft_train"), records("sft_eval")
+    truncated = sum(len(tokenizer(r["prompt"] + r["completion"]).input_ids) + 1 > cfg.sft.max_length for r in train_set)
+    if truncated:
+        print(f"[sft] {truncated} training sequences exceed sft.max_length={cfg.sft.max_length}: their prompts are "
+              "cut from the left")
 
     # 4. train
     peft_config = None
@@ -100,6 +104,7 @@ def main(argv: list[str]) -> None:
         weight_decay=cfg.sft.weight_decay,
         max_length=cfg.sft.max_length,
         completion_only_loss=True,
+        truncation_mode="keep_end",  # a sequence over max_length loses the beginning of its prompt
         train_sampling_strategy="group_by_length" if cfg.sft.group_by_length else "random",
         bf16=cfg.sft.bf16,
         use_cpu=not torch.cuda.is_available(),
@@ -137,6 +142,7 @@ def main(argv: list[str]) -> None:
         "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
         "steps": result.global_step,
         "skipped_non_finite": guard.skipped,
+        "truncated": truncated,
         "processes": args.world_size,
         "duration_s": round(time.time() - started, 1),
     }

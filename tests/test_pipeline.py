@@ -35,8 +35,8 @@ def changed(before: dict, after: dict, prefix_after: str = "") -> float:
     return sum(not torch.equal(before[k], after[prefix_after + k]) for k in common) / len(common)
 
 
-def run_pipeline(store_root, model, sft_extra=(), rm_extra=(), ppo_extra=()):
-    common = [f"store={store_root}", f"model={model}", *SMALL]
+def run_pipeline(store_root, model, sft_extra=(), rm_extra=(), ppo_extra=(), small=SMALL):
+    common = [f"store={store_root}", f"model={model}", *small]
     sft_stage.main([*common, *SFT, *sft_extra])
     rm_stage.main([*common, *RM, *rm_extra])
     ppo_stage.main([*common, *PPO, *ppo_extra])
@@ -45,7 +45,9 @@ def run_pipeline(store_root, model, sft_extra=(), rm_extra=(), ppo_extra=()):
 
 @pytest.mark.parametrize("model", [s.name for s in registry.MODELS.values() if s.is_tiny])
 def test_sft_rm_ppo_end_to_end(tmp_path, tiny_cache, model):
-    store = run_pipeline(tmp_path / "store", model)
+    # the default model on a small config; every other family on a minuscule one (one or two steps a stage)
+    small = SMALL if model == registry.DEFAULT_MODEL else ["limit=24", "threads=2"]
+    store = run_pipeline(tmp_path / "store", model, small=small)
     sft, rm, ppo = (store.get(model, s) for s in ("sft", "rm", "ppo"))
 
     # lineage
@@ -172,8 +174,8 @@ def test_reward_model_with_another_tokenizer_scores_from_text(tmp_path, tiny_cac
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_quantized_lora_in_every_stage(tmp_path, tiny_cache, bits, capsys):
-    q = [f"quantization={bits}", "lora.enabled=true", "lora.r=4"]
-    run_pipeline(tmp_path, "tiny-llama", sft_extra=q, rm_extra=q, ppo_extra=q)
+    q = [f"quantization={bits}", "lora.enabled=true", "lora.r=4", "limit=16"]  # one training step per stage
+    run_pipeline(tmp_path, "tiny-llama", sft_extra=q, rm_extra=q, ppo_extra=[*q, "ppo.steps=1"])
     out = capsys.readouterr().out
     fp32 = AutoModelForCausalLM.from_pretrained(registry.resolve(registry.get("tiny-llama"))).get_memory_footprint()
     policy_mib = float(re.search(r"\[sft\] policy: ([\d.]+) MiB", out).group(1))
