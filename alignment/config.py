@@ -223,3 +223,10 @@ def run(main) -> None:
         main(sys.argv[1:])
     except (StoreError, DataError) as e:
         sys.exit(f"error: {e}")
+    # In a multi-process run only the main process writes the result: the others wait for it here and all
+    # leave the process group together (a process exiting alone can abort its peers' gloo/NCCL teardown).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
