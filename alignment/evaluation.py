@@ -232,7 +232,7 @@ def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) 
 
 def compare_policies(
     policy, sft_policy, scorer, tokenizer, spec, prompts: list, *, gold: bool, max_new_tokens: int,
-    temperature: float, samples: int, seed: int,
+    temperature: float, samples: int, seed: int, max_prompt_tokens: int = 512,
 ) -> dict:
     """The trained policy against the SFT policy on the same held-out prompts, greedy and sampled.
 
@@ -244,7 +244,8 @@ def compare_policies(
     for mode, greedy, reps in (("greedy", True, 1), ("sampled", False, samples)):
         torch.manual_seed(seed)
         repeated = [p for p in prompts for _ in range(reps)]
-        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, gold=gold)
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, gold=gold,
+                      max_prompt_tokens=max_prompt_tokens)
         before = rollout_scores(sft_policy, sft_policy, scorer, tokenizer, spec, repeated, **kwargs)
         after = rollout_scores(policy, sft_policy, scorer, tokenizer, spec, repeated, **kwargs)
         per_prompt = lambda xs: [mean(xs[i : i + reps]) for i in range(0, len(xs), reps)]  # noqa: E731

@@ -98,6 +98,15 @@ def footprint(name: str, model: nn.Module) -> str:
     return f"{name}: {size / 2**20:.1f} MiB in memory"
 
 
+def lora_config(settings, model: nn.Module, spec: ModelSpec, task_type: str, **extra):
+    """A peft LoraConfig from a config's `lora` section, its target modules checked against the model."""
+    from peft import LoraConfig
+
+    targets = lora_targets(model, settings.target_modules or list(spec.lora_targets), spec.name)
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, task_type=task_type,
+                      target_modules=targets, **extra)
+
+
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 

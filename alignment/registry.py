@@ -170,6 +170,7 @@ def default_corpus(spec: ModelSpec) -> list[str]:
 
 def _build_tiny(spec: ModelSpec, corpus: list[str], path: Path, vocab_size: int) -> None:
     import torch
+    from safetensors.torch import save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -199,7 +200,10 @@ def _build_tiny(spec: ModelSpec, corpus: list[str], path: Path, vocab_size: int)
     # Publish atomically: a crash mid-build, or another process building the same twin, leaves no half folder.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    model.save_pretrained(tmp)
+    # Written directly rather than by save_pretrained, which writes nothing on a rank other than 0 once a
+    # process group exists: every process that builds must leave a whole folder (the rename picks one).
+    config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, path)

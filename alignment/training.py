@@ -46,12 +46,24 @@ def check_same_config(saved: dict, current: dict, where: Path, ignore: tuple[str
 
 
 def trainer_resume_point(work_dir: Path, config: dict, resume: bool) -> str | None:
-    """The latest complete trainer checkpoint to resume from, or None to start fresh (clearing old state)."""
+    """The latest complete trainer checkpoint to resume from, or None to start fresh (clearing old state).
+
+    In a multi-process run the main process prepares the folder first; the others only read it after.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():
+        return _resume_point(work_dir, config, resume, may_write=state.is_main_process)
+
+
+def _resume_point(work_dir: Path, config: dict, resume: bool, may_write: bool) -> str | None:
     marker = work_dir / "stage_config.json"
     if not resume or not marker.is_file():
-        shutil.rmtree(work_dir, ignore_errors=True)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(config, indent=2))
+        if may_write:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(config, indent=2))
         return None
     check_same_config(json.loads(marker.read_text()), config, work_dir)
     complete = [p for p in work_dir.glob("checkpoint-*") if (p / COMPLETE).is_file()]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -121,10 +121,7 @@ def main(argv: list[str]) -> None:
     quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
     policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec, **quantized)  # trained: the actor
     if cfg.lora.enabled:
-        policy = get_peft_model(policy, LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
-            target_modules=modeling.lora_targets(policy, cfg.lora.target_modules or list(spec.lora_targets), spec.name),
-        ))
+        policy = get_peft_model(policy, modeling.lora_config(cfg.lora, policy, spec, "CAUSAL_LM"))
         ref_policy = modeling.AdapterDisabled(policy)
     else:
         ref_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec, **quantized).requires_grad_(False)
@@ -135,10 +132,7 @@ def main(argv: list[str]) -> None:
     critic = modeling.load_model(sft.path if scorer.by_text else rm.path, AutoModelForSequenceClassification, spec,
                                  **quantized)
     if cfg.quantization:  # quantized weights train through adapters only: the critic gets its own
-        critic = get_peft_model(critic, LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, task_type="SEQ_CLS", modules_to_save=["score"],
-            target_modules=modeling.lora_targets(critic, cfg.lora.target_modules or list(spec.lora_targets), spec.name),
-        ))
+        critic = get_peft_model(critic, modeling.lora_config(cfg.lora, critic, spec, "SEQ_CLS", modules_to_save=["score"]))
     for name, m in (("policy", policy), ("reference", ref_policy), ("reward model", reward_model), ("critic", critic)):
         print(f"[ppo] {modeling.footprint(name, m)}" + (" (the policy's weights, adapters off)" if name == "reference"
                                                        and cfg.lora.enabled else ""))
@@ -169,7 +163,7 @@ def main(argv: list[str]) -> None:
             r = evaluation.rollout_scores(
                 unwrapped_policy(), ref_policy, scorer, tokenizer, spec,
                 eval_prompts[: p.eval_prompts], max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                greedy=False, gold=gold,
+                greedy=False, gold=gold, max_prompt_tokens=p.max_prompt_length,
             )
         point = {"step": step, **{f"eval_{k}": evaluation.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
         for key, value in point.items():
@@ -306,6 +300,7 @@ def main(argv: list[str]) -> None:
     summary = evaluation.compare_policies(
         policy, ref_policy, scorer, tokenizer, spec, eval_prompts, gold=gold,
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, samples=p.eval_samples, seed=cfg.seed,
+        max_prompt_tokens=p.max_prompt_length,
     )
 
     # 7. save: the policy as a causal LM, the critic beside it, the per-step log, the manifest

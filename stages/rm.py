@@ -18,7 +18,6 @@ import time
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
@@ -84,11 +83,7 @@ def main(argv: list[str]) -> None:
     # 4. train
     peft_config = None
     if cfg.lora.enabled:
-        peft_config = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="SEQ_CLS",
-            target_modules=modeling.lora_targets(model, cfg.lora.target_modules or list(spec.lora_targets), spec.name),
-            modules_to_save=["score"],
-        )
+        peft_config = modeling.lora_config(cfg.lora, model, spec, "SEQ_CLS", modules_to_save=["score"])
     args = RewardConfig(
         output_dir=str(work_dir),
         num_train_epochs=cfg.rm.epochs,

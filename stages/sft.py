@@ -17,7 +17,6 @@ import time
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
@@ -89,10 +88,7 @@ def main(argv: list[str]) -> None:
     # 4. train
     peft_config = None
     if cfg.lora.enabled:
-        peft_config = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
-            target_modules=modeling.lora_targets(model, cfg.lora.target_modules or list(spec.lora_targets), spec.name),
-        )
+        peft_config = modeling.lora_config(cfg.lora, model, spec, "CAUSAL_LM")
     args = TRLSFTConfig(
         output_dir=str(work_dir),
         num_train_epochs=cfg.sft.epochs,
