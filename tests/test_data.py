@@ -88,8 +88,7 @@ def profile_of(tmp_path, monkeypatch, text, fmt, split="prefs_train", name="bad.
     ("records", "sft_train", '{"prompt": "p", "completion": "c"', "bad.jsonl:1: not valid JSON"),
 ])
 def test_malformed_record_names_file_line_and_problem(tmp_path, monkeypatch, fmt, split, line, message):
-    profile_of(tmp_path, monkeypatch, '{"prompt": "ok", "completion": "ok", "chosen": "a", "rejected": "b"}\n' * 0 + line + "\n",
-               fmt, split)
+    profile_of(tmp_path, monkeypatch, line + "\n", fmt, split)
     with pytest.raises(DataError) as e:
         data.load("t", split)
     assert message in str(e.value)
@@ -101,8 +100,7 @@ def test_skip_mode_counts_each_problem(tmp_path, monkeypatch):
     profile_of(tmp_path, monkeypatch, "\n".join(lines) + "\n", "records", on_error="skip")
     loaded = data.load_split("t", "prefs_train")
     assert len(loaded.records) == 1
-    assert dict(loaded.skipped) == {"chosen and rejected are identical": 2, "the chosen response is empty": 1} or \
-        dict(loaded.skipped) == {"chosen and rejected are identical": 2, "field 'chosen' is empty": 1}
+    assert dict(loaded.skipped) == {"chosen and rejected are identical": 2, "field 'chosen' is empty": 1}
 
 
 def test_formats_and_field_mapping(tmp_path, monkeypatch):
