@@ -88,10 +88,6 @@ PROFILES = {
 }
 
 
-def task_file(split: str) -> Path:
-    return task.DATA_DIR / f"{split}.jsonl"
-
-
 # ---- reading sources ---------------------------------------------------------------------------------
 
 
@@ -114,8 +110,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def read_source(source: Source) -> tuple[str, list[dict]]:
-    """(label for messages, raw records with '_where' set) of a local file or a hub data set."""
+def read_source(source: Source) -> list[dict]:
+    """The raw records of a local file or a hub data set, each with '_where' naming it for messages."""
     path = Path(source.path)
     if path.suffix == ".json":
         with open(path, encoding="utf-8") as f:
@@ -136,7 +132,7 @@ def read_source(source: Source) -> tuple[str, list[dict]]:
 
         rows = load_dataset(source.path, split=source.hub_split)
         records = [{**r, "_where": f"{source.path}[{source.hub_split}]: record {i}"} for i, r in enumerate(rows)]
-    return str(path), records[source.start : source.stop]
+    return records[source.start : source.stop]
 
 
 # ---- parsing formats into record shapes --------------------------------------------------------------
@@ -252,7 +248,7 @@ def load_split(profile: str, split: str, limit: int = 0, on_error: str = "") -> 
     on_error = on_error or prof.on_error
     records, skipped = [], Counter()
     for source in sources:
-        _, raw = read_source(source)
+        raw = read_source(source)
         for r in raw:
             if limit and len(records) >= limit:
                 break

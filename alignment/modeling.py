@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignment import ppo
 from alignment.registry import ModelSpec
-from alignment.store import MANIFEST, load_checkpoint
+from alignment.store import load_checkpoint
 
 _PEFT_TASKS = {AutoModelForCausalLM: "CAUSAL_LM", AutoModelForSequenceClassification: "SEQ_CLS"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,10 +105,6 @@ def lora_config(settings, model: nn.Module, spec: ModelSpec, task_type: str, **e
     targets = lora_targets(model, settings.target_modules or list(spec.lora_targets), spec.name)
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, task_type=task_type,
                       target_modules=targets, **extra)
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
 
 
 def disable_dropout(model: nn.Module) -> None:
