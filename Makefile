@@ -28,7 +28,7 @@ LAUNCH = $(VENV)/bin/accelerate launch \
 endif
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: sft rm ppo eval test test-slow store data install clean
+.PHONY: sft rm ppo eval test test-slow store data install clean bench
 
 # torch is pinned first: 2.13.0 resolves to the local CPU wheel, and pyproject's range then adds nothing.
 $(VENV)/.installed: pyproject.toml
@@ -54,6 +54,18 @@ eval: $(VENV)/.installed
 
 store: $(VENV)/.installed
 	$(PY) -m alignment store list $(if $(STORE),--root $(STORE))
+
+# Benchmark of every stage against the peers (bench/README.md). The PPO peer, TRL 1.12's PPOTrainer, gets a
+# virtual environment of its own: TRL 1.16 no longer has PPO. Same torch (CPU wheel) and transformers as ours.
+PEER_VENV := bench/.venv-trl112
+$(PEER_VENV)/.installed:
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEER_VENV)/bin/python -m pip install --quiet trl==1.12.0 transformers==5.24.0 accelerate==1.15.0
+	touch $@
+
+bench: $(VENV)/.installed $(PEER_VENV)/.installed
+	$(PY) bench/run.py $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)

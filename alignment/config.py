@@ -192,11 +192,15 @@ class StageConfig:
     quantization: str = field("", "load weights in 8 or 4 bit through bitsandbytes: '8bit', '4bit' (nf4, double "
                               "quantization); trained models then need lora.enabled (QLoRA)")
     compute_dtype: str = field("float32", "dtype of the 4-bit layers' matmuls: float32, bfloat16, float16")
+    precision: str = field("auto", "training arithmetic: bf16 (autocast), fp32, or auto: bf16 on a GPU that has it "
+                           "and on a CPU whose bf16 matmul is measured faster than fp32 at start-up, else fp32")
 
     def check_combinations(self, trains_weights: bool, lora: bool) -> None:
         """Settings that cannot work together stop here, at start-up, saying what to change."""
         import os
 
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise SystemExit(f"precision: {self.precision!r} is not 'auto', 'bf16' or 'fp32'")
         if self.quantization not in ("", "8bit", "4bit"):
             raise SystemExit(f"quantization: {self.quantization!r} is not '', '8bit' or '4bit'")
         if self.quantization and trains_weights and not lora:
@@ -205,6 +209,7 @@ class StageConfig:
         if self.quantization and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
             raise SystemExit(f"quantization={self.quantization} does not work with DeepSpeed ZeRO-3, which shards "
                              "weights; use ZeRO-2 (configs/accelerate/zero2.yaml) or quantization=''")
+
     @property
     def run_name(self) -> str:
         """The run: as given, else the model name, suffixed with the data profile unless it is the default."""

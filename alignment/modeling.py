@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
+                          LogitsProcessor, LogitsProcessorList)
 
 from alignment import ppo
 from alignment.registry import ModelSpec
@@ -151,18 +152,37 @@ def _position_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
 
+def _response_logits_kwargs(model: nn.Module, query_responses: torch.Tensor, context_length: int) -> dict:
+    """Ask for the logits of the positions that predict response tokens only (the LM head on the prompt
+    positions would be thrown away), for models that take logits_to_keep."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"logits_to_keep": query_responses.shape[1] - context_length + 1}
+
+
+def _response_logits(logits: torch.Tensor, query_responses: torch.Tensor, context_length: int) -> torch.Tensor:
+    """[B, T, V]: the logits predicting each response token, from all positions' or the kept last T+1."""
+    width = query_responses.shape[1] - context_length
+    return logits[:, -width - 1 : -1]
+
+
 def policy_forward(
     model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the response tokens under model, at the sampling temperature. -> [B, T] each."""
+    width = query_responses.shape[1] - context_length
+    query_responses, attention_mask, context_length = trim_padding(query_responses, attention_mask, context_length)
     out = model(
         input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
-        **_position_kwargs(model, attention_mask),
+        **_position_kwargs(model, attention_mask), **_response_logits_kwargs(model, query_responses, context_length),
     )
-    logits = out.logits[:, context_length - 1 : -1]
+    logits = _response_logits(out.logits, query_responses, context_length)
     responses = query_responses[:, context_length:]
-    return ppo.logprobs_from_logits(logits, responses, temperature), ppo.entropy_from_logits(logits, temperature)
+    return (_pad_right(ppo.logprobs_from_logits(logits, responses, temperature), width),
+            _pad_right(ppo.entropy_from_logits(logits, temperature), width))
 
 
 class ActorCritic(nn.Module):
@@ -177,33 +197,89 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int = 1,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, values): logits at least for the positions from context_length - 1 on, values at all."""
         logits = self.policy(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
             **_position_kwargs(self.policy, attention_mask),
+            **_response_logits_kwargs(self.policy, input_ids, context_length),
         ).logits
+        return logits, self.values(input_ids, attention_mask)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The critic alone: its value at every position. [B, L]."""
         critic = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
         body = critic.base_model  # LoRA layers, if any, sit inside it
         hidden = body(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_position_kwargs(body, attention_mask)
         ).last_hidden_state
-        return logits, critic.score(hidden).squeeze(-1)
+        return critic.score(hidden).squeeze(-1)
 
 
 def actor_critic_forward(
     model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probs, entropies, values) of the response tokens, each [B, T]; the value is that of the state
-    before the token, the log-probs at the sampling temperature."""
-    logits, values = model(query_responses, attention_mask)
-    logits = logits[:, context_length - 1 : -1]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, values) of the response tokens, each [B, T]; the value is that of the state before the
+    token, the log-probs at the sampling temperature. Columns that every row pads (the left padding of a
+    minibatch's shortest prompts, the right padding after its longest response) are not computed, nor the
+    LM head on prompt positions."""
+    width = query_responses.shape[1] - context_length
+    query_responses, attention_mask, context_length = trim_padding(query_responses, attention_mask, context_length)
+    logits, values = model(query_responses, attention_mask, context_length)
+    logits = _response_logits(logits, query_responses, context_length)
     responses = query_responses[:, context_length:]
-    return (
-        ppo.logprobs_from_logits(logits, responses, temperature),
-        ppo.entropy_from_logits(logits, temperature),
-        values[:, context_length - 1 : -1].float(),
-    )
+    return (_pad_right(ppo.logprobs_from_logits(logits, responses, temperature), width),
+            _pad_right(values[:, context_length - 1 : -1].float(), width))
+
+
+@torch.no_grad()
+def critic_values(model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+                  context_length: int) -> torch.Tensor:
+    """The critic's values of the response tokens (each the state before the token), [B, T], without the policy."""
+    width = query_responses.shape[1] - context_length
+    query_responses, attention_mask, context_length = trim_padding(query_responses, attention_mask, context_length)
+    values = model.values(query_responses, attention_mask)
+    return _pad_right(values[:, context_length - 1 : -1].float(), width)
+
+
+def trim_padding(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int):
+    """Drops the leading columns that pad every prompt and the trailing ones after every response has ended.
+    Positions come from the mask, so the kept tokens compute exactly as before. -> the same three, trimmed."""
+    used = attention_mask.bool().any(0)
+    first = min(int(used.int().argmax()), context_length - 1)  # keep the last prompt column: it predicts token 1
+    last = max(len(used) - int(used.flip(0).int().argmax()), context_length + 1)
+    return query_responses[:, first:last], attention_mask[:, first:last], context_length - first
+
+
+def _pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, t] -> [B, width] with zeros after column t (those columns are masked out everywhere)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Collects, while generate() samples, the log-prob and entropy of each sampled token's distribution
+    at the sampling temperature: PPO's old log-probs then come from the rollout itself, with no extra
+    forward pass. Memory is one [B, V] step at a time (not [B, T, V] as output_logits would keep)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.logprobs, self.entropy, self.pending = [], [], None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # custom processors run before generate's temperature warper: the scores are raw logits here
+        if self.pending is not None:  # the previous step's token is now the last of input_ids
+            self.logprobs.append(self.pending.gather(1, input_ids[:, -1:]))
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.entropy.append(-(self.pending.exp() * self.pending).sum(-1, keepdim=True))
+        return scores
+
+    def result(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropies) of the responses' tokens, [B, T] (one generate() step per token); the
+        positions after a response's EOS hold the pad token's and are masked out by the caller."""
+        logprobs = torch.cat([*self.logprobs, self.pending.gather(1, responses[:, -1:])], dim=1)
+        return logprobs, torch.cat(self.entropy, dim=1)
 
 
 def gathered_parameters(accelerator, model: nn.Module):
@@ -263,14 +339,15 @@ class RewardScorer:
 @torch.no_grad()
 def generate(
     model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, greedy: bool = False,
-    max_prompt_tokens: int = 0,
+    max_prompt_tokens: int = 0, logits_processor: LogitsProcessor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples (or greedily decodes) responses to already-templated prompts.
 
     Returns (query_responses [B, Q+T], query_mask [B, Q], responses [B, T]); queries are left-padded, and
     every token after a response's first EOS is the pad token. Sampling uses the full distribution at
     the given temperature (no top-k / top-p), the one PPO's log-probs are computed from. Prompts longer
-    than max_prompt_tokens (if > 0) are cut from the left.
+    than max_prompt_tokens (if > 0) are cut from the left. logits_processor (e.g. SampledLogprobs) sees
+    every step's logits.
     """
     side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # a long prompt loses its oldest turns
@@ -284,7 +361,8 @@ def generate(
     )
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     out = model.generate(
-        input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), generation_config=gen_config
+        input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), generation_config=gen_config,
+        logits_processor=LogitsProcessorList([logits_processor] if logits_processor else []),
     )
     context_length = enc.input_ids.shape[1]
     responses = out[:, context_length:]

@@ -185,3 +185,15 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+def minibatches(lengths: torch.Tensor, size: int, generator: torch.Generator, by_length: bool) -> list[torch.Tensor]:
+    """Index sets that cover a rollout batch once, `size` each (the last may be smaller), in a random order.
+    by_length: each set holds sequences of neighbouring lengths (ties broken at random), so a minibatch
+    pads little; the random order of the sets keeps the updates of an epoch unordered by length."""
+    order = torch.randperm(len(lengths), generator=generator)
+    if by_length:
+        order = order[torch.sort(lengths[order], stable=True).indices]
+    sets = list(order.split(size))
+    return [sets[i] for i in torch.randperm(len(sets), generator=generator).tolist()]
+

@@ -19,7 +19,8 @@ import time
 import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
-from trl import RewardConfig, RewardTrainer
+from trl import RewardConfig
+from trl import RewardTrainer as TRLRewardTrainer
 
 from alignment import config, data, training, evaluation, modeling, registry
 from alignment.config import field
@@ -35,8 +36,30 @@ class RMSettings:
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_length: int = field(512, "longest prompt+response in tokens; longer pairs are dropped and counted")
     validation: int = field(200, "pairs carved from the end of the training pairs to choose the checkpoint on")
-    bf16: bool = field(False, "bf16 autocast (mixed precision)")
+    group_by_length: bool = field(True, "batch pairs of similar length together: less padding")
     logging_steps: int = field(20, "log every N optimizer steps")
+
+
+class RewardTrainer(TRLRewardTrainer):
+    """TRL's RewardTrainer; with rm.group_by_length its batches hold pairs of similar length (the trainer's own
+    length grouping looks for an input_ids column, which tokenized pairs do not have)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        return training.LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                             _pair_lengths(dataset), self.args.seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return training.LengthGroupedSampler(self.args.eval_batch_size, _pair_lengths(eval_dataset), self.args.seed)
+
+
+def _pair_lengths(dataset) -> list[int]:
+    """A batch of pairs is padded to its longest chosen or rejected sequence."""
+    return [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
 @dataclasses.dataclass
@@ -84,6 +107,7 @@ def main(argv: list[str]) -> None:
     peft_config = None
     if cfg.lora.enabled:
         peft_config = modeling.lora_config(cfg.lora, model, spec, "SEQ_CLS", modules_to_save=["score"])
+    bf16 = training.use_bf16(cfg.precision)
     args = RewardConfig(
         output_dir=str(work_dir),
         num_train_epochs=cfg.rm.epochs,
@@ -94,7 +118,9 @@ def main(argv: list[str]) -> None:
         warmup_steps=cfg.rm.warmup_ratio,
         weight_decay=cfg.rm.weight_decay,
         max_length=cfg.rm.max_length,
-        bf16=cfg.rm.bf16,
+        train_sampling_strategy="group_by_length" if cfg.rm.group_by_length else "random",
+        bf16=bf16,
+        include_num_input_tokens_seen="non_padding",  # effective tokens trained, reported as tokens/s
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         disable_dropout=True,
@@ -153,6 +179,7 @@ def main(argv: list[str]) -> None:
         "skipped_non_finite": guard.skipped,
         "processes": args.world_size,
         "duration_s": round(time.time() - started, 1),
+        **training.throughput(result.metrics, trainer.state, bf16),
     }
     checkpoint = store.publish(tmp, {
         "run": run, "stage": "rm", "model": spec.name, "template": spec.template, "parents": [sft.id], "parent_uids": [sft.manifest["uid"]],

@@ -17,9 +17,9 @@ import time
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer
 from trl import SFTConfig as TRLSFTConfig
-from trl import SFTTrainer
+from trl import SFTTrainer as TRLSFTTrainer
 
 from alignment import config, data, training, modeling, registry
 from alignment.config import field
@@ -34,9 +34,26 @@ class SFTSettings:
     warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_length: int = field(512, "longest sequence in tokens; longer ones are truncated from the right")
-    bf16: bool = field(False, "bf16 autocast (mixed precision)")
-    group_by_length: bool = field(False, "batch sequences of similar length together: less padding")
+    group_by_length: bool = field(True, "batch sequences of similar length together: less padding")
     logging_steps: int = field(20, "log every N optimizer steps")
+
+
+class SFTTrainer(TRLSFTTrainer):
+    """TRL's SFTTrainer, but the loss is the model's own (one LM-head matmul, then cross-entropy over the
+    completion tokens) instead of TRL's fused LM head, which tiles the vocabulary to also compute entropy and
+    top-1 accuracy on every step: on CPU that kernel took half of each step (bench/README.md)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With sft.group_by_length: batches of similar length, in an order a resumed run repeats."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        return training.LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                             [len(ids) for ids in dataset["input_ids"]], self.args.seed)
 
 
 @dataclasses.dataclass
@@ -89,6 +106,7 @@ def main(argv: list[str]) -> None:
     peft_config = None
     if cfg.lora.enabled:
         peft_config = modeling.lora_config(cfg.lora, model, spec, "CAUSAL_LM")
+    bf16 = training.use_bf16(cfg.precision)
     args = TRLSFTConfig(
         output_dir=str(work_dir),
         num_train_epochs=cfg.sft.epochs,
@@ -102,7 +120,8 @@ def main(argv: list[str]) -> None:
         completion_only_loss=True,
         truncation_mode="keep_end",  # a sequence over max_length loses the beginning of its prompt
         train_sampling_strategy="group_by_length" if cfg.sft.group_by_length else "random",
-        bf16=cfg.sft.bf16,
+        bf16=bf16,
+        include_num_input_tokens_seen="non_padding",  # effective tokens trained, reported as tokens/s
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         logging_steps=cfg.sft.logging_steps,
@@ -141,6 +160,7 @@ def main(argv: list[str]) -> None:
         "truncated": truncated,
         "processes": args.world_size,
         "duration_s": round(time.time() - started, 1),
+        **training.throughput(result.metrics, trainer.state, bf16),
     }
     checkpoint = store.publish(tmp, {
         "run": run, "stage": "sft", "model": spec.name, "template": spec.template, "parents": [], "base": base_path,

@@ -128,7 +128,7 @@ def nan_on_calls(original, calls):
 
 
 def test_sft_skips_and_counts_nan_losses(prepared, monkeypatch):
-    from trl import SFTTrainer
+    SFTTrainer = sft_stage.SFTTrainer  # the stage's trainer (TRL's, with the model's own loss)
 
     root, _ = prepared
     monkeypatch.setattr(SFTTrainer, "compute_loss", nan_on_calls(SFTTrainer.compute_loss, {2, 3}))  # train steps 2, 3
@@ -141,7 +141,7 @@ def test_sft_skips_and_counts_nan_losses(prepared, monkeypatch):
 
 
 def test_sft_stops_after_a_run_of_nan_losses_keeping_the_last_checkpoint(prepared, monkeypatch):
-    from trl import SFTTrainer
+    SFTTrainer = sft_stage.SFTTrainer
 
     root, _ = prepared
     store = root / "nan-run"

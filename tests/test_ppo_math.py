@@ -123,3 +123,26 @@ def test_running_moments_match_the_whole_stream():
     assert rm.mean == pytest.approx(full.mean().item())
     assert rm.std == pytest.approx(full.std(unbiased=False).item())
     assert rm.count == 5
+
+
+@pytest.mark.parametrize("by_length", [True, False])
+def test_minibatches_cover_the_batch_once(by_length):
+    lengths = torch.tensor([50, 10, 40, 12, 30, 11, 41, 33, 52, 9])
+    sets = ppo.minibatches(lengths, 3, torch.Generator().manual_seed(0), by_length)
+    assert sorted(torch.cat(sets).tolist()) == list(range(10))
+    assert sorted(len(s) for s in sets) == [1, 3, 3, 3]
+    if by_length:  # neighbours in length: the sets are the sorted lengths cut in threes
+        groups = sorted(sorted(lengths[s].tolist()) for s in sets)
+        assert groups == [[9, 10, 11], [12, 30, 33], [40, 41, 50], [52]]
+
+
+def test_minibatches_by_length_pad_less_and_vary_their_order():
+    lengths = torch.randint(10, 300, (64,), generator=torch.Generator().manual_seed(1))
+    padded = {}
+    for by_length in (True, False):
+        sets = ppo.minibatches(lengths, 8, torch.Generator().manual_seed(0), by_length)
+        padded[by_length] = sum(len(s) * lengths[s].max().item() for s in sets)
+    assert padded[True] < 0.75 * padded[False]
+    orders = {tuple(s[0].item() for s in ppo.minibatches(lengths, 8, torch.Generator().manual_seed(k), True))
+              for k in range(5)}
+    assert len(orders) > 1

@@ -1,0 +1,314 @@
+"""Benchmark of the three stages against the peers, on the same model, data, batch sizes and lengths.
+
+    make bench                      (= .venv/bin/python bench/run.py)
+    python bench/run.py --only sft,rm --sft-records 512
+
+Each measurement runs in its own process (its peak memory is its own); ours are the real stages
+(stages/*.py) writing to a bench store, the peers are the scripts in bench/peers/. The PPO peer is
+TRL 1.12's PPOTrainer, the last TRL release with PPO, in a virtual environment of its own
+(bench/.venv-trl112, made by `make bench`). Prints one table; writes it as JSON to bench/results/.
+Speed figures are what this machine measured in this run; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from alignment import data, evaluation, modeling, registry  # noqa: E402
+from alignment.store import Store  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+PEER_PYTHON = ROOT / "bench" / ".venv-trl112" / "bin" / "python"
+RUN = "bench"
+
+
+def matmul_peak(dtype: torch.dtype) -> dict:
+    """Best FLOP/s of a square matmul in this dtype: the size doubles until one product takes 50 ms
+    (a CPU without bf16 units emulates bf16 slowly, so a fixed large size could take minutes)."""
+    n = 256
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        t = time.perf_counter()
+        a @ b
+        if time.perf_counter() - t > 0.05 or n >= 4096:
+            break
+        n *= 2
+    best = min(_timed(lambda: a @ b) for _ in range(3))
+    return {"n": n, "gflops": round(2 * n**3 / best / 1e9, 1)}
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_process(name: str, cmd: list[str], log_dir: Path, env: dict | None = None) -> float:
+    """Runs one measurement; its output goes to a log file. Returns the wall time; stops on failure."""
+    log = log_dir / f"{name}.log"
+    print(f"[bench] {name}: {' '.join(cmd[:3])} ... (log: {log})", flush=True)
+    started = time.time()
+    with open(log, "w") as f:
+        result = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    if result.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"[bench] {name} failed (exit {result.returncode}); the end of {log}:\n{tail}")
+    return time.time() - started
+
+
+def model_flops_per_token(path: Path, mean_length: float) -> float:
+    """Training FLOPs per token: 6 x the parameters that multiply (all but the input embedding) plus the
+    attention scores, 12 x layers x width x sequence length (the PaLM appendix's count, used for MFU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    if config.tie_word_embeddings:  # the tied output projection still multiplies
+        params += model.get_input_embeddings().weight.numel()
+    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_length
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="sft,rm,ppo", help="stages to measure, comma-separated")
+    ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--sft-records", type=int, default=1024, help="Alpaca records trained on (one epoch)")
+    ap.add_argument("--sft-batch", type=int, default=32)
+    ap.add_argument("--sft-max-length", type=int, default=512)
+    ap.add_argument("--rm-pairs", type=int, default=512, help="hh-rlhf pairs loaded (a fifth is validation)")
+    ap.add_argument("--rm-batch", type=int, default=16)
+    ap.add_argument("--rm-max-length", type=int, default=384)
+    ap.add_argument("--ppo-steps", type=int, default=12)
+    ap.add_argument("--ppo-batch", type=int, default=32)
+    ap.add_argument("--ppo-mini-batch", type=int, default=8)
+    ap.add_argument("--ppo-epochs", default="4,1", help="PPO epochs per rollout batch; one measurement each")
+    ap.add_argument("--ppo-response-length", type=int, default=32)
+    ap.add_argument("--ppo-prompt-length", type=int, default=256)
+    ap.add_argument("--ppo-from", default="", help="a store holding <run>/sft and <run>/rm (e.g. from `make sft rm "
+                    "DATA=hh-rlhf`) to start PPO from, so its reward gain means something; default: the bench's own")
+    ap.add_argument("--ppo-run", default="tiny-llama-hh-rlhf", help="the run in --ppo-from")
+    ap.add_argument("--ppo-eval-prompts", type=int, default=128, help="held-out prompts for the reward gain")
+    ap.add_argument("--peer-default-records", type=int, default=128,
+                    help="records (SFT) and pairs (RM) the TRL-default peers train on: their default, bf16 "
+                         "autocast, runs 10-20x slower on a CPU without bf16 units, so they measure on the first N; "
+                         "the fp32 peer runs take the whole workload")
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args()
+    stages = a.only.split(",")
+    out = Path(a.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = out / stamp
+    work.mkdir(parents=True, exist_ok=True)
+    store = Store(str(work / "store"))
+    started = time.time()
+
+    spec = registry.get(a.model, template=data.get_profile("hh-rlhf").template)
+    base = Path(registry.resolve(spec, data.corpus("hh-rlhf", spec.format_prompt),
+                                 data.get_profile("hh-rlhf").tokenizer_vocab)) if spec.is_tiny \
+        else Path(registry.resolve(spec))
+    machine = {"cpu": _cpu_name(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"[bench] {machine}; matmul peak fp32 {peaks['fp32']['gflops']} GFLOP/s, bf16 {peaks['bf16']['gflops']}")
+    report = {"stamp": stamp, "machine": machine, "matmul_peak_gflops": peaks, "model": a.model,
+              "base": str(base), "settings": vars(a), "stages": {}}
+    common = [f"model={a.model}", "data=hh-rlhf", f"store={store.root}", f"run={RUN}", "save_every=100000"]
+    py = sys.executable
+
+    if "sft" in stages:
+        records = [{"prompt": spec.format_prompt(r["prompt"]), "completion": r["completion"]}
+                   for r in data.load("hh-rlhf", "sft_train", a.sft_records)]
+        (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        settings = dict(batch=a.sft_batch, max_length=a.sft_max_length, lr=2e-3)
+        run_process("sft-ours", [py, "stages/sft.py", "--config", "configs/hh-rlhf/sft.yaml", *common,
+                                 f"limit={a.sft_records}", "sft.epochs=1", f"sft.batch_size={a.sft_batch}",
+                                 f"sft.max_length={a.sft_max_length}", "sft.learning_rate=2e-3"], work)
+        ours = store.get(RUN, "sft").manifest["metrics"]
+        peers = {}
+        for name, extra in (("sft-trl", ["--limit", str(a.peer_default_records)]), ("sft-trl-fp32", ["--fp32"])):
+            run_process(name, [py, "bench/peers/trl_sft.py", "--model", str(base), "--data", str(work / "sft.jsonl"),
+                               "--out", str(work / f"{name}.json"), "--batch", str(settings["batch"]),
+                               "--max-length", str(settings["max_length"]), "--lr", str(settings["lr"]), *extra], work)
+            peers[name] = json.loads((work / f"{name}.json").read_text())
+        report["stages"]["sft"] = _train_stage(ours, peers, base, peaks, "tokens_per_s")
+
+    if "rm" in stages:
+        if not store.path(RUN, "sft").exists():
+            raise SystemExit("[bench] rm needs the sft measurement's checkpoint: run with --only sft,rm")
+        sft_path = store.get(RUN, "sft").path
+        run_process("rm-ours", [py, "stages/rm.py", "--config", "configs/hh-rlhf/rm.yaml", *common,
+                                f"limit={a.rm_pairs}", "rm.epochs=1", f"rm.batch_size={a.rm_batch}",
+                                f"rm.max_length={a.rm_max_length}"], work)
+        rm = store.get(RUN, "rm")
+        ours = rm.manifest["metrics"]
+        # the peer trains on exactly our training pairs (the validation carve-out excluded)
+        loaded = data.load("hh-rlhf", "prefs_train", a.rm_pairs)
+        n_train = len(loaded) - min(rm.manifest["config"]["rm"]["validation"], len(loaded) // 5)
+        pairs = [{"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+                 for r in loaded[:n_train]]
+        (work / "rm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+        peers = {}
+        for name, extra in (("rm-trl", ["--limit", str(a.peer_default_records)]), ("rm-trl-fp32", ["--fp32"])):
+            run_process(name, [py, "bench/peers/trl_rm.py", "--model", str(sft_path), "--data", str(work / "rm.jsonl"),
+                               "--out", str(work / f"{name}.json"), "--batch", str(a.rm_batch),
+                               "--max-length", str(a.rm_max_length), "--lr", "2e-4", *extra], work)
+            peers[name] = json.loads((work / f"{name}.json").read_text())
+        report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s")
+
+    if "ppo" in stages:
+        if not a.ppo_from and not (store.path(RUN, "sft").exists() and store.path(RUN, "rm").exists()):
+            raise SystemExit("[bench] ppo needs the sft and rm measurements' checkpoints: run with --only sft,rm,ppo")
+        if not PEER_PYTHON.exists():
+            raise SystemExit(f"[bench] {PEER_PYTHON} is missing: `make bench` creates it (TRL 1.12 for the PPO peer)")
+        if a.ppo_from:  # copied in, so ours and the peer start from the same files and the source stays as it was
+            source = Store(a.ppo_from)
+            for stage in ("sft", "rm"):
+                shutil.rmtree(store.path(RUN, stage), ignore_errors=True)
+                shutil.copytree(source.get(a.ppo_run, stage).path, store.path(RUN, stage))
+        sft, rm = store.get(RUN, "sft"), store.get(RUN, "rm")
+        tokenizer = modeling.load_tokenizer(sft.path, spec)
+        tokenizer.truncation_side = "left"  # as our stage: a long prompt loses its oldest turns
+        prompts = [spec.format_prompt(r["prompt"]) for r in data.load("hh-rlhf", "prompts_train")]
+        ids = tokenizer(prompts, truncation=True, max_length=a.ppo_prompt_length).input_ids
+        (work / "ppo_prompts.json").write_text(json.dumps(ids))
+        for epochs in [int(e) for e in a.ppo_epochs.split(",")]:
+            key = "ppo" if epochs == 4 else f"ppo-{epochs}epoch"
+            ppo = [f"ppo.steps={a.ppo_steps}", f"ppo.batch_size={a.ppo_batch}",
+                   f"ppo.mini_batch_size={a.ppo_mini_batch}", f"ppo.ppo_epochs={epochs}",
+                   f"ppo.max_new_tokens={a.ppo_response_length}", f"ppo.max_prompt_length={a.ppo_prompt_length}",
+                   "ppo.eval_every=0", "ppo.eval_samples=1", "resume=false"]
+            run_process(f"{key}-ours", [py, "stages/ppo.py", "--config", "configs/hh-rlhf/ppo.yaml", *common, *ppo],
+                        work)
+            ours = store.get(RUN, "ppo")
+            cfg = ours.manifest["config"]["ppo"]
+            peer_dir = work / f"{key}-trl112"
+            run_process(f"{key}-trl112", [
+                str(PEER_PYTHON), "bench/peers/trl112_ppo.py", "--sft", str(sft.path), "--rm", str(rm.path),
+                "--prompts", str(work / "ppo_prompts.json"), "--out", str(peer_dir),
+                "--steps", str(a.ppo_steps), "--batch", str(a.ppo_batch), "--mini-batch", str(a.ppo_mini_batch),
+                "--epochs", str(epochs), "--response-length", str(a.ppo_response_length),
+                "--lr", str(cfg["learning_rate"]), "--kl-coef", str(cfg["kl_coef"]), "--seed", "0",
+            ], work)
+            peer = json.loads((peer_dir / "bench.json").read_text())
+            report["stages"][key] = {"ppo_epochs": epochs,
+                                     **_ppo_stage(ours, peer, peer_dir / "policy", sft, rm, spec, a)}
+
+    report["wall_s"] = round(time.time() - started, 1)
+    (work / "bench.json").write_text(json.dumps(report, indent=1))
+    (out / "latest.json").write_text(json.dumps(report, indent=1))
+    print(format_table(report))
+    print(f"[bench] {report['wall_s']:.0f} s in all; results: {work / 'bench.json'}")
+
+
+def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str) -> dict:
+    """Ours and each peer: the rate, model FLOP/s (tokens x FLOPs/token) and its share of the matmul peak."""
+    rows = {"ours": ours, **peers}
+    out = {}
+    for name, m in rows.items():
+        mean_length = m["train_tokens"] / max(1.0, m["samples_per_s"] * m["train_runtime_s"])
+        flops = model_flops_per_token(base, mean_length) * m["tokens_per_s"]
+        out[name] = {"precision": m["precision"], "tokens_per_s": m["tokens_per_s"], "samples_per_s": m["samples_per_s"],
+                     "train_runtime_s": m["train_runtime_s"], "train_tokens": m["train_tokens"],
+                     "peak_memory_mb": m["peak_memory_mb"], "model_gflops": round(flops / 1e9, 1),
+                     "share_of_matmul_peak": round(flops / 1e9 / peaks[m["precision"]]["gflops"], 3)}
+    for name in peers:
+        out[f"ours/{name}"] = round(out["ours"][rate] / out[name][rate], 2)
+    return out
+
+
+def _ppo_stage(ours, peer: dict, peer_policy: Path, sft, rm, spec, a) -> dict:
+    """Speed of each, and the reward gain per episode: the mean RM score of sampled responses to held-out
+    prompts, policy minus SFT, scored by the same code for both policies."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    m = ours.manifest["metrics"]
+    tokenizer = modeling.load_tokenizer(sft.path, spec)
+    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).eval()
+    scorer = modeling.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
+    reference = modeling.load_model(sft.path, AutoModelForCausalLM, spec).eval()
+    prompts = [r["prompt"] for r in data.load("hh-rlhf", "prompts_eval")][: a.ppo_eval_prompts]
+
+    def held_out_reward(path) -> dict:
+        policy = modeling.load_model(path, AutoModelForCausalLM, spec).eval()
+        torch.manual_seed(0)  # the same sampling noise for every policy
+        r = evaluation.rollout_scores(policy, reference, scorer, tokenizer, spec, prompts,
+                                      max_new_tokens=a.ppo_response_length, temperature=1.0, greedy=False,
+                                      gold=False, max_prompt_tokens=a.ppo_prompt_length)
+        return {"reward": evaluation.mean(r["reward"]), "kl": evaluation.mean(r["kl"]), "rewards": r["reward"]}
+
+    base_reward = held_out_reward(sft.path)
+    rows = {}
+    for name, path, speed in (("ours", ours.path, m), ("trl112", peer_policy, peer)):
+        r = held_out_reward(path)
+        diff = evaluation.paired_difference(r["rewards"], base_reward["rewards"])
+        rows[name] = {"episodes_per_s": speed["episodes_per_s"], "episodes": speed["episodes"],
+                      "time_s": speed["time_s"], "peak_memory_mb": speed["peak_memory_mb"],
+                      "held_out_reward": round(r["reward"], 4), "held_out_kl": round(r["kl"], 3),
+                      "reward_gain": round(diff["mean"], 4), "reward_gain_ci95": [round(x, 4) for x in diff["ci95"]],
+                      "reward_gain_per_1k_episodes": round(1000 * diff["mean"] / speed["episodes"], 4)}
+    rows["sft_held_out_reward"] = round(base_reward["reward"], 4)
+    rows["ours/trl112"] = round(rows["ours"]["episodes_per_s"] / rows["trl112"]["episodes_per_s"], 2)
+    return rows
+
+
+def format_table(report: dict) -> str:
+    peaks = report["matmul_peak_gflops"]
+    lines = [f"matmul peak (this run): fp32 {peaks['fp32']['gflops']} GFLOP/s, bf16 {peaks['bf16']['gflops']} GFLOP/s; "
+             f"{report['machine']['threads']} threads, model {report['model']}", ""]
+    head = f"{'stage':5} {'who':12} {'prec':5} {'rate':>16} {'model GFLOP/s':>14} {'% peak':>7} {'peak MB':>8}  ratio"
+    lines += [head, "-" * len(head)]
+    for stage, unit in (("sft", "tokens_per_s"), ("rm", "samples_per_s")):
+        rows = report["stages"].get(stage)
+        if not rows:
+            continue
+        for name, r in rows.items():
+            if "/" in name:
+                continue
+            ratio = "" if name == "ours" else f"ours/{name.split('-', 1)[1]} = {rows[f'ours/{name}']:.2f}x"
+            label = "tokens/s" if unit == "tokens_per_s" else "pairs/s"
+            lines.append(f"{stage:5} {name:12} {r['precision']:5} {r[unit]:>9.1f} {label:>6} {r['model_gflops']:>14.1f} "
+                         f"{100 * r['share_of_matmul_peak']:>6.1f}% {r['peak_memory_mb']:>8.0f}  {ratio}")
+    for key, rows in report["stages"].items():
+        if not key.startswith("ppo"):
+            continue
+        lines.append(f"{'ppo':5} {rows['ppo_epochs']} PPO epoch(s) per rollout batch")
+        for name in ("ours", "trl112"):
+            r = rows[name]
+            split = ", ".join(f"{k} {v:.1f}s" for k, v in r["time_s"].items())
+            ratio = "" if name == "ours" else f"ours/trl112 = {rows['ours/trl112']:.2f}x"
+            lines.append(f"{'ppo':5} {name:12} {'':5} {r['episodes_per_s']:>7.2f} episodes/s {'':>14} {'':>7} "
+                         f"{r['peak_memory_mb']:>8.0f}  {ratio}")
+            lines.append(f"{'':18} time: {split}")
+            lo, hi = r["reward_gain_ci95"]
+            lines.append(f"{'':18} held-out RM reward {r['held_out_reward']:+.3f} vs SFT {rows['sft_held_out_reward']:+.3f}: "
+                         f"gain {r['reward_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] over {r['episodes']} episodes "
+                         f"({r['reward_gain_per_1k_episodes']:+.3f} per 1k), KL {r['held_out_kl']:.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The bench's arithmetic (the bench itself is run by `make bench`, not by the tests: it times things)."""
+
+import importlib.util
+from pathlib import Path
+
+from alignment import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_flops_per_token_counts_every_multiplying_parameter(tiny_cache):
+    path = registry.resolve(registry.get("tiny-llama"))
+    d, inner, layers, vocab = 128, 384, 4, 340  # tiny-llama: untied embeddings, 4 attention projections, SwiGLU
+    per_layer = 4 * d * d + 3 * d * inner + 2 * d  # attention, MLP, two RMSNorm weights
+    multiplying = layers * per_layer + d + vocab * d  # + final norm + LM head; the input embedding is a lookup
+    assert _bench().model_flops_per_token(path, mean_length=100) == 6 * multiplying + 12 * layers * d * 100
+
+
+def test_table_names_every_ratio():
+    report = {"matmul_peak_gflops": {"fp32": {"gflops": 150.0}, "bf16": {"gflops": 2.0}},
+              "machine": {"threads": 2}, "model": "tiny-llama", "stages": {
+                  "sft": {"ours": {"precision": "fp32", "tokens_per_s": 5000.0, "model_gflops": 60.0,
+                                   "share_of_matmul_peak": 0.4, "peak_memory_mb": 900},
+                          "sft-trl": {"precision": "bf16", "tokens_per_s": 250.0, "model_gflops": 3.0,
+                                      "share_of_matmul_peak": 1.5, "peak_memory_mb": 800},
+                          "ours/sft-trl": 20.0}}}
+    table = _bench().format_table(report)
+    assert "ours/trl = 20.00x" in table and "40.0%" in table and "5000.0 tokens/s" in table
