@@ -34,7 +34,8 @@ class SFTSettings:
     warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_length: int = field(512, "longest sequence in tokens; longer ones are truncated from the right")
-    group_by_length: bool = field(True, "batch sequences of similar length together: less padding")
+    group_by_length: bool = field(False, "batch sequences of similar length together: less padding (off by default: "
+                                  "on the embedded task, length-sorted batches of alike examples trained a worse model)")
     logging_steps: int = field(20, "log every N optimizer steps")
 
 
