@@ -8,6 +8,7 @@ merges the adapter into that base, so the stages downstream always get a plain m
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from pathlib import Path
 
@@ -142,12 +143,21 @@ class AdapterDisabled(nn.Module):
             return self.peft_model.generate(**kwargs)
 
 
+@functools.cache
+def _forward_takes(model_class: type, argument: str) -> bool:
+    return argument in inspect.signature(model_class.forward).parameters
+
+
+def _takes(model: nn.Module, argument: str) -> bool:
+    """Whether model's forward takes argument; peft wrappers pass it through to the model they wrap."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return _forward_takes(type(model), argument)
+
+
 def _position_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
     """Positions that skip left padding, for models that take them (Bloom's ALiBi reads the mask instead)."""
-    if hasattr(model, "get_base_model"):  # peft wrappers pass them through to the model they wrap
-        model = model.get_base_model()
-    forward = getattr(model, "forward")
-    if "position_ids" not in inspect.signature(forward).parameters:
+    if not _takes(model, "position_ids"):
         return {}
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
@@ -155,9 +165,7 @@ def _position_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
 def _response_logits_kwargs(model: nn.Module, query_responses: torch.Tensor, context_length: int) -> dict:
     """Ask for the logits of the positions that predict response tokens only (the LM head on the prompt
     positions would be thrown away), for models that take logits_to_keep."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+    if not _takes(model, "logits_to_keep"):
         return {}
     return {"logits_to_keep": query_responses.shape[1] - context_length + 1}
 

@@ -85,6 +85,26 @@ class LengthGroupedSampler(_LengthGroupedSampler):
         self.generator.manual_seed(self.seed + epoch)
 
 
+class LengthGrouping:
+    """Trainer mixin: with train_sampling_strategy='group_by_length', training and evaluation batches come from
+    LengthGroupedSampler (an order a resumed run repeats). A subclass says how long each example pads to."""
+
+    def example_lengths(self, dataset) -> list[int]:
+        raise NotImplementedError
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    self.example_lengths(dataset), self.args.seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return LengthGroupedSampler(self.args.eval_batch_size, self.example_lengths(eval_dataset), self.args.seed)
+
+
 class NonFiniteError(RuntimeError):
     pass
 

@@ -177,7 +177,7 @@ def main() -> None:
                                "--out", str(work / f"{name}.json"), "--batch", str(a.rm_batch),
                                "--max-length", str(a.rm_max_length), "--lr", "2e-4", *extra], work)
             peers[name] = json.loads((work / f"{name}.json").read_text())
-        report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s")
+        report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s", sequences_per_sample=2)
 
     if "ppo" in stages:
         if not a.ppo_from and not (store.path(RUN, "sft").exists() and store.path(RUN, "rm").exists()):
@@ -224,12 +224,13 @@ def main() -> None:
     print(f"[bench] {report['wall_s']:.0f} s in all; results: {work / 'bench.json'}")
 
 
-def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str) -> dict:
+def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str, sequences_per_sample: int = 1) -> dict:
     """Ours and each peer: the rate, model FLOP/s (tokens x FLOPs/token) and its share of the matmul peak."""
     rows = {"ours": ours, **peers}
     out = {}
     for name, m in rows.items():
-        mean_length = m["train_tokens"] / max(1.0, m["samples_per_s"] * m["train_runtime_s"])
+        sequences = m["samples_per_s"] * m["train_runtime_s"] * sequences_per_sample  # an RM pair is two
+        mean_length = m["train_tokens"] / max(1.0, sequences)
         flops = model_flops_per_token(base, mean_length) * m["tokens_per_s"]
         out[name] = {"precision": m["precision"], "tokens_per_s": m["tokens_per_s"], "samples_per_s": m["samples_per_s"],
                      "train_runtime_s": m["train_runtime_s"], "train_tokens": m["train_tokens"],

@@ -5,9 +5,8 @@
 
 Each step: 1. sample responses to a batch of prompts, keeping each token's log-prob as it is sampled;
 2. score them: log-probs under the frozen reference, values from the critic, a score from the reward
-model; 3. per-token rewards (KL penalty,
-score at the last token) and GAE advantages; 4. several epochs of clipped policy and value updates on
-minibatches. The loop is ours (TRL no longer ships PPO); the math is in alignment/ppo.py.
+model; 3. per-token rewards (KL penalty, score at the last token) and GAE advantages; 4. several epochs
+of clipped policy and value updates on minibatches. The loop is ours (TRL no longer ships PPO); the math is in alignment/ppo.py.
 At the end the policy is compared with the SFT policy on held-out prompts, and saved as <run>/ppo.
 """
 
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -150,7 +148,6 @@ def main(argv: list[str]) -> None:
     reward_model = reward_model.to(accelerator.device)
     if not cfg.lora.enabled:
         ref_policy = ref_policy.to(accelerator.device)
-    trained = [q for q in model.parameters() if q.requires_grad]
 
     def unwrapped_policy():
         return accelerator.unwrap_model(model).policy

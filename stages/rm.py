@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
 import time
 
 import torch
@@ -40,26 +39,13 @@ class RMSettings:
     logging_steps: int = field(20, "log every N optimizer steps")
 
 
-class RewardTrainer(TRLRewardTrainer):
+class RewardTrainer(training.LengthGrouping, TRLRewardTrainer):
     """TRL's RewardTrainer; with rm.group_by_length its batches hold pairs of similar length (the trainer's own
     length grouping looks for an input_ids column, which tokenized pairs do not have)."""
 
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy != "group_by_length":
-            return super()._get_train_sampler(train_dataset)
-        return training.LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                             _pair_lengths(dataset), self.args.seed)
-
-    def _get_eval_sampler(self, eval_dataset):
-        if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
-            return super()._get_eval_sampler(eval_dataset)
-        return training.LengthGroupedSampler(self.args.eval_batch_size, _pair_lengths(eval_dataset), self.args.seed)
-
-
-def _pair_lengths(dataset) -> list[int]:
-    """A batch of pairs is padded to its longest chosen or rejected sequence."""
-    return [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+    def example_lengths(self, dataset) -> list[int]:
+        # a batch of pairs is padded to its longest chosen or rejected sequence
+        return [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
 @dataclasses.dataclass

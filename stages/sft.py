@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
 import time
 
 import torch
@@ -39,7 +38,7 @@ class SFTSettings:
     logging_steps: int = field(20, "log every N optimizer steps")
 
 
-class SFTTrainer(TRLSFTTrainer):
+class SFTTrainer(training.LengthGrouping, TRLSFTTrainer):
     """TRL's SFTTrainer, but the loss is the model's own (one LM-head matmul, then cross-entropy over the
     completion tokens) instead of TRL's fused LM head, which tiles the vocabulary to also compute entropy and
     top-1 accuracy on every step: on CPU that kernel took half of each step (bench/README.md)."""
@@ -48,13 +47,8 @@ class SFTTrainer(TRLSFTTrainer):
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
-    def _get_train_sampler(self, train_dataset=None):
-        """With sft.group_by_length: batches of similar length, in an order a resumed run repeats."""
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy != "group_by_length":
-            return super()._get_train_sampler(train_dataset)
-        return training.LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                             [len(ids) for ids in dataset["input_ids"]], self.args.seed)
+    def example_lengths(self, dataset) -> list[int]:  # for sft.group_by_length
+        return [len(ids) for ids in dataset["input_ids"]]
 
 
 @dataclasses.dataclass
