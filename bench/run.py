@@ -78,16 +78,17 @@ def run_process(name: str, cmd: list[str], log_dir: Path, env: dict | None = Non
     return time.time() - started
 
 
-def model_flops_per_token(path: Path, mean_length: float) -> float:
-    """Training FLOPs per token: 6 x the parameters that multiply (all but the input embedding) plus the
-    attention scores, 12 x layers x width x sequence length (the PaLM appendix's count, used for MFU)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_flops_per_token(path: Path, mean_length: float, reward_model: bool = False) -> float:
+    """Training FLOPs per token: 6 x the parameters that multiply (all but the input embedding; a reward model
+    has a scalar head instead of the LM head) plus the attention scores, 12 x layers x width x sequence
+    length (the PaLM appendix's count, used for MFU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, num_labels=1)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = (AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM).from_config(config)
     params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    if config.tie_word_embeddings:  # the tied output projection still multiplies
+    if config.tie_word_embeddings and not reward_model:  # the tied output projection still multiplies
         params += model.get_input_embeddings().weight.numel()
     return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_length
 
@@ -177,7 +178,7 @@ def main() -> None:
                                "--out", str(work / f"{name}.json"), "--batch", str(a.rm_batch),
                                "--max-length", str(a.rm_max_length), "--lr", "2e-4", *extra], work)
             peers[name] = json.loads((work / f"{name}.json").read_text())
-        report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s", sequences_per_sample=2)
+        report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s", reward_model=True)
 
     if "ppo" in stages:
         if not a.ppo_from and not (store.path(RUN, "sft").exists() and store.path(RUN, "rm").exists()):
@@ -224,14 +225,14 @@ def main() -> None:
     print(f"[bench] {report['wall_s']:.0f} s in all; results: {work / 'bench.json'}")
 
 
-def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str, sequences_per_sample: int = 1) -> dict:
+def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str, reward_model: bool = False) -> dict:
     """Ours and each peer: the rate, model FLOP/s (tokens x FLOPs/token) and its share of the matmul peak."""
     rows = {"ours": ours, **peers}
     out = {}
     for name, m in rows.items():
-        sequences = m["samples_per_s"] * m["train_runtime_s"] * sequences_per_sample  # an RM pair is two
+        sequences = m["samples_per_s"] * m["train_runtime_s"] * (2 if reward_model else 1)  # a pair is two
         mean_length = m["train_tokens"] / max(1.0, sequences)
-        flops = model_flops_per_token(base, mean_length) * m["tokens_per_s"]
+        flops = model_flops_per_token(base, mean_length, reward_model) * m["tokens_per_s"]
         out[name] = {"precision": m["precision"], "tokens_per_s": m["tokens_per_s"], "samples_per_s": m["samples_per_s"],
                      "train_runtime_s": m["train_runtime_s"], "train_tokens": m["train_tokens"],
                      "peak_memory_mb": m["peak_memory_mb"], "model_gflops": round(flops / 1e9, 1),

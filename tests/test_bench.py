@@ -33,3 +33,10 @@ def test_table_names_every_ratio():
                           "ours/sft-trl": 20.0}}}
     table = _bench().format_table(report)
     assert "ours/trl = 20.00x" in table and "40.0%" in table and "5000.0 tokens/s" in table
+
+
+def test_reward_model_flops_have_a_scalar_head_not_the_lm_head(tiny_cache):
+    path = registry.resolve(registry.get("tiny-llama"))
+    bench = _bench()
+    lm, rm = bench.model_flops_per_token(path, 100), bench.model_flops_per_token(path, 100, reward_model=True)
+    assert lm - rm == 6 * (340 * 128 - 128)  # the LM head (vocab x width) against a one-output score head
