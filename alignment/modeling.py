@@ -8,14 +8,14 @@ merges the adapter into that base, so the stages downstream always get a plain m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
-                          LogitsProcessor, LogitsProcessorList)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment import ppo
 from alignment.registry import ModelSpec
@@ -138,10 +138,6 @@ class AdapterDisabled(nn.Module):
         with self.peft_model.disable_adapter():
             return self.peft_model(**kwargs)
 
-    def generate(self, **kwargs):
-        with self.peft_model.disable_adapter():
-            return self.peft_model.generate(**kwargs)
-
 
 @functools.cache
 def _forward_takes(model_class: type, argument: str) -> bool:
@@ -162,18 +158,78 @@ def _position_kwargs(model: nn.Module, attention_mask: torch.Tensor) -> dict:
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
 
-def _response_logits_kwargs(model: nn.Module, query_responses: torch.Tensor, context_length: int) -> dict:
-    """Ask for the logits of the positions that predict response tokens only (the LM head on the prompt
-    positions would be thrown away), for models that take logits_to_keep."""
-    if not _takes(model, "logits_to_keep"):
-        return {}
-    return {"logits_to_keep": query_responses.shape[1] - context_length + 1}
+@torch.no_grad()
+def reads_packed_rows(model: nn.Module) -> bool:
+    """Whether model keeps sequences packed in one row apart when given restarting position ids and no
+    attention mask (training.PackedRows): the second of two packed sequences must compute as it does alone.
+    Models that take no position ids (BLOOM's ALiBi reads the mask) cannot."""
+    if not _takes(model, "position_ids"):
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        ids = torch.arange(3, 10, device=device)[None]  # two sequences, of 3 and 4 tokens
+        positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 3:].float()
+        alone = model(input_ids=ids[:, 3:], use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    return torch.allclose(packed, alone, atol=1e-3 * alone.abs().max().item() + 1e-5)
 
 
-def _response_logits(logits: torch.Tensor, query_responses: torch.Tensor, context_length: int) -> torch.Tensor:
-    """[B, T, V]: the logits predicting each response token, from all positions' or the kept last T+1."""
-    width = query_responses.shape[1] - context_length
-    return logits[:, -width - 1 : -1]
+def _logits_kwargs(model: nn.Module, keep: int) -> dict:
+    """Ask for the last `keep` positions' logits only (the LM head on prompt positions would be thrown away),
+    for models that take logits_to_keep; the others return all positions and the caller slices."""
+    return {"logits_to_keep": keep} if keep and _takes(model, "logits_to_keep") else {}
+
+
+@dataclasses.dataclass
+class Packed:
+    """A [query | response] minibatch laid out for a forward pass. The rollout layout aligns the responses:
+    queries left-padded to the longest, responses right-padded to the longest, so a row pads for both its
+    short prompt and its short response. Here each row's tokens (prompt, then response) sit at the right
+    end instead: rows pad on the left only, up to the longest row, and rows of similar total length (PPO's
+    length-grouped minibatches) pad almost nothing. Positions come from the mask, so every token computes
+    as in the rollout layout."""
+
+    input_ids: torch.Tensor  # [B, W]
+    attention_mask: torch.Tensor  # [B, W]
+    responses: torch.Tensor  # [B, t]: the response tokens, t the longest response of the minibatch
+    index: torch.Tensor  # [B, t]: among the last t + 1 positions, the one before each response token
+    width: int  # T, the rollout's response width: outputs are padded back to it
+
+    @property
+    def keep(self) -> int:
+        """The last t + 1 positions: they predict (and hold the state before) every response token."""
+        return self.responses.shape[1] + 1
+
+    def at_responses(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position outputs [B, W or keep, ...] -> [B, t, ...], those of the position before each response token."""
+        x = x[:, -self.keep :]
+        index = self.index.view(*self.index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, t] -> [B, T] with zeros after column t (those columns are masked out everywhere)."""
+        return torch.nn.functional.pad(x, (0, self.width - x.shape[1]))
+
+
+def pack(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> Packed:
+    """The rollout layout [B, Q + T] (row i: a prompt of p_i tokens ending at column Q, then r_i response
+    tokens) -> Packed, whose row i ends with those p_i + r_i tokens."""
+    full = query_responses.shape[1]
+    lengths = attention_mask[:, context_length:].sum(1)  # r_i
+    t = max(int(lengths.max()), 1)
+    width = max(int(attention_mask.sum(1).max()), t + 1)
+    # Column c of row i is old column Q + r_i - W + c. Below 0 it wraps to the row's end, which is the padding
+    # after its response (W <= Q + T): the rows keep their own pad tokens.
+    columns = (context_length + lengths[:, None] - width + torch.arange(width, device=lengths.device)) % full
+    # The position before response token j of row i is W - r_i - 1 + j: index t - r_i + j among the last t + 1
+    # (clamped past the response's end, where the outputs are masked out).
+    index = (t - lengths[:, None] + torch.arange(t, device=lengths.device)).clamp(max=t)
+    return Packed(query_responses.gather(1, columns), attention_mask.gather(1, columns),
+                  query_responses[:, context_length : context_length + t], index, full - context_length)
 
 
 def policy_forward(
@@ -181,16 +237,14 @@ def policy_forward(
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of the response tokens under model, at the sampling temperature. -> [B, T] each."""
-    width = query_responses.shape[1] - context_length
-    query_responses, attention_mask, context_length = trim_padding(query_responses, attention_mask, context_length)
+    packed = pack(query_responses, attention_mask, context_length)
     out = model(
-        input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
-        **_position_kwargs(model, attention_mask), **_response_logits_kwargs(model, query_responses, context_length),
+        input_ids=packed.input_ids, attention_mask=packed.attention_mask, use_cache=False,
+        **_position_kwargs(model, packed.attention_mask), **_logits_kwargs(model, packed.keep),
     )
-    logits = _response_logits(out.logits, query_responses, context_length)
-    responses = query_responses[:, context_length:]
-    return (_pad_right(ppo.logprobs_from_logits(logits, responses, temperature), width),
-            _pad_right(ppo.entropy_from_logits(logits, temperature), width))
+    logits = packed.at_responses(out.logits)
+    return (packed.pad(ppo.logprobs_from_logits(logits, packed.responses, temperature)),
+            packed.pad(ppo.entropy_from_logits(logits, temperature)))
 
 
 class ActorCritic(nn.Module):
@@ -205,13 +259,12 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int = 1,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, values): logits at least for the positions from context_length - 1 on, values at all."""
+        """(logits, values): logits at least for the last `keep` positions (0: all), values at all."""
         logits = self.policy(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-            **_position_kwargs(self.policy, attention_mask),
-            **_response_logits_kwargs(self.policy, input_ids, context_length),
+            **_position_kwargs(self.policy, attention_mask), **_logits_kwargs(self.policy, keep),
         ).logits
         return logits, self.values(input_ids, attention_mask)
 
@@ -230,64 +283,49 @@ def actor_critic_forward(
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, values) of the response tokens, each [B, T]; the value is that of the state before the
-    token, the log-probs at the sampling temperature. Columns that every row pads (the left padding of a
-    minibatch's shortest prompts, the right padding after its longest response) are not computed, nor the
-    LM head on prompt positions."""
-    width = query_responses.shape[1] - context_length
-    query_responses, attention_mask, context_length = trim_padding(query_responses, attention_mask, context_length)
-    logits, values = model(query_responses, attention_mask, context_length)
-    logits = _response_logits(logits, query_responses, context_length)
-    responses = query_responses[:, context_length:]
-    return (_pad_right(ppo.logprobs_from_logits(logits, responses, temperature), width),
-            _pad_right(values[:, context_length - 1 : -1].float(), width))
+    token, the log-probs at the sampling temperature. Computed in the packed layout (see Packed), without
+    the LM head on prompt positions."""
+    packed = pack(query_responses, attention_mask, context_length)
+    logits, values = model(packed.input_ids, packed.attention_mask, packed.keep)
+    return (packed.pad(ppo.logprobs_from_logits(packed.at_responses(logits), packed.responses, temperature)),
+            packed.pad(packed.at_responses(values).float()))
 
 
 @torch.no_grad()
 def critic_values(model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
                   context_length: int) -> torch.Tensor:
     """The critic's values of the response tokens (each the state before the token), [B, T], without the policy."""
-    width = query_responses.shape[1] - context_length
-    query_responses, attention_mask, context_length = trim_padding(query_responses, attention_mask, context_length)
-    values = model.values(query_responses, attention_mask)
-    return _pad_right(values[:, context_length - 1 : -1].float(), width)
+    packed = pack(query_responses, attention_mask, context_length)
+    return packed.pad(packed.at_responses(model.values(packed.input_ids, packed.attention_mask)).float())
 
 
-def trim_padding(query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int):
-    """Drops the leading columns that pad every prompt and the trailing ones after every response has ended.
-    Positions come from the mask, so the kept tokens compute exactly as before. -> the same three, trimmed."""
-    used = attention_mask.bool().any(0)
-    first = min(int(used.int().argmax()), context_length - 1)  # keep the last prompt column: it predicts token 1
-    last = max(len(used) - int(used.flip(0).int().argmax()), context_length + 1)
-    return query_responses[:, first:last], attention_mask[:, first:last], context_length - first
-
-
-def _pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, t] -> [B, width] with zeros after column t (those columns are masked out everywhere)."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
-class SampledLogprobs(LogitsProcessor):
-    """Collects, while generate() samples, the log-prob and entropy of each sampled token's distribution
-    at the sampling temperature: PPO's old log-probs then come from the rollout itself, with no extra
-    forward pass. Memory is one [B, V] step at a time (not [B, T, V] as output_logits would keep)."""
+class SampledLogprobs:
+    """Collects, while generate() samples, the log-prob of each sampled token and the entropy of its
+    distribution, at the sampling temperature: PPO's old log-probs then come from the rollout itself, with
+    no extra forward pass. Memory is one [B, V] step at a time."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
-        self.logprobs, self.entropy, self.pending = [], [], None
+        self.logprobs, self.entropy = [], []
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # custom processors run before generate's temperature warper: the scores are raw logits here
-        if self.pending is not None:  # the previous step's token is now the last of input_ids
-            self.logprobs.append(self.pending.gather(1, input_ids[:, -1:]))
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        self.entropy.append(-(self.pending.exp() * self.pending).sum(-1, keepdim=True))
-        return scores
+    def record(self, logprobs: torch.Tensor, tokens: torch.Tensor) -> None:
+        """logprobs: one step's [B, V] at the sampling temperature; tokens: [B], the tokens drawn from it."""
+        self.logprobs.append(logprobs.gather(1, tokens[:, None]))
+        self.entropy.append(-(logprobs.exp() * logprobs).sum(-1, keepdim=True))
 
     def result(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs, entropies) of the responses' tokens, [B, T] (one generate() step per token); the
-        positions after a response's EOS hold the pad token's and are masked out by the caller."""
-        logprobs = torch.cat([*self.logprobs, self.pending.gather(1, responses[:, -1:])], dim=1)
-        return logprobs, torch.cat(self.entropy, dim=1)
+        """(log-probs, entropies) of the responses' tokens, [B, T]; the positions after a response's EOS are
+        masked out by the caller."""
+        return torch.cat(self.logprobs, dim=1), torch.cat(self.entropy, dim=1)
+
+
+def _sample(logprobs: torch.Tensor) -> torch.Tensor:
+    """One token per row of [B, V] log-probs, drawn from the full distribution by inverting its CDF with one
+    uniform number per row (torch.multinomial draws an exponential per vocabulary entry: on CPU that was
+    3 ms of each 20 ms step at the bench's size)."""
+    cdf = logprobs.exp().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
 def gathered_parameters(accelerator, model: nn.Module):
@@ -336,8 +374,9 @@ class RewardScorer:
     def __call__(self, prompts: list, query_responses: torch.Tensor, attention_mask: torch.Tensor,
                  responses: torch.Tensor) -> torch.Tensor:
         """prompts: the raw prompts (strings or messages) of the batch. -> scores [B]."""
-        if not self.by_text:
-            return reward_forward(self.model, query_responses, attention_mask)
+        if not self.by_text:  # packed: pooled at the last token as before, with less padding
+            packed = pack(query_responses, attention_mask, query_responses.shape[1] - responses.shape[1])
+            return reward_forward(self.model, packed.input_ids, packed.attention_mask)
         texts = self.policy_tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores, _ = score_texts(self.model, self.rm_tokenizer,
                                 [self.rm_spec.format_prompt(p) + t for p, t in zip(prompts, texts)])
@@ -347,37 +386,52 @@ class RewardScorer:
 @torch.no_grad()
 def generate(
     model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, greedy: bool = False,
-    max_prompt_tokens: int = 0, logits_processor: LogitsProcessor | None = None,
+    max_prompt_tokens: int = 0, record: SampledLogprobs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples (or greedily decodes) responses to already-templated prompts.
+    """Samples (or greedily decodes) responses to already-templated prompts, with a KV cache.
 
     Returns (query_responses [B, Q+T], query_mask [B, Q], responses [B, T]); queries are left-padded, and
     every token after a response's first EOS is the pad token. Sampling uses the full distribution at
     the given temperature (no top-k / top-p), the one PPO's log-probs are computed from. Prompts longer
-    than max_prompt_tokens (if > 0) are cut from the left. logits_processor (e.g. SampledLogprobs) sees
-    every step's logits.
+    than max_prompt_tokens (if > 0) are cut from the left. record (a SampledLogprobs) gets every step's
+    log-probs and tokens.
+
+    The loop is ours, not transformers' generate(): with none of its processors, warpers and stopping
+    criteria to run, a decoding step costs the forward pass and one draw (at the bench's size on CPU,
+    generate() spent about as long around each forward as in it). A test checks that greedy decoding gives
+    the tokens generate() gives, for every architecture in the registry.
     """
     side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # a long prompt loses its oldest turns
     limit = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
     enc = tokenizer(prompts, return_tensors="pt", padding=True, **limit)
     tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
-    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        **sampling,
-    )
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    out = model.generate(
-        input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), generation_config=gen_config,
-        logits_processor=LogitsProcessorList([logits_processor] if logits_processor else []),
-    )
-    context_length = enc.input_ids.shape[1]
-    responses = out[:, context_length:]
-    mask, _ = ppo.response_mask(responses, tokenizer.eos_token_id)
-    responses = torch.where(mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
-    query_responses = torch.cat([enc.input_ids.to(device), responses], dim=1)
-    return query_responses, enc.attention_mask.to(device), responses
+    queries, query_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    cache_name = "cache" if _takes(model, "cache") else "past_key_values"  # the name before transformers 5.x
+    takes_positions = _takes(model, "position_ids")
+    inputs = {"input_ids": queries, **_position_kwargs(model, query_mask), **_logits_kwargs(model, 1)}
+    mask, tokens = query_mask, []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        out = model(**inputs, attention_mask=mask, use_cache=True)
+        logits = out.logits[:, -1].float()
+        logprobs = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
+        token = logits.argmax(-1) if greedy else _sample(logprobs)
+        if record is not None:
+            record.record(logprobs, token)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        tokens.append(token)
+        done |= token == eos
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        inputs = {"input_ids": token[:, None], cache_name: getattr(out, cache_name, None) or out.past_key_values}
+        if takes_positions:
+            inputs["position_ids"] = mask.sum(1, keepdim=True) - 1
+    responses = torch.stack(tokens, dim=1)
+    return torch.cat([queries, responses], dim=1), query_mask, responses
 
 
 def decode_responses(tokenizer, responses: torch.Tensor) -> list[str]:

@@ -208,7 +208,7 @@ def main(argv: list[str]) -> None:
         with modeling.gathered_parameters(accelerator, model), autocast:
             query_responses, query_mask, responses = modeling.generate(
                 unwrapped_policy(), tokenizer, batch, p.max_new_tokens, p.temperature,
-                max_prompt_tokens=p.max_prompt_length, logits_processor=sampled,
+                max_prompt_tokens=p.max_prompt_length, record=sampled,
             )
         old_logprobs, entropy = sampled.result(responses)
         state["truncated_prompts"] = state.get("truncated_prompts", 0) + sum(

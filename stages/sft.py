@@ -33,6 +33,8 @@ class SFTSettings:
     warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_length: int = field(512, "longest sequence in tokens; longer ones are truncated from the right")
+    packed: bool = field(True, "pack each batch's sequences into rows as wide as its longest instead of padding "
+                         "each: the same sequences and loss, far less padding computed")
     group_by_length: bool = field(False, "batch sequences of similar length together: less padding (off by default: "
                                   "on the embedded task, length-sorted batches of alike examples trained a worse model)")
     logging_steps: int = field(20, "log every N optimizer steps")
@@ -79,6 +81,9 @@ def main(argv: list[str]) -> None:
     model = modeling.load_model(base_path, AutoModelForCausalLM, spec, cfg.quantization, cfg.compute_dtype)
     print(f"[sft] {spec.name}: {modeling.count_parameters(model):,} parameters, from {base_path}")
     print(f"[sft] {modeling.footprint('policy', model)}")
+    packed = cfg.sft.packed and modeling.reads_packed_rows(model)
+    if cfg.sft.packed and not packed:
+        print(f"[sft] {spec.name} cannot keep sequences packed in one row apart: batches are padded instead")
 
     # 3. demonstrations as prompt-completion records: TRL masks the prompt out of the loss
     skipped = {}
@@ -132,6 +137,7 @@ def main(argv: list[str]) -> None:
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config,
+        data_collator=training.PackedRows(tokenizer.pad_token_id) if packed else None,
         callbacks=[training.MarkComplete(), guard, *([training.SyncCheck()] if cfg.check_sync else [])],
     )
     print(f"[sft] {args.world_size} process(es)")
@@ -153,6 +159,7 @@ def main(argv: list[str]) -> None:
         "steps": result.global_step,
         "skipped_non_finite": guard.skipped,
         "truncated": truncated,
+        "packed": packed,
         "processes": args.world_size,
         "duration_s": round(time.time() - started, 1),
         **training.throughput(result.metrics, trainer.state, bf16),

@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import modeling, ppo, registry
+from alignment import modeling, ppo, registry, training
 from alignment.store import Store
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage
@@ -196,6 +196,37 @@ def test_quantized_weights_without_lora_fail_at_start(tmp_path):
         sft_stage.main([f"store={tmp_path}", "quantization=4bit"])
 
 
+@pytest.mark.parametrize("name", [s.name for s in registry.MODELS.values() if s.is_tiny])
+def test_greedy_decoding_gives_the_tokens_transformers_generate_gives(tiny_cache, name):
+    """modeling.generate runs its own KV-cache loop; for every architecture in the registry its greedy tokens
+    must be those of transformers' generate() (left padding, positions, cache and EOS handling included)."""
+    spec = registry.get(name)
+    path = registry.resolve(spec)
+    tokenizer = modeling.load_tokenizer(path, spec)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompts = [spec.format_prompt(p) for p in ["sort: d a c b", "reverse: a b c d e f g h i j", "copy: x"]]
+    query_responses, query_mask, responses = modeling.generate(model, tokenizer, prompts, 10, 1.0, greedy=True)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert torch.equal(query_responses[:, : enc.input_ids.shape[1]], enc.input_ids)
+    expected = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)[:, enc.input_ids.shape[1] :]
+    mask, _ = ppo.response_mask(expected, tokenizer.eos_token_id)
+    expected = torch.where(mask.bool(), expected, tokenizer.pad_token_id)  # nothing after EOS
+    assert torch.equal(responses, expected[:, : responses.shape[1]])
+    assert (expected[:, responses.shape[1] :] == tokenizer.pad_token_id).all()  # stopped only when all had ended
+
+
+def test_sampling_draws_from_the_distribution():
+    """The inverse-CDF draw picks each token with its probability (and never one of probability 0)."""
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]])
+    draws = torch.stack([modeling._sample(probs.log()) for _ in range(4000)])
+    assert (draws[:, 1] == 3).all()
+    share = torch.bincount(draws[:, 0], minlength=4).float() / 4000
+    assert share[1] == 0 and torch.allclose(share, probs[0], atol=0.03)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_equal_a_forward_pass(tiny_cache, temperature):
     """PPO's old log-probs come from generate() itself; they must be the ones a forward pass gives."""
@@ -207,7 +238,7 @@ def test_rollout_logprobs_equal_a_forward_pass(tiny_cache, temperature):
     collected = modeling.SampledLogprobs(temperature)
     prompts = ["sort: d a c b", "reverse: a b c d e f g h i j"]  # different lengths: left padding
     query_responses, query_mask, responses = modeling.generate(
-        model, tokenizer, [spec.format_prompt(p) for p in prompts], 12, temperature, logits_processor=collected)
+        model, tokenizer, [spec.format_prompt(p) for p in prompts], 12, temperature, record=collected)
     logprobs, entropy = collected.result(responses)
     mask, _ = ppo.response_mask(responses, tokenizer.eos_token_id)
     attention = torch.cat([query_mask, mask.long()], dim=1)
@@ -220,23 +251,82 @@ def test_rollout_logprobs_equal_a_forward_pass(tiny_cache, temperature):
     assert torch.allclose(entropy[m], expected_entropy[m], atol=1e-4)
 
 
-def test_trimmed_padding_computes_the_same_values(tiny_cache):
-    """Minibatch forwards drop columns every row pads; the kept positions must compute as before."""
+def test_packed_layout_computes_each_row_as_alone(tiny_cache):
+    """Minibatch forwards move each row's tokens to the right end (less padding); every response token's
+    log-prob and value must be the one the row computes alone, without any padding."""
     spec = registry.get("tiny-llama")
     path = registry.resolve(spec)
     policy = AutoModelForCausalLM.from_pretrained(path)
     critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     model = modeling.ActorCritic(policy, critic).eval()
-    ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9, 1, 0, 0], [0, 0, 4, 5, 6, 7, 8, 9, 10, 1, 0]])
-    attention = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0]])
-    trimmed_ids, trimmed_attention, context = modeling.trim_padding(ids, attention, 6)
-    assert trimmed_ids.shape == (2, 8) and context == 4  # two padding columns left, one right
+    # rollout layout, context 6: prompts of 3, 4 and 6 tokens; responses of 3, 4 and 2 tokens
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9, 1, 0, 0], [0, 0, 4, 5, 6, 7, 8, 9, 10, 1, 0],
+                        [3, 4, 5, 6, 7, 8, 9, 1, 0, 0, 0]])
+    attention = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+                              [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]])
+    packed = modeling.pack(ids, attention, 6)
+    assert packed.input_ids.shape == (3, 8)  # the longest row (8 tokens), not 6 + 4
+    assert packed.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8, [1] * 8]
+    assert packed.input_ids[2].tolist() == [3, 4, 5, 6, 7, 8, 9, 1]
     with torch.no_grad():
         logprobs, values = modeling.actor_critic_forward(model, ids, attention, 6, 1.0)
-        logits, full_values = model(ids, attention)  # untrimmed reference
-    expected = ppo.logprobs_from_logits(logits[:, 5:-1], ids[:, 6:])
-    keep = attention[:, 6:].bool()
-    assert logprobs.shape == values.shape == (2, 5)
-    assert torch.allclose(logprobs[keep], expected[keep], atol=1e-5)
-    assert torch.allclose(values[keep], full_values[:, 5:-1][keep], atol=1e-5)
-    assert torch.allclose(modeling.critic_values(model, ids, attention, 6)[keep], values[keep], atol=1e-5)
+        alone_values = modeling.critic_values(model, ids, attention, 6)
+        ref_logprobs, _ = modeling.policy_forward(policy, ids, attention, 6, 1.0)
+        assert logprobs.shape == values.shape == (3, 5)
+        for i in range(3):
+            row = ids[i][attention[i].bool()][None]
+            prompt, response = int(attention[i, :6].sum()), int(attention[i, 6:].sum())
+            logits, row_values = model(row, torch.ones_like(row))
+            expected = ppo.logprobs_from_logits(logits[:, prompt - 1 : -1], row[:, prompt:])[0]
+            for got in (logprobs[i, :response], ref_logprobs[i, :response]):
+                assert torch.allclose(got, expected, atol=1e-5)
+            for got in (values[i, :response], alone_values[i, :response]):
+                assert torch.allclose(got, row_values[0, prompt - 1 : -1], atol=1e-5)
+    tokenizer = modeling.load_tokenizer(path, spec)
+    assert critic.config.pad_token_id == tokenizer.pad_token_id == 0  # the padding in ids above
+    scorer = modeling.RewardScorer(critic, tokenizer, spec, tokenizer, spec)  # same tokens: scored packed
+    with torch.no_grad():
+        scores = scorer(["unused"] * 3, ids, attention, ids[:, 6:])
+        for i in range(3):
+            row = ids[i][attention[i].bool()][None]
+            assert torch.allclose(scores[i], modeling.reward_forward(critic, row, torch.ones_like(row))[0], atol=1e-5)
+
+
+def test_packed_rows_train_on_the_same_loss_as_padded_batches(tiny_cache):
+    """SFT batches packed into rows (training.PackedRows) hold each sequence once, within max_length, and give
+    the loss and gradients of the same batch padded; models that cannot keep packed sequences apart are found."""
+    spec = registry.get("tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(registry.resolve(spec)).eval()
+    assert modeling.reads_packed_rows(model)
+    bloom = AutoModelForCausalLM.from_pretrained(registry.resolve(registry.get("tiny-bloom")))
+    assert not modeling.reads_packed_rows(bloom)  # ALiBi reads the attention mask: padded batches instead
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = [9, 3, 14, 6, 11, 5, 7]
+    examples = []
+    for n in lengths:
+        ids = torch.randint(3, 200, (n,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})  # prompt masked out
+    batch = training.PackedRows(pad_token_id=0)(examples)
+    rows = batch["input_ids"]
+    assert rows.shape[0] < len(examples) and rows.shape[1] == max(lengths)
+    assert (rows != 0).sum() == sum(lengths)  # every token once, padding apart
+    assert (batch["labels"] != -100).sum() == sum(n - n // 3 for n in lengths)
+
+    padded_ids = torch.zeros(len(examples), max(lengths), dtype=torch.long)
+    padded_labels = torch.full_like(padded_ids, -100)
+    for i, e in enumerate(examples):
+        padded_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        padded_labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+
+    def loss_and_grad(**inputs):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), model.model.embed_tokens.weight.grad.clone()
+
+    packed_loss, packed_grad = loss_and_grad(**batch)
+    padded_loss, padded_grad = loss_and_grad(input_ids=padded_ids, attention_mask=(padded_ids != 0).long(),
+                                             labels=padded_labels)
+    assert torch.allclose(packed_loss, padded_loss, atol=1e-5)
+    assert torch.allclose(packed_grad, padded_grad, atol=1e-6)
