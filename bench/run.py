@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--ppo-from", default="", help="a store holding <run>/sft and <run>/rm (e.g. from `make sft rm "
                     "DATA=hh-rlhf`) to start PPO from, so its reward gain means something; default: the bench's own")
     ap.add_argument("--ppo-run", default="tiny-llama-hh-rlhf", help="the run in --ppo-from")
-    ap.add_argument("--ppo-eval-prompts", type=int, default=128, help="held-out prompts for the reward gain")
+    ap.add_argument("--ppo-eval-prompts", type=int, default=0, help="held-out prompts for the reward gain; 0: all 311")
     ap.add_argument("--peer-default-records", type=int, default=128,
                     help="records (SFT) and pairs (RM) the TRL-default peers train on: their default, bf16 "
                          "autocast, runs 10-20x slower on a CPU without bf16 units, so they measure on the first N; "
@@ -252,7 +252,7 @@ def _ppo_stage(ours, peer: dict, peer_policy: Path, sft, rm, spec, a) -> dict:
     reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).eval()
     scorer = modeling.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
     reference = modeling.load_model(sft.path, AutoModelForCausalLM, spec).eval()
-    prompts = [r["prompt"] for r in data.load("hh-rlhf", "prompts_eval")][: a.ppo_eval_prompts]
+    prompts = [r["prompt"] for r in data.load("hh-rlhf", "prompts_eval")][: a.ppo_eval_prompts or None]
 
     def held_out_reward(path) -> dict:
         policy = modeling.load_model(path, AutoModelForCausalLM, spec).eval()
@@ -272,6 +272,11 @@ def _ppo_stage(ours, peer: dict, peer_policy: Path, sft, rm, spec, a) -> dict:
                       "held_out_reward": round(r["reward"], 4), "held_out_kl": round(r["kl"], 3),
                       "reward_gain": round(diff["mean"], 4), "reward_gain_ci95": [round(x, 4) for x in diff["ci95"]],
                       "reward_gain_per_1k_episodes": round(1000 * diff["mean"] / speed["episodes"], 4)}
+        rows[name]["rewards"] = r["rewards"]
+    # Equal episodes on both sides: the gain per episode compares as the paired difference on the same prompts.
+    diff = evaluation.paired_difference(rows["ours"].pop("rewards"), rows["trl112"].pop("rewards"))
+    rows["ours_minus_trl112_reward"] = {"mean": round(diff["mean"], 4), "ci95": [round(x, 4) for x in diff["ci95"]],
+                                        "prompts": len(prompts)}
     rows["sft_held_out_reward"] = round(base_reward["reward"], 4)
     rows["ours/trl112"] = round(rows["ours"]["episodes_per_s"] / rows["trl112"]["episodes_per_s"], 2)
     return rows
@@ -309,6 +314,9 @@ def format_table(report: dict) -> str:
             lines.append(f"{'':18} held-out RM reward {r['held_out_reward']:+.3f} vs SFT {rows['sft_held_out_reward']:+.3f}: "
                          f"gain {r['reward_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] over {r['episodes']} episodes "
                          f"({r['reward_gain_per_1k_episodes']:+.3f} per 1k), KL {r['held_out_kl']:.2f}")
+        d = rows["ours_minus_trl112_reward"]
+        lines.append(f"{'':18} ours - trl112, paired on the same {d['prompts']} prompts: {d['mean']:+.3f} "
+                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
     return "\n".join(lines)
 
 

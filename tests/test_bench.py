@@ -31,8 +31,16 @@ def test_table_names_every_ratio():
                           "sft-trl": {"precision": "bf16", "tokens_per_s": 250.0, "model_gflops": 3.0,
                                       "share_of_matmul_peak": 1.5, "peak_memory_mb": 800},
                           "ours/sft-trl": 20.0}}}
+    speed = {"episodes": 384, "peak_memory_mb": 1000, "held_out_reward": 0.2, "held_out_kl": 2.0, "reward_gain": 0.1,
+             "reward_gain_ci95": [0.0, 0.2], "reward_gain_per_1k_episodes": 0.26}
+    report["stages"]["ppo"] = {
+        "ppo_epochs": 4, "sft_held_out_reward": 0.1, "ours/trl112": 2.1,
+        "ours": {**speed, "episodes_per_s": 6.3, "time_s": {"generate": 6.0, "score": 5.0, "train": 50.0}},
+        "trl112": {**speed, "episodes_per_s": 3.0, "time_s": {"generate": 7.0, "score+train+other": 100.0}},
+        "ours_minus_trl112_reward": {"mean": -0.05, "ci95": [-0.12, 0.02], "prompts": 311}}
     table = _bench().format_table(report)
     assert "ours/trl = 20.00x" in table and "40.0%" in table and "5000.0 tokens/s" in table
+    assert "ours/trl112 = 2.10x" in table and "paired on the same 311 prompts: -0.050 [-0.120, +0.020]" in table
 
 
 def test_reward_model_flops_have_a_scalar_head_not_the_lm_head(tiny_cache):
