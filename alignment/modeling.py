@@ -304,8 +304,7 @@ class SampledLogprobs:
     distribution, at the sampling temperature: PPO's old log-probs then come from the rollout itself, with
     no extra forward pass. Memory is one [B, V] step at a time."""
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    def __init__(self):
         self.logprobs, self.entropy = [], []
 
     def record(self, logprobs: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -313,7 +312,7 @@ class SampledLogprobs:
         self.logprobs.append(logprobs.gather(1, tokens[:, None]))
         self.entropy.append(-(logprobs.exp() * logprobs).sum(-1, keepdim=True))
 
-    def result(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs, entropies) of the responses' tokens, [B, T]; the positions after a response's EOS are
         masked out by the caller."""
         return torch.cat(self.logprobs, dim=1), torch.cat(self.entropy, dim=1)
@@ -417,17 +416,20 @@ def generate(
     for _ in range(max_new_tokens):
         out = model(**inputs, attention_mask=mask, use_cache=True)
         logits = out.logits[:, -1].float()
-        logprobs = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
-        token = logits.argmax(-1) if greedy else _sample(logprobs)
-        if record is not None:
-            record.record(logprobs, token)
+        if greedy and record is None:
+            token = logits.argmax(-1)
+        else:
+            logprobs = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
+            token = logits.argmax(-1) if greedy else _sample(logprobs)
+            if record is not None:
+                record.record(logprobs, token)
         token = torch.where(done, torch.full_like(token, pad), token)
         tokens.append(token)
         done |= token == eos
         if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        inputs = {"input_ids": token[:, None], cache_name: getattr(out, cache_name, None) or out.past_key_values}
+        inputs = {"input_ids": token[:, None], cache_name: getattr(out, cache_name)}
         if takes_positions:
             inputs["position_ids"] = mask.sum(1, keepdim=True) - 1
     responses = torch.stack(tokens, dim=1)

@@ -196,4 +196,3 @@ def minibatches(lengths: torch.Tensor, size: int, generator: torch.Generator, by
         order = order[torch.sort(lengths[order], stable=True).indices]
     sets = list(order.split(size))
     return [sets[i] for i in torch.randperm(len(sets), generator=generator).tolist()]
-

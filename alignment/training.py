@@ -124,12 +124,12 @@ class PackedRows:
     @staticmethod
     def rows(lengths: list[int]) -> list[list[int]]:
         """Sequence indices per row, each row holding at most max(lengths) tokens."""
-        rows, room = [], []
+        rows, room, width = [], [], max(lengths)
         for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
             fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
             if fit is None:
                 rows.append([i])
-                room.append(max(lengths) - lengths[i])
+                room.append(width - lengths[i])
             else:
                 rows[fit].append(i)
                 room[fit] -= lengths[i]

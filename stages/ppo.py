@@ -6,7 +6,8 @@
 Each step: 1. sample responses to a batch of prompts, keeping each token's log-prob as it is sampled;
 2. score them: log-probs under the frozen reference, values from the critic, a score from the reward
 model; 3. per-token rewards (KL penalty, score at the last token) and GAE advantages; 4. several epochs
-of clipped policy and value updates on minibatches. The loop is ours (TRL no longer ships PPO); the math is in alignment/ppo.py.
+of clipped policy and value updates on minibatches. The loop is ours (TRL no longer ships PPO); the math is
+in alignment/ppo.py.
 At the end the policy is compared with the SFT policy on held-out prompts, and saved as <run>/ppo.
 """
 
@@ -204,13 +205,13 @@ def main(argv: list[str]) -> None:
         batch_prompts, state["queue"] = [prompts[i] for i in mine], state["queue"][per_step:]
         batch = [spec.format_prompt(x) for x in batch_prompts]
         t0 = time.time()
-        sampled = modeling.SampledLogprobs(p.temperature)  # the rollout's own log-probs: no policy forward later
+        sampled = modeling.SampledLogprobs()  # the rollout's own log-probs: no policy forward later
         with modeling.gathered_parameters(accelerator, model), autocast:
             query_responses, query_mask, responses = modeling.generate(
                 unwrapped_policy(), tokenizer, batch, p.max_new_tokens, p.temperature,
                 max_prompt_tokens=p.max_prompt_length, record=sampled,
             )
-        old_logprobs, entropy = sampled.result(responses)
+        old_logprobs, entropy = sampled.result()
         state["truncated_prompts"] = state.get("truncated_prompts", 0) + sum(
             len(ids) > p.max_prompt_length for ids in tokenizer(batch).input_ids)
         mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)

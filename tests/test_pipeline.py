@@ -235,11 +235,11 @@ def test_rollout_logprobs_equal_a_forward_pass(tiny_cache, temperature):
     tokenizer = modeling.load_tokenizer(path, spec)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     torch.manual_seed(0)
-    collected = modeling.SampledLogprobs(temperature)
+    collected = modeling.SampledLogprobs()
     prompts = ["sort: d a c b", "reverse: a b c d e f g h i j"]  # different lengths: left padding
     query_responses, query_mask, responses = modeling.generate(
         model, tokenizer, [spec.format_prompt(p) for p in prompts], 12, temperature, record=collected)
-    logprobs, entropy = collected.result(responses)
+    logprobs, entropy = collected.result()
     mask, _ = ppo.response_mask(responses, tokenizer.eos_token_id)
     attention = torch.cat([query_mask, mask.long()], dim=1)
     with torch.no_grad():
