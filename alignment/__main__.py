@@ -51,7 +51,7 @@ def load_policy(checkpoint: str, root: str):
     """A policy checkpoint (folder or store id) -> (model, tokenizer, registry entry)."""
     from transformers import AutoModelForCausalLM
 
-    from alignment import modeling, registry
+    from alignment import loading, registry
     from alignment.store import load_checkpoint
 
     path = Path(checkpoint)
@@ -59,17 +59,17 @@ def load_policy(checkpoint: str, root: str):
         run, _, stage = checkpoint.partition("/")
         path = Store(root).get(run, stage).path
     spec = registry.get(load_checkpoint(path).manifest["model"])
-    model = modeling.load_model(path, AutoModelForCausalLM, spec).eval()
-    return model, modeling.load_tokenizer(path, spec), spec
+    model = loading.load_model(path, AutoModelForCausalLM, spec).eval()
+    return model, loading.load_tokenizer(path, spec), spec
 
 
 def respond(model, tokenizer, spec, prompt: str, args) -> str:
-    from alignment import modeling
+    from alignment import forwards
 
-    _, _, responses = modeling.generate(
+    _, _, responses = forwards.generate(
         model, tokenizer, [spec.format_prompt(prompt)], args.max_new_tokens, args.temperature, greedy=not args.sample
     )
-    return modeling.decode_responses(tokenizer, responses)[0]
+    return forwards.decode_responses(tokenizer, responses)[0]
 
 
 def main(argv: list[str]) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from alignment import modeling, ppo, task
+from alignment import forwards, ppo, scoring, task
 
 METRICS = {
     # name -> one sentence a reader of the report needs to interpret it
@@ -107,7 +107,7 @@ def calibration(margins: Sequence[float], buckets: int = 5) -> list[dict]:
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood per sequence of the masked labels. logits [B, T, V] predict labels [B, T]."""
-    return -(ppo.logprobs_from_logits(logits, labels) * mask).sum(1)
+    return -ppo.masked(ppo.logprobs_from_logits(logits, labels), mask).sum(1)
 
 
 # ---- model-driven measurements ------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def cross_entropy(model, tokenizer, spec, records: list[dict], batch_size: int =
     }
 
 
-score_texts = modeling.score_texts
+score_texts = scoring.score_texts
 
 
 def reward_model_metrics(reward_model, tokenizer, spec, pairs: list[dict], seed: int = 0) -> dict:
@@ -184,26 +184,26 @@ def rollout_scores(
     policy, ref_policy, scorer, tokenizer, spec, prompts: list, *, max_new_tokens: int,
     temperature: float, greedy: bool, gold: bool, batch_size: int = 100, max_prompt_tokens: int = 512,
 ) -> dict[str, list]:
-    """Responses of policy to prompts, with per-response RM score (scorer: a modeling.RewardScorer), gold score,
+    """Responses of policy to prompts, with per-response RM score (scorer: a scoring.RewardScorer), gold score,
     KL to the reference and length."""
     out = {"reward": [], "gold": [], "kl": [], "kl_tokens": [], "length": [], "ended": [], "responses": []}
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         templated = [spec.format_prompt(p) for p in batch]
-        query_responses, query_mask, responses = modeling.generate(
+        query_responses, query_mask, responses = forwards.generate(
             policy, tokenizer, templated, max_new_tokens, temperature, greedy=greedy, max_prompt_tokens=max_prompt_tokens
         )
         mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
         attention = torch.cat([query_mask, mask.long()], dim=1)
         context = query_mask.shape[1]
         t = 1.0 if greedy else temperature
-        logprobs, _ = modeling.policy_forward(policy, query_responses, attention, context, t)
-        ref_logprobs, _ = modeling.policy_forward(ref_policy, query_responses, attention, context, t)
-        kl = (logprobs - ref_logprobs) * mask
+        logprobs, _ = forwards.policy_forward(policy, query_responses, attention, context, t)
+        ref_logprobs, _ = forwards.policy_forward(ref_policy, query_responses, attention, context, t)
+        kl = ppo.masked(logprobs - ref_logprobs, mask)
         out["kl"] += kl.sum(1).tolist()
         out["kl_tokens"] += kl.sum(1).div(mask.sum(1).clamp(min=1)).tolist()
         out["reward"] += scorer(batch, query_responses, attention, responses).tolist()
-        texts = modeling.decode_responses(tokenizer, responses)
+        texts = forwards.decode_responses(tokenizer, responses)
         out["responses"] += texts
         out["length"] += mask.sum(1).tolist()
         out["ended"] += ended.float().tolist()
@@ -232,22 +232,25 @@ def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) 
 
 def compare_policies(
     policy, sft_policy, scorer, tokenizer, spec, prompts: list, *, gold: bool, max_new_tokens: int,
-    temperature: float, samples: int, seed: int, max_prompt_tokens: int = 512,
+    temperature: float, samples: int, seed: int, max_prompt_tokens: int = 512, on_all=None,
 ) -> dict:
     """The trained policy against the SFT policy on the same held-out prompts, greedy and sampled.
 
     Sampled figures average `samples` responses per prompt before pairing, so the paired bootstrap
     interval of the difference is over prompts. KL is the per-sequence estimate sum_t log pi - log pi_ref
-    on the trained policy's own samples.
+    on the trained policy's own samples. on_all(fn, prompts), if given, runs fn(prompts) -> {key: list} spread
+    over the processes of a distributed run and gathers the lists in order.
     """
+    on_all = on_all or (lambda fn, xs: fn(xs))
     out: dict = {"eval_prompts": len(prompts)}
     for mode, greedy, reps in (("greedy", True, 1), ("sampled", False, samples)):
         torch.manual_seed(seed)
         repeated = [p for p in prompts for _ in range(reps)]
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, gold=gold,
                       max_prompt_tokens=max_prompt_tokens)
-        before = rollout_scores(sft_policy, sft_policy, scorer, tokenizer, spec, repeated, **kwargs)
-        after = rollout_scores(policy, sft_policy, scorer, tokenizer, spec, repeated, **kwargs)
+        before = on_all(lambda xs: rollout_scores(sft_policy, sft_policy, scorer, tokenizer, spec, xs, **kwargs),
+                        repeated)
+        after = on_all(lambda xs: rollout_scores(policy, sft_policy, scorer, tokenizer, spec, xs, **kwargs), repeated)
         per_prompt = lambda xs: [mean(xs[i : i + reps]) for i in range(0, len(xs), reps)]  # noqa: E731
         section = {}
         for key in ("reward", "gold") if gold else ("reward",):

@@ -43,10 +43,16 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Ten
     return (eos_before == 0).float(), ended
 
 
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask is set, 0 elsewhere. Selected, not multiplied: a NaN or inf in a masked-out position (a
+    padding position's output) would survive a multiplication by 0 (NaN * 0 = NaN)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return masked(x, mask).sum() / mask.sum().clamp(min=1)
+    return masked(x, mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -64,7 +70,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask
+    return masked(whitened, mask)
 
 
 class TokenRewards(NamedTuple):
@@ -81,12 +87,12 @@ def token_rewards(
     The score lands on the last unmasked token of each response (its EOS, or the last token generated
     when the response never ended).
     """
-    kl = (logprobs - ref_logprobs) * mask
+    kl = masked(logprobs - ref_logprobs, mask)
     non_score = -kl_coef * kl
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards = non_score.clone()
-    rewards[torch.arange(len(scores)), last] += scores
-    return TokenRewards(rewards * mask, kl, non_score * mask)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return TokenRewards(masked(rewards, mask), kl, masked(non_score, mask))
 
 
 class Advantages(NamedTuple):
@@ -100,7 +106,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     rewards, values, mask [B, T]. Beyond the last response token the value is taken as 0 (the episode
     has ended), which masking values achieves.
     """
-    values = values * mask
+    values = masked(values, mask)
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(rewards[:, 0])
@@ -109,8 +115,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         last_gae = delta + gamma * lam * last_gae
         advantages[:, t] = last_gae
-    advantages = advantages * mask
-    return Advantages(advantages, (advantages + values) * mask)
+    advantages = masked(advantages, mask)
+    return Advantages(advantages, masked(advantages + values, mask))
 
 
 class PolicyLoss(NamedTuple):
@@ -191,6 +197,7 @@ def minibatches(lengths: torch.Tensor, size: int, generator: torch.Generator, by
     """Index sets that cover a rollout batch once, `size` each (the last may be smaller), in a random order.
     by_length: each set holds sequences of neighbouring lengths (ties broken at random), so a minibatch
     pads little; the random order of the sets keeps the updates of an epoch unordered by length."""
+    lengths = lengths.cpu()  # the generator and the permutation live on the CPU, whatever the batch's device
     order = torch.randperm(len(lengths), generator=generator)
     if by_length:
         order = order[torch.sort(lengths[order], stable=True).indices]

@@ -114,10 +114,19 @@ class Store:
 
     def save_state(self, run: str, stage: str, write) -> Path:
         """write(folder) fills a temporary folder; it replaces the previous state only once complete."""
+        tmp = self.state_staging(run, stage)
+        write(tmp)
+        return self.commit_state(tmp, run, stage)
+
+    def state_staging(self, run: str, stage: str) -> Path:
+        """A fresh temporary folder beside the stage's state, to fill (by several processes, each its shard)."""
         final = self.state_path(run, stage)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{stage}-", dir=final.parent))
-        write(tmp)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{stage}-", dir=final.parent))
+
+    def commit_state(self, tmp: Path, run: str, stage: str) -> Path:
+        """Marks a filled staging folder complete and swaps it in for the previous state."""
+        final = self.state_path(run, stage)
         (tmp / "COMPLETE").write_text("")
         _swap_in(tmp, final)
         return final

@@ -111,7 +111,7 @@ class PackedRows:
     sequence, so no more is computed than with padding, in the linear layers or in attention, and for a
     batch of mixed lengths much less. The rows carry position ids that restart at every sequence and no
     attention mask: the model reads the sequence boundaries from the positions and keeps the sequences
-    apart (modeling.reads_packed_rows checks that it does). The batch trains on the same sequences, tokens
+    apart (forwards.reads_packed_rows checks that it does). The batch trains on the same sequences, tokens
     and loss; only the padding is no longer computed.
 
     TRL's padding-free mode flattens a whole batch into one row instead, which outside FlashAttention costs
@@ -246,11 +246,43 @@ class NonFiniteGuard(TrainerCallback):
             )
 
 
+def trained_weights(trainer) -> dict | None:
+    """The trained model's whole state dict under DeepSpeed (ZeRO-3 shards gathered: every process must call
+    this), None otherwise (the model holds it)."""
+    if not trainer.is_deepspeed_enabled:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def save_trained(model, folder: Path, weights: dict | None, dtype: str, quantization: str) -> None:
+    """save_pretrained of a model trained in fp32 (or its adapter), in the dtype it came in: a bf16 model's
+    checkpoint stays the size it was."""
+    from alignment.loading import DTYPES
+
+    weights = model.state_dict() if weights is None else weights
+    if not quantization:  # quantized weights keep their own storage types
+        weights = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in weights.items()}
+    model.save_pretrained(folder, state_dict=weights)
+
+
+def _whole(parameters):
+    """Under ZeRO-3 each process holds a shard of each parameter: gather them (every process must call)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters)
+    return contextlib.nullcontext()
+
+
 def assert_in_sync(parameters, where: str) -> None:
     """Raises if the processes of a distributed run hold different parameters (a silent DDP failure)."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
-    checksum = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
+    parameters = list(parameters)
+    with _whole(parameters):
+        checksum = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
     gathered = [torch.zeros_like(checksum) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, checksum)
     if any(not torch.equal(g, gathered[0]) for g in gathered):

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alignment import data, evaluation, modeling, registry  # noqa: E402
+from alignment import data, evaluation, loading, registry  # noqa: E402, scoring
 from alignment.store import Store  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -191,7 +191,7 @@ def main() -> None:
                 shutil.rmtree(store.path(RUN, stage), ignore_errors=True)
                 shutil.copytree(source.get(a.ppo_run, stage).path, store.path(RUN, stage))
         sft, rm = store.get(RUN, "sft"), store.get(RUN, "rm")
-        tokenizer = modeling.load_tokenizer(sft.path, spec)
+        tokenizer = loading.load_tokenizer(sft.path, spec)
         tokenizer.truncation_side = "left"  # as our stage: a long prompt loses its oldest turns
         prompts = [spec.format_prompt(r["prompt"]) for r in data.load("hh-rlhf", "prompts_train")]
         ids = tokenizer(prompts, truncation=True, max_length=a.ppo_prompt_length).input_ids
@@ -248,14 +248,14 @@ def _ppo_stage(ours, peer: dict, peer_policy: Path, sft, rm, spec, a) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m = ours.manifest["metrics"]
-    tokenizer = modeling.load_tokenizer(sft.path, spec)
-    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).eval()
-    scorer = modeling.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
-    reference = modeling.load_model(sft.path, AutoModelForCausalLM, spec).eval()
+    tokenizer = loading.load_tokenizer(sft.path, spec)
+    reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, spec).eval()
+    scorer = scoring.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
+    reference = loading.load_model(sft.path, AutoModelForCausalLM, spec).eval()
     prompts = [r["prompt"] for r in data.load("hh-rlhf", "prompts_eval")][: a.ppo_eval_prompts or None]
 
     def held_out_reward(path) -> dict:
-        policy = modeling.load_model(path, AutoModelForCausalLM, spec).eval()
+        policy = loading.load_model(path, AutoModelForCausalLM, spec).eval()
         torch.manual_seed(0)  # the same sampling noise for every policy
         r = evaluation.rollout_scores(policy, reference, scorer, tokenizer, spec, prompts,
                                       max_new_tokens=a.ppo_response_length, temperature=1.0, greedy=False,

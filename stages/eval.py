@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import config, data, evaluation, modeling, registry, report
+from alignment import config, data, evaluation, loading, registry, report, scoring
 from alignment.config import field
 from alignment.store import Store, StoreError
 
@@ -72,10 +72,10 @@ def main(argv: list[str]) -> None:
         spec = registry.get(sft.manifest["model"], template=sft.manifest["template"])
         profile = sft.manifest["data"]["profile"]
         gold = profile == "task"
-        tokenizer = modeling.load_tokenizer(sft.path, spec)
-        sft_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec).eval()
-        reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, spec).eval()
-        scorer = modeling.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
+        tokenizer = loading.load_tokenizer(sft.path, spec)
+        sft_policy = loading.load_model(sft.path, AutoModelForCausalLM, spec).eval()
+        reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, spec).eval()
+        scorer = scoring.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
         demos = data.load(profile, "sft_eval", cfg.limit, cfg.on_error)
         pairs = data.load(profile, "prefs_eval", cfg.limit, cfg.on_error)
         prompts = [x["prompt"] for x in data.load(profile, "prompts_eval", cfg.limit, cfg.on_error)]
@@ -98,12 +98,12 @@ def main(argv: list[str]) -> None:
                 continue
             if stage == "base":
                 path = sft.manifest["base"]  # what SFT started from
-                policy = modeling.load_model(path, AutoModelForCausalLM, spec).eval()
+                policy = loading.load_model(path, AutoModelForCausalLM, spec).eval()
             elif stage == "sft":
                 path, policy = sft.path, sft_policy
             else:
                 path = store.get(r, stage).path
-                policy = modeling.load_model(path, AutoModelForCausalLM, spec).eval()
+                policy = loading.load_model(path, AutoModelForCausalLM, spec).eval()
             own = sft_rollout if stage == "sft" else sample(policy, False, prompts)
             entry["checkpoints"][stage] = {
                 "kind": "policy", "path": str(path), "prompts": len(prompts),

@@ -1,14 +1,19 @@
 """Stage 3, PPO: improve the SFT policy against the reward model while a KL penalty keeps it close.
 
     make ppo [MODEL=tiny-llama] [ARGS="ppo.steps=50 ppo.kl_coef=0.1"]
+    make ppo NPROC=8 ACCELERATE_CONFIG=configs/accelerate/zero3.yaml
     python stages/ppo.py --config configs/ppo.yaml key=value ...
 
-Each step: 1. sample responses to a batch of prompts, keeping each token's log-prob as it is sampled;
-2. score them: log-probs under the frozen reference, values from the critic, a score from the reward
-model; 3. per-token rewards (KL penalty, score at the last token) and GAE advantages; 4. several epochs
-of clipped policy and value updates on minibatches. The loop is ours (TRL no longer ships PPO); the math is
-in alignment/ppo.py.
+Each step: 1. rollout: sample responses to a batch of prompts; 2. score them: the policy's log-probs and
+the critic's values (one forward, the training one), the frozen reference's log-probs, the reward model's
+score; 3. per-token rewards (KL penalty, score at the last token) and GAE advantages; 4. update: epochs of
+clipped policy and value updates on minibatches; 5. log, evaluate, save a resumable state. The loop is ours
+(TRL no longer ships PPO); the math is in alignment/ppo.py, the forwards in alignment/forwards.py.
 At the end the policy is compared with the SFT policy on held-out prompts, and saved as <run>/ppo.
+
+Several processes (Accelerate, DeepSpeed ZeRO-2/3) each sample and train on their own share of every batch;
+policy and critic are one module (forwards.ActorCritic) in one engine; the reference and the reward model
+are frozen, whole in every process (see alignment/distributed.py).
 """
 
 from __future__ import annotations
@@ -17,26 +22,25 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 from peft import get_peft_model
-from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import config, data, evaluation, modeling, ppo, registry, training
+from alignment import config, data, distributed, evaluation, forwards, loading, ppo, registry, scoring, training
 from alignment.config import field
 from alignment.store import Store
-
 
 @dataclasses.dataclass
 class PPOSettings:
     steps: int = field(60, "PPO iterations: rollout batches sampled, scored and trained on")
     batch_size: int = field(64, "prompts per rollout batch")
-    mini_batch_size: int = field(16, "sequences per optimizer step inside a PPO epoch")
+    mini_batch_size: int = field(16, "sequences per optimizer step inside a PPO epoch, per process (DeepSpeed's "
+                                 "micro batch)")
     ppo_epochs: int = field(4, "passes over each rollout batch")
     learning_rate: float = field(1e-4, "AdamW learning rate for policy and critic")
     max_new_tokens: int = field(20, "longest response sampled")
@@ -72,88 +76,218 @@ class Config(config.StageConfig):
                                       "is then the same weights with the adapters disabled (no second copy)")
 
 
-def save_training_state(store: Store, run: str, accelerator, model, optimizer, order, state: dict) -> None:
-    """Everything a resumed run needs to go on as if never stopped; written atomically by the main process."""
-    rng = gather_object([{"torch": torch.get_rng_state(), "order": order.get_state()}])  # one per process
-    weights = accelerator.get_state_dict(model)  # whole tensors, also from ZeRO-3 shards
-    if not accelerator.is_main_process:
-        return
+class Rollout(NamedTuple):
+    """One process's share of a rollout batch: B prompts and the responses sampled to them."""
 
-    def write(folder: Path) -> None:
-        save_file({k: v.contiguous() for k, v in _untied(weights).items()}, str(folder / "actor_critic.safetensors"))
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(rng, folder / "rng.pt")
-        (folder / "state.json").write_text(json.dumps(state))
+    prompts: list  # B raw prompts (strings or messages)
+    query_responses: torch.Tensor  # [B, Q + T] prompts left-padded to Q tokens, then responses
+    attention: torch.Tensor  # [B, Q + T] 1 on prompt tokens and on response tokens up to the first EOS
+    responses: torch.Tensor  # [B, T] sampled tokens, the pad token after the first EOS
+    mask: torch.Tensor  # [B, T] float, 1 on response tokens up to and including the first EOS
+    ended: torch.Tensor  # [B] bool, whether the response has an EOS
 
-    store.save_state(run, "ppo", write)
+    @property
+    def context(self) -> int:
+        return self.query_responses.shape[1] - self.responses.shape[1]
 
 
-def load_training_state(folder: Path, accelerator, model, optimizer, order) -> dict:
-    unwrapped = accelerator.unwrap_model(model)
-    missing = unwrapped.load_state_dict(load_file(str(folder / "actor_critic.safetensors")), strict=False).missing_keys
-    if set(missing) - _tied_names(unwrapped):  # only the second name of a tied pair may be absent
-        raise RuntimeError(f"{folder}: the saved state lacks {sorted(missing)}")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))  # tensors only, no pickle code
-    rng = torch.load(folder / "rng.pt", weights_only=True)[accelerator.process_index]
-    torch.set_rng_state(rng["torch"])
-    order.set_state(rng["order"])
-    return json.loads((folder / "state.json").read_text())
+class Scores(NamedTuple):
+    logprobs: torch.Tensor  # [B, T] the policy's, from the training forward: the update's old log-probs
+    values: torch.Tensor  # [B, T] the critic's
+    ref_logprobs: torch.Tensor  # [B, T] the frozen reference's
+    entropy: torch.Tensor  # [B, T] of the policy's distribution
+    rewards: torch.Tensor  # [B] the reward model's raw score, less the missing-EOS penalty
+
+
+@dataclasses.dataclass
+class PPOState:
+    """What a resumed run needs to go on as if never stopped (beside weights, optimizer and RNG states)."""
+
+    config: dict
+    kl_coef: float
+    step: int = 0
+    queue: list = dataclasses.field(default_factory=list)  # prompt indices not yet sampled, in order
+    log: list = dataclasses.field(default_factory=list)  # one record per step
+    eval_log: list = dataclasses.field(default_factory=list)  # held-out points every eval_every steps
+    skipped: int = 0  # updates skipped for a non-finite loss or reward
+    in_a_row: int = 0
+    truncated_prompts: int = 0
+    moments: dict = dataclasses.field(default_factory=dict)  # running statistics of the reward model's scores
+
+
+def load_models(cfg: Config, accelerator, sft, rm):
+    """Tokenizer, the trained ActorCritic (policy from SFT, critic from the reward model), the frozen reference
+    and the reward model's scorer. Trained weights in fp32 (loading.py), frozen ones in the entry's dtype."""
+    spec = registry.get(cfg.model, template=sft.manifest["template"])
+    rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"])
+    tokenizer = loading.load_tokenizer(sft.path, spec)
+    rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
+    quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
+    policy = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer, trained=True)
+    with distributed.outside_zero3_init(accelerator):
+        if cfg.lora.enabled:
+            policy = get_peft_model(policy, loading.lora_config(cfg.lora, policy, spec, "CAUSAL_LM"))
+            ref_policy = forwards.AdapterDisabled(policy)
+        else:
+            ref_policy = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer)
+            ref_policy.requires_grad_(False).to(accelerator.device)
+        reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized,
+                                          tokenizer=rm_tokenizer)
+    scorer = scoring.RewardScorer(reward_model, rm_tokenizer, rm_spec, tokenizer, spec)
+    # The critic (trained) starts as the reward model, or, if that reads other tokens, as the SFT body.
+    critic = loading.load_model(sft.path if scorer.by_text else rm.path, AutoModelForSequenceClassification, spec,
+                                **quantized, tokenizer=tokenizer, trained=True)
+    if cfg.quantization:  # quantized weights train through adapters only: the critic gets its own
+        critic = get_peft_model(critic, loading.lora_config(cfg.lora, critic, spec, "SEQ_CLS", modules_to_save=["score"]))
+    for name, m in (("policy", policy), ("reference", ref_policy), ("reward model", reward_model), ("critic", critic)):
+        print(f"[ppo] {loading.footprint(name, m)}" + (" (the policy's weights, adapters off)" if name == "reference"
+                                                      and cfg.lora.enabled else ""))
+    model = forwards.ActorCritic(policy, critic)
+    for m in (model, ref_policy, reward_model):
+        loading.disable_dropout(m)
+        m.eval()  # no dropout anywhere; gradients still flow in eval mode
+    reward_model.requires_grad_(False).to(accelerator.device)
+    return tokenizer, spec, model, ref_policy, scorer
+
+
+def rollout(policy, tokenizer, spec, prompts: list, p: PPOSettings, all_done) -> Rollout:
+    """1. Responses sampled from the current policy (the whole model, see distributed.whole_model)."""
+    query_responses, query_mask, responses = forwards.generate(
+        policy, tokenizer, [spec.format_prompt(x) for x in prompts], p.max_new_tokens, p.temperature,
+        max_prompt_tokens=p.max_prompt_length, all_done=all_done,
+    )
+    mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
+    return Rollout(prompts, query_responses, torch.cat([query_mask, mask.long()], dim=1), responses, mask, ended)
+
+
+@torch.no_grad()
+def score(model, ref_policy, scorer, r: Rollout, p: PPOSettings, minibatches: list[torch.Tensor]) -> Scores:
+    """2. Log-probs and values from the training forward, on the minibatches the first epoch trains on: its
+    ratio starts at 1 exactly (other minibatches give other widths, and in bf16 log-probs up to 3e-3 nats apart
+    on a tiny model); reference log-probs and reward-model scores alike."""
+    B, T = r.responses.shape
+    logprobs, values, ref_logprobs, entropy = (torch.zeros(B, T, device=r.mask.device) for _ in range(4))
+    raw = torch.zeros(B, device=r.mask.device)
+    for idx in minibatches:
+        idx = idx.to(r.mask.device)
+        qr, att = r.query_responses[idx], r.attention[idx]
+        logprobs[idx], values[idx], entropy[idx] = forwards.actor_critic_forward(model, qr, att, r.context,
+                                                                                 p.temperature)
+        ref_logprobs[idx] = forwards.policy_forward(ref_policy, qr, att, r.context, p.temperature)[0]
+        raw[idx] = scorer([r.prompts[i] for i in idx.tolist()], qr, att, r.responses[idx])
+    rewards = torch.where(r.ended, raw, raw - p.missing_eos_penalty)
+    return Scores(logprobs, values, ref_logprobs, entropy, rewards)
+
+
+def update(accelerator, model, optimizer, r: Rollout, s: Scores, adv: ppo.Advantages, advantages: torch.Tensor,
+           cfg: Config, state: PPOState, epochs: list[list[torch.Tensor]], autocast) -> dict:
+    """4. Clipped policy and value updates over each epoch's minibatches. A minibatch whose loss is not
+    finite in any process is skipped by all of them, before anything is applied (under DeepSpeed backward()
+    also steps); without DeepSpeed non-finite gradients are refused too (DeepSpeed's own check does it there)."""
+    p = cfg.ppo
+    trained = [q for q in model.parameters() if q.requires_grad]
+    stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": []}
+    use_deepspeed = accelerator.state.deepspeed_plugin is not None
+    for minibatches in epochs:
+        for idx in minibatches:
+            idx = idx.to(r.mask.device)
+            with autocast:
+                new = forwards.actor_critic_forward(model, r.query_responses[idx], r.attention[idx], r.context,
+                                                    p.temperature)
+            pl = ppo.policy_loss(new.logprobs, s.logprobs[idx], advantages[idx], r.mask[idx], p.clip_range)
+            vl = ppo.value_loss(new.values, s.values[idx], adv.returns[idx], r.mask[idx], p.value_clip)
+            loss = pl.loss + p.vf_coef * vl.loss
+            if distributed.any_process(accelerator, not bool(torch.isfinite(loss))):
+                _skip(state, "loss", cfg.max_bad_steps)
+                continue
+            skipped_before = distributed.skipped_by_deepspeed(model)
+            accelerator.backward(loss)  # DeepSpeed: also clips (gradient_clipping = ppo.max_grad_norm) and steps
+            if not use_deepspeed:
+                # gradients are averaged over processes by now, so every process takes the same decision
+                if not training.grads_finite(trained):
+                    optimizer.zero_grad()
+                    _skip(state, "gradient", cfg.max_bad_steps)
+                    continue
+                accelerator.clip_grad_norm_(trained, p.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            elif distributed.skipped_by_deepspeed(model) > skipped_before:
+                _skip(state, "gradient", cfg.max_bad_steps)
+                continue
+            state.in_a_row = 0
+            if cfg.check_sync:
+                training.assert_in_sync(trained, f"PPO step {state.step + 1}")
+            for key, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clip_frac", pl.clip_frac),
+                               ("value_clip_frac", vl.clip_frac), ("approx_kl", pl.approx_kl)):
+                stats[key].append(value.item())
+    return stats
+
+
+def _skip(state: PPOState, what: str, patience: int) -> None:
+    state.skipped += 1
+    state.in_a_row += 1
+    print(f"[guard] step {state.step + 1}: non-finite {what}, update skipped ({state.skipped} so far)")
+    if state.in_a_row >= patience:
+        raise training.NonFiniteError(
+            f"stopping at PPO step {state.step + 1}: {state.in_a_row} updates in a row had a non-finite {what}; "
+            "the last complete state is kept for resuming"
+        )
+
+
+def evaluate_on_all(accelerator, fn, prompts: list) -> dict:
+    """fn(prompts) -> {key: per-prompt list}, run by every process on its share of prompts, gathered in order."""
+    with accelerator.split_between_processes(prompts) as share:
+        part = fn(share)
+    if accelerator.num_processes == 1:
+        return part
+    parts = gather_object([part])
+    return {k: [x for q in parts for x in q[k]] for k in part}
+
+
+def save_training_state(store: Store, run: str, accelerator, order: torch.Generator, state: PPOState) -> None:
+    """Weights, optimizer (under ZeRO each process its shard, with the fp32 master copy), every process's RNG
+    (CUDA's too) through accelerator.save_state; the loop state beside them. Atomic: a killed save leaves the
+    previous state."""
+    folder = Path(distributed.shared_folder(accelerator, lambda: store.state_staging(run, "ppo")))
+    accelerator.save_state(str(folder / "accelerate"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(order.get_state(), folder / "order.pt")
+        (folder / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
+        store.commit_state(folder, run, "ppo")
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(folder: Path, accelerator, order: torch.Generator) -> PPOState:
+    accelerator.load_state(str(folder / "accelerate"), load_kwargs={"weights_only": True})
+    order.set_state(torch.load(folder / "order.pt", weights_only=True))
+    return PPOState(**json.loads((folder / "state.json").read_text()))
 
 
 def main(argv: list[str]) -> None:
-    # 0. config, store, inputs: the run's SFT checkpoint (policy init and reference) and reward model
+    # 0. config, accelerator, inputs: the run's SFT checkpoint (policy init and reference) and reward model
     cfg = config.cli(Config, argv, default_yaml="configs/ppo.yaml")
     p = cfg.ppo
     started = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # cpu=True where there is no GPU: without it Accelerate treats a multi-process CPU launch as one process.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    accelerator = distributed.make_accelerator(p.mini_batch_size, p.max_grad_norm)
     main_process = accelerator.is_main_process
     torch.manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own responses
     store, run = Store(cfg.store), cfg.run_name
     sft = store.get(run, "sft")
     rm = store.get(*p.reward_model.split("/", 1)) if p.reward_model else store.get(run, "rm")
-    spec = registry.get(cfg.model, template=sft.manifest["template"])
-    rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"])
     writer = SummaryWriter(str(store.run_dir(run) / "tensorboard" / "ppo")) if main_process else None
-
-    tokenizer = modeling.load_tokenizer(sft.path, spec)
-    cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
-    quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
-    policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec, **quantized)  # trained: the actor
-    if cfg.lora.enabled:
-        policy = get_peft_model(policy, modeling.lora_config(cfg.lora, policy, spec, "CAUSAL_LM"))
-        ref_policy = modeling.AdapterDisabled(policy)
-    else:
-        ref_policy = modeling.load_model(sft.path, AutoModelForCausalLM, spec, **quantized).requires_grad_(False)
-    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized)
-    reward_model.requires_grad_(False)
-    scorer = modeling.RewardScorer(reward_model, modeling.load_tokenizer(rm.path, rm_spec), rm_spec, tokenizer, spec)
-    # The critic (trained) starts as the reward model, or, if that reads other tokens, as the SFT body.
-    critic = modeling.load_model(sft.path if scorer.by_text else rm.path, AutoModelForSequenceClassification, spec,
-                                 **quantized)
-    if cfg.quantization:  # quantized weights train through adapters only: the critic gets its own
-        critic = get_peft_model(critic, modeling.lora_config(cfg.lora, critic, spec, "SEQ_CLS", modules_to_save=["score"]))
-    for name, m in (("policy", policy), ("reference", ref_policy), ("reward model", reward_model), ("critic", critic)):
-        print(f"[ppo] {modeling.footprint(name, m)}" + (" (the policy's weights, adapters off)" if name == "reference"
-                                                       and cfg.lora.enabled else ""))
-    model = modeling.ActorCritic(policy, critic)
-    for m in (model, ref_policy, reward_model):
-        modeling.disable_dropout(m)
-        m.eval()  # no dropout anywhere; gradients still flow in eval mode
-    trained = [q for q in model.parameters() if q.requires_grad]
-    # fused: one kernel for all tensors (on CPU here 5x faster than the per-tensor loop)
-    optimizer = torch.optim.AdamW(trained, lr=p.learning_rate, eps=1e-5, fused=True)
+    tokenizer, spec, model, ref_policy, scorer = load_models(cfg, accelerator, sft, rm)
+    optimizer = distributed.optimizer(accelerator, [q for q in model.parameters() if q.requires_grad],
+                                      p.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
-    reward_model = reward_model.to(accelerator.device)
-    if not cfg.lora.enabled:
-        ref_policy = ref_policy.to(accelerator.device)
-
-    def unwrapped_policy():
-        return accelerator.unwrap_model(model).policy
+    zero = distributed.deepspeed_stage()
+    all_done = distributed.all_processes_done(accelerator) if zero == 3 else forwards._all
     print(f"[ppo] policy and reference from {sft.id}, reward model and critic from {rm.id}; "
-          f"{accelerator.num_processes} process(es) x {p.batch_size} prompts per step")
+          f"{accelerator.num_processes} process(es) x {p.batch_size} prompts per step"
+          + (f", DeepSpeed ZeRO-{zero}" if zero else ""))
 
     prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_train", cfg.limit, cfg.on_error)]
     eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)]
@@ -161,187 +295,145 @@ def main(argv: list[str]) -> None:
 
     def evaluate(step: int) -> dict:
         """Sampled responses to held-out prompts: RM reward, gold score, KL. Leaves the training RNG untouched."""
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
+                distributed.whole_model(accelerator, model) as whole:
             torch.manual_seed(cfg.seed)
-            r = evaluation.rollout_scores(
-                unwrapped_policy(), ref_policy, scorer, tokenizer, spec,
-                eval_prompts[: p.eval_prompts], max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                greedy=False, gold=gold, max_prompt_tokens=p.max_prompt_length,
-            )
+            r = evaluate_on_all(accelerator, lambda share: evaluation.rollout_scores(
+                whole.policy, ref_policy, scorer, tokenizer, spec, share, max_new_tokens=p.max_new_tokens,
+                temperature=p.temperature, greedy=False, gold=gold, max_prompt_tokens=p.max_prompt_length,
+            ), eval_prompts[: p.eval_prompts])
         point = {"step": step, **{f"eval_{k}": evaluation.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
         for key, value in point.items():
-            if key != "step":
+            if key != "step" and writer:
                 writer.add_scalar(f"ppo/{key}", value, step)
         return point
 
     # Training state: fresh, or resumed from the last complete state saved by a run with the same config.
     order = torch.Generator().manual_seed(cfg.seed)  # prompt order and minibatches: the same in every process
     moments = ppo.RunningMoments()
-    state = {"step": 0, "kl_coef": p.kl_coef, "queue": [], "log": [], "eval_log": [], "skipped": 0, "in_a_row": 0,
-             "moments": moments.state_dict(), "config": config.to_dict(cfg)}
+    state = PPOState(config=config.to_dict(cfg), kl_coef=p.kl_coef, moments=moments.state_dict())
     saved = store.load_state_path(run, "ppo") if cfg.resume else None
-    if not cfg.resume:
+    if not cfg.resume and main_process:
         store.clear_state(run, "ppo")
     if saved:
-        training.check_same_config(json.loads((saved / "state.json").read_text())["config"], state["config"], saved,
+        training.check_same_config(json.loads((saved / "state.json").read_text())["config"], state.config, saved,
                                    ignore=("ppo.steps",))
-        state = {**load_training_state(saved, accelerator, model, optimizer, order), "config": state["config"]}
-        moments.load_state_dict(state["moments"])
-        print(f"[ppo] resuming after step {state['step']} from {saved}")
-    elif p.eval_every and main_process:
-        state["eval_log"].append(evaluate(0))
+        state = dataclasses.replace(load_training_state(saved, accelerator, order), config=state.config)
+        moments.load_state_dict(state.moments)
+        print(f"[ppo] resuming after step {state.step} from {saved}")
+    elif p.eval_every:
+        state.eval_log.append(evaluate(0))
     per_step = p.batch_size * accelerator.num_processes  # prompts consumed per step, over all processes
     bf16 = training.use_bf16(cfg.precision)
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
     seconds = dict.fromkeys(("generate", "score", "train", "loop"), 0.0)  # this session's time, by phase
-    loop_started, first_step = time.time(), state["step"]
+    loop_started, first_step = time.time(), state.step
 
-    for step in (bar := tqdm(range(state["step"] + 1, p.steps + 1), desc="ppo", disable=not main_process,
-                             initial=state["step"], total=p.steps, dynamic_ncols=True)):
-        # 1. rollout: sample responses from the current policy (each process on its own share of the prompts)
-        if len(state["queue"]) < per_step:
-            state["queue"] += torch.randperm(len(prompts), generator=order).tolist()
-        mine = state["queue"][: per_step][accelerator.process_index :: accelerator.num_processes]
-        batch_prompts, state["queue"] = [prompts[i] for i in mine], state["queue"][per_step:]
-        batch = [spec.format_prompt(x) for x in batch_prompts]
+    for step in (bar := tqdm(range(state.step + 1, p.steps + 1), desc="ppo", disable=not main_process,
+                             initial=state.step, total=p.steps, dynamic_ncols=True)):
+        # 1. rollout: each process samples responses to its own share of the batch's prompts
+        if len(state.queue) < per_step:
+            state.queue += torch.randperm(len(prompts), generator=order).tolist()
+        mine = state.queue[:per_step][accelerator.process_index :: accelerator.num_processes]
+        state.queue = state.queue[per_step:]
         t0 = time.time()
-        sampled = modeling.SampledLogprobs()  # the rollout's own log-probs: no policy forward later
-        with modeling.gathered_parameters(accelerator, model), autocast:
-            query_responses, query_mask, responses = modeling.generate(
-                unwrapped_policy(), tokenizer, batch, p.max_new_tokens, p.temperature,
-                max_prompt_tokens=p.max_prompt_length, record=sampled,
-            )
-        old_logprobs, entropy = sampled.result()
-        state["truncated_prompts"] = state.get("truncated_prompts", 0) + sum(
-            len(ids) > p.max_prompt_length for ids in tokenizer(batch).input_ids)
-        mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
-        attention = torch.cat([query_mask, mask.long()], dim=1)
-        context = query_mask.shape[1]
-        t_generate = time.time() - t0
-
-        # 2. score: values, reference log-probs, reward-model score (old log-probs came with the rollout), in
-        # minibatches of similar length: each pads less, and memory stays that of one minibatch
-        t1 = time.time()
-        old_values, ref_logprobs = torch.zeros_like(old_logprobs), torch.zeros_like(old_logprobs)
-        raw_scores = torch.zeros(len(batch), device=old_logprobs.device)
-        with torch.no_grad(), autocast:
-            for idx in torch.sort(attention.sum(1), stable=True).indices.split(p.mini_batch_size):
-                qr, att = query_responses[idx], attention[idx]
-                old_values[idx] = modeling.critic_values(accelerator.unwrap_model(model), qr, att, context)
-                ref_logprobs[idx] = modeling.policy_forward(ref_policy, qr, att, context, p.temperature)[0]
-                raw_scores[idx] = scorer([batch_prompts[i] for i in idx.tolist()], qr, att, responses[idx])
-
-        t_score = time.time() - t1
+        with distributed.whole_model(accelerator, model) as whole, autocast:
+            r = rollout(whole.policy, tokenizer, spec, [prompts[i] for i in mine], p, all_done)
+            t1 = time.time()
+            # 2. score: old log-probs and values, reference log-probs, reward
+            epochs = [ppo.minibatches(r.attention.sum(1), p.mini_batch_size, order, p.group_by_length)
+                      for _ in range(p.ppo_epochs)]
+            s = score(whole, ref_policy, scorer, r, p, epochs[0])
+        state.truncated_prompts += sum(len(ids) > p.max_prompt_length for ids in
+                                       tokenizer([spec.format_prompt(x) for x in r.prompts]).input_ids)
+        t2 = time.time()
 
         # 3. rewards and advantages (reward statistics are shared by all processes)
-        scores = torch.where(ended, raw_scores, raw_scores - p.missing_eos_penalty)
-        all_scores = accelerator.gather(scores)
+        all_scores = accelerator.gather(s.rewards)
         if not torch.isfinite(all_scores).all():
-            state["skipped"] += 1
-            state["in_a_row"] += 1
-            _check_patience(state, step, cfg.max_bad_steps, "reward")
+            _skip(state, "reward", cfg.max_bad_steps)
+            state.step = step
             continue
+        scores = s.rewards
         if p.normalize_reward:
             moments.update(all_scores)
             scores = (scores - moments.mean) / moments.std
         scores = scores.clamp(-p.reward_clip, p.reward_clip)
-        rewards = ppo.token_rewards(scores, old_logprobs, ref_logprobs, mask, state["kl_coef"])
-        adv = ppo.gae(rewards.rewards, old_values, mask, p.gamma, p.lam)
-        advantages = ppo.masked_whiten(adv.advantages, mask) if p.whiten_advantages else adv.advantages
+        rewards = ppo.token_rewards(scores, s.logprobs, s.ref_logprobs, r.mask, state.kl_coef)
+        adv = ppo.gae(rewards.rewards, s.values, r.mask, p.gamma, p.lam)
+        advantages = ppo.masked_whiten(adv.advantages, r.mask) if p.whiten_advantages else adv.advantages
 
-        # 4. optimise: ppo_epochs passes of clipped policy and value updates over minibatches
-        t2 = time.time()
-        stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": []}
-        for _ in range(p.ppo_epochs):
-            for idx in ppo.minibatches(attention.sum(1), p.mini_batch_size, order, p.group_by_length):
-                with autocast:
-                    logprobs, values = modeling.actor_critic_forward(
-                        model, query_responses[idx], attention[idx], context, p.temperature
-                    )
-                pl = ppo.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], p.clip_range)
-                vl = ppo.value_loss(values, old_values[idx], adv.returns[idx], mask[idx], p.value_clip)
-                optimizer.zero_grad()
-                accelerator.backward(pl.loss + p.vf_coef * vl.loss)
-                # gradients are averaged over processes by now, so every process takes the same decision
-                if not training.grads_finite(trained):
-                    optimizer.zero_grad()
-                    state["skipped"] += 1
-                    state["in_a_row"] += 1
-                    _check_patience(state, step, cfg.max_bad_steps, "gradient")
-                    continue
-                state["in_a_row"] = 0
-                accelerator.clip_grad_norm_(trained, p.max_grad_norm)
-                optimizer.step()
-                if cfg.check_sync:
-                    training.assert_in_sync(trained, f"PPO step {step}")
-                for key, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clip_frac", pl.clip_frac),
-                                   ("value_clip_frac", vl.clip_frac), ("approx_kl", pl.approx_kl)):
-                    stats[key].append(value.item())
-
-        t_train = time.time() - t2
-        for phase, spent in (("generate", t_generate), ("score", t_score), ("train", t_train)):
+        # 4. update
+        stats = update(accelerator, model, optimizer, r, s, adv, advantages, cfg, state, epochs, autocast)
+        t3 = time.time()
+        for phase, spent in (("generate", t1 - t0), ("score", t2 - t1), ("train", t3 - t2)):
             seconds[phase] += spent
 
         # 5. log, adapt the KL coefficient, evaluate, save a resumable state
+        state.step = step
         sequence_kl = accelerator.gather(rewards.kl.sum(1)).mean().item()
         record = {
-            "step": step,
-            "reward": accelerator.gather(raw_scores).mean().item(),
-            "kl": sequence_kl,
-            "kl_coef": state["kl_coef"],
-            "entropy": ppo.masked_mean(entropy, mask).item(),
-            "response_length": mask.sum(1).mean().item(),
-            "ended": ended.float().mean().item(),
+            "step": step, "reward": accelerator.gather(s.rewards).mean().item(), "kl": sequence_kl,
+            "kl_coef": state.kl_coef, "entropy": ppo.masked_mean(s.entropy, r.mask).item(),
+            "response_length": r.mask.sum(1).mean().item(), "ended": r.ended.float().mean().item(),
             **{k: sum(v) / len(v) for k, v in stats.items() if v},
-            "skipped_non_finite": state["skipped"],
-            "generate_s": t_generate,
-            "score_s": t_score,
-            "train_s": t_train,
+            "skipped_non_finite": state.skipped, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
             "step_s": time.time() - t0,
         }
-        state["log"].append(record)
-        if main_process:
+        state.log.append(record)
+        if writer:
             for key, value in record.items():
                 writer.add_scalar(f"ppo/{key}", value, step)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{sequence_kl:.3f}", len=f"{record['response_length']:.1f}")
         if p.adaptive_kl:
-            state["kl_coef"] = ppo.adaptive_kl_coef(state["kl_coef"], sequence_kl, p.kl_target, p.kl_horizon, per_step)
-        if p.eval_every and main_process and (step % p.eval_every == 0 or step == p.steps):
-            t3 = time.time()
-            state["eval_log"].append(evaluate(step))
-            loop_started += time.time() - t3  # held-out evaluation is not training time
+            state.kl_coef = ppo.adaptive_kl_coef(state.kl_coef, sequence_kl, p.kl_target, p.kl_horizon, per_step)
+        if p.eval_every and (step % p.eval_every == 0 or step == p.steps):
+            t4 = time.time()
+            state.eval_log.append(evaluate(step))
+            loop_started += time.time() - t4  # held-out evaluation is not training time
         if step % cfg.save_every == 0 and step < p.steps:
-            state.update(step=step, moments=moments.state_dict())
-            save_training_state(store, run, accelerator, model, optimizer, order, state)
+            state.moments = moments.state_dict()
+            save_training_state(store, run, accelerator, order, state)
 
     seconds["loop"] = time.time() - loop_started
     episodes = (p.steps - first_step) * per_step  # sampled and trained on in this session
-    weights = _untied(accelerator.get_state_dict(model))  # whole tensors on the main process, also under ZeRO-3
+
+    # 6. compare with the SFT policy on held-out prompts (every process its share): greedy and sampled
+    with distributed.whole_model(accelerator, model) as whole:
+        summary = evaluation.compare_policies(
+            whole.policy, ref_policy, scorer, tokenizer, spec, eval_prompts, gold=gold,
+            max_new_tokens=p.max_new_tokens, temperature=p.temperature, samples=p.eval_samples, seed=cfg.seed,
+            max_prompt_tokens=p.max_prompt_length, on_all=lambda fn, xs: evaluate_on_all(accelerator, fn, xs),
+        )
+    weights = accelerator.get_state_dict(model)  # every process: under ZeRO-3 the main one gets whole tensors
     accelerator.wait_for_everyone()
     if not main_process:
         return
     writer.close()
 
-    # 6. compare with the SFT policy on held-out prompts: greedy and sampled, gold and RM score, KL
-    policy, critic = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
-    summary = evaluation.compare_policies(
-        policy, ref_policy, scorer, tokenizer, spec, eval_prompts, gold=gold,
-        max_new_tokens=p.max_new_tokens, temperature=p.temperature, samples=p.eval_samples, seed=cfg.seed,
-        max_prompt_tokens=p.max_prompt_length,
-    )
-
     # 7. save: the policy as a causal LM, the critic beside it, the per-step log, the manifest
+    publish(store, run, cfg, accelerator, model, tokenizer, spec, sft, rm, weights, state, {
+        **summary, "eval_curve": state.eval_log, "final_kl_coef": state.kl_coef, "steps": p.steps,
+        "skipped_non_finite": state.skipped, "truncated_prompts": state.truncated_prompts,
+        "processes": accelerator.num_processes, "deepspeed_zero_stage": zero,
+        "duration_s": round(time.time() - started, 1), **_speed(seconds, episodes, bf16),
+    })
+    print(evaluation.format_comparison(summary))
+
+
+def publish(store: Store, run: str, cfg: Config, accelerator, model, tokenizer, spec, sft, rm, weights: dict,
+            state: PPOState, metrics: dict) -> None:
+    """The policy as a causal LM in the entry's dtype (bf16 for real models: the size it came in), the critic
+    beside it as value_model/, the per-step log, the manifest."""
+    dtype = loading.DTYPES[spec.dtype]
+    weights = {k: v.to(dtype) if v.is_floating_point() and not cfg.quantization else v for k, v in weights.items()}
+    unwrapped = accelerator.unwrap_model(model)
     tmp = store.staging(run, "ppo")
-    policy.save_pretrained(tmp, state_dict=_part(weights, "policy."))
+    unwrapped.policy.save_pretrained(tmp, state_dict=_part(weights, "policy."))
     tokenizer.save_pretrained(tmp)
-    critic.save_pretrained(tmp / "value_model", state_dict=_part(weights, "critic."))
+    unwrapped.critic.save_pretrained(tmp / "value_model", state_dict=_part(weights, "critic."))
     with open(tmp / "ppo_log.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in state["log"])
-    metrics = {**summary, "eval_curve": state["eval_log"], "final_kl_coef": state["kl_coef"], "steps": p.steps,
-               "skipped_non_finite": state["skipped"], "truncated_prompts": state.get("truncated_prompts", 0),
-               "processes": accelerator.num_processes,
-               "duration_s": round(time.time() - started, 1),
-               **_speed(seconds, episodes, bf16)}
+        f.writelines(json.dumps(r) + "\n" for r in state.log)
     checkpoint = store.publish(tmp, {
         "run": run, "stage": "ppo", "model": spec.name, "template": spec.template, "parents": [sft.id, rm.id],
         "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": str(sft.path), "adapter": cfg.lora.enabled,
@@ -351,7 +443,6 @@ def main(argv: list[str]) -> None:
     })
     store.clear_state(run, "ppo")  # published: a rerun starts a new training
     print(f"[ppo] saved {checkpoint.id} -> {checkpoint.path}")
-    print(evaluation.format_comparison(summary))
 
 
 def _untied(weights: dict) -> dict:
@@ -362,16 +453,6 @@ def _untied(weights: dict) -> dict:
             seen.add(tensor.data_ptr())
             out[key] = tensor
     return out
-
-
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    """Names of parameters that share their tensor with an earlier one (tied embeddings)."""
-    seen, tied = set(), set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.data_ptr() in seen:
-            tied.add(name)
-        seen.add(tensor.data_ptr())
-    return tied
 
 
 def _speed(seconds: dict, episodes: int, bf16: bool) -> dict:
@@ -386,15 +467,6 @@ def _speed(seconds: dict, episodes: int, bf16: bool) -> dict:
 
 def _part(weights: dict, prefix: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
-
-
-def _check_patience(state: dict, step: int, patience: int, what: str) -> None:
-    print(f"[guard] step {step}: non-finite {what}, update skipped ({state['skipped']} so far)")
-    if state["in_a_row"] >= patience:
-        raise training.NonFiniteError(
-            f"stopping at PPO step {step}: {state['in_a_row']} updates in a row had a non-finite {what}; "
-            "the last complete state is kept for resuming"
-        )
 
 
 if __name__ == "__main__":

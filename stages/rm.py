@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig
 from trl import RewardTrainer as TRLRewardTrainer
 
-from alignment import config, data, training, evaluation, modeling, registry
+from alignment import config, data, distributed, evaluation, loading, registry, training
 from alignment.config import field
 from alignment.store import Store
 
@@ -69,11 +69,12 @@ def main(argv: list[str]) -> None:
 
     # 2. reward model = SFT body + a new scalar head (seeded)
     torch.manual_seed(cfg.seed)
-    tokenizer = modeling.load_tokenizer(sft.path, spec)
+    tokenizer = loading.load_tokenizer(sft.path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
-    model = modeling.load_model(sft.path, AutoModelForSequenceClassification, spec, cfg.quantization, cfg.compute_dtype)
-    print(f"[rm] from {sft.id}: {modeling.count_parameters(model):,} parameters")
-    print(f"[rm] {modeling.footprint('reward model', model)}")
+    model = loading.load_model(sft.path, AutoModelForSequenceClassification, spec, cfg.quantization, cfg.compute_dtype,
+                               tokenizer=tokenizer, trained=True)
+    print(f"[rm] from {sft.id}: {loading.count_parameters(model):,} parameters")
+    print(f"[rm] {loading.footprint('reward model', model)}")
 
     # 3. preference pairs; prompts carry the model's template, so the RM reads what the policy writes
     def templated(records: list[dict]) -> list[dict]:
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> None:
     # 4. train
     peft_config = None
     if cfg.lora.enabled:
-        peft_config = modeling.lora_config(cfg.lora, model, spec, "SEQ_CLS", modules_to_save=["score"])
+        peft_config = loading.lora_config(cfg.lora, model, spec, "SEQ_CLS", modules_to_save=["score"])
     bf16 = training.use_bf16(cfg.precision)
     args = RewardConfig(
         output_dir=str(work_dir),
@@ -132,7 +133,7 @@ def main(argv: list[str]) -> None:
         # their input, but the plain linear reward head does not, so it goes back to the dtype of its input.
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and ".score." in f".{name}":
-                param.data = param.data.to(modeling.DTYPES[cfg.compute_dtype])
+                param.data = param.data.to(loading.DTYPES[cfg.compute_dtype])
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[rm] {dropped} training pairs longer than rm.max_length={cfg.rm.max_length} tokens were dropped")
@@ -143,14 +144,17 @@ def main(argv: list[str]) -> None:
     best_validation = trainer.state.best_metric
 
     # 5. held-out accuracy, scored the way PPO will score (our forward pass, not the trainer's batches)
-    if not trainer.is_world_process_zero():  # one process measures and writes the result
+    # (every process: under ZeRO-3 the weights are gathered for it, and each process then computes alone)
+    with distributed.whole_model(trainer.accelerator, trainer.model_wrapped) as whole:
+        whole.eval()
+        accuracy = evaluation.pairwise_accuracy(whole, tokenizer, spec, raw_eval)
+    weights = training.trained_weights(trainer)
+    if not trainer.is_world_process_zero():  # one process writes the result
         return
-    trainer.model.eval()
-    accuracy = evaluation.pairwise_accuracy(trainer.model, tokenizer, spec, raw_eval)
 
     # 6. save to the store
     tmp = store.staging(run, "rm")
-    trainer.model.save_pretrained(tmp)
+    training.save_trained(trainer.model, tmp, weights, spec.dtype, cfg.quantization)
     tokenizer.save_pretrained(tmp)
     metrics = {
         "train_loss": result.training_loss,
@@ -164,6 +168,7 @@ def main(argv: list[str]) -> None:
         "steps": result.global_step,
         "skipped_non_finite": guard.skipped,
         "processes": args.world_size,
+        "deepspeed_zero_stage": distributed.deepspeed_stage(),
         "duration_s": round(time.time() - started, 1),
         **training.throughput(result.metrics, trainer.state, bf16),
     }

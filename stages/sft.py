@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, Trainer
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer as TRLSFTTrainer
 
-from alignment import config, data, training, modeling, registry
+from alignment import config, data, distributed, forwards, loading, registry, training
 from alignment.config import field
 from alignment.store import Store
 
@@ -76,12 +76,13 @@ def main(argv: list[str]) -> None:
     profile = data.get_profile(cfg.data)
     base_path = registry.resolve(spec, data.corpus(cfg.data, spec.format_prompt), profile.tokenizer_vocab) \
         if spec.is_tiny else registry.resolve(spec)
-    tokenizer = modeling.load_tokenizer(base_path, spec)
+    tokenizer = loading.load_tokenizer(base_path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
-    model = modeling.load_model(base_path, AutoModelForCausalLM, spec, cfg.quantization, cfg.compute_dtype)
-    print(f"[sft] {spec.name}: {modeling.count_parameters(model):,} parameters, from {base_path}")
-    print(f"[sft] {modeling.footprint('policy', model)}")
-    packed = cfg.sft.packed and modeling.reads_packed_rows(model)
+    model = loading.load_model(base_path, AutoModelForCausalLM, spec, cfg.quantization, cfg.compute_dtype,
+                               tokenizer=tokenizer, trained=True)
+    print(f"[sft] {spec.name}: {loading.count_parameters(model):,} parameters, from {base_path}")
+    print(f"[sft] {loading.footprint('policy', model)}")
+    packed = cfg.sft.packed and forwards.reads_packed_rows(model)
     if cfg.sft.packed and not packed:
         print(f"[sft] {spec.name} cannot keep sequences packed in one row apart: batches are padded instead")
 
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> None:
     # 4. train
     peft_config = None
     if cfg.lora.enabled:
-        peft_config = modeling.lora_config(cfg.lora, model, spec, "CAUSAL_LM")
+        peft_config = loading.lora_config(cfg.lora, model, spec, "CAUSAL_LM")
     bf16 = training.use_bf16(cfg.precision)
     args = TRLSFTConfig(
         output_dir=str(work_dir),
@@ -145,12 +146,13 @@ def main(argv: list[str]) -> None:
         print(f"[sft] resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics = trainer.evaluate()
+    weights = training.trained_weights(trainer)  # every process: under ZeRO-3 each holds a shard
     if not trainer.is_world_process_zero():  # one process writes the result
         return
 
     # 5. save to the store: HF folder (or adapter) + tokenizer + manifest
     tmp = store.staging(run, "sft")
-    trainer.model.save_pretrained(tmp)
+    training.save_trained(trainer.model, tmp, weights, spec.dtype, cfg.quantization)
     tokenizer.save_pretrained(tmp)
     metrics = {
         "train_loss": result.training_loss,
@@ -161,6 +163,7 @@ def main(argv: list[str]) -> None:
         "truncated": truncated,
         "packed": packed,
         "processes": args.world_size,
+        "deepspeed_zero_stage": distributed.deepspeed_stage(),
         "duration_s": round(time.time() - started, 1),
         **training.throughput(result.metrics, trainer.state, bf16),
     }

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignment import evaluation, registry, report
-from alignment.modeling import load_tokenizer
+from alignment.loading import load_tokenizer
 from stages import eval as eval_stage
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage

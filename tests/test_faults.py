@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alignment import modeling, registry, training
+from alignment import loading, registry, training
 from alignment.store import Store
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage
@@ -177,7 +177,7 @@ def test_pickled_checkpoint_is_refused(tmp_path, tiny_cache):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle: unpickling can run code
     assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
     with pytest.raises(OSError, match="safetensors"):
-        modeling.load_model(tmp_path, AutoModelForCausalLM, spec)
+        loading.load_model(tmp_path, AutoModelForCausalLM, spec)
 
 
 def test_path_traversal_run_name_is_refused(tmp_path):

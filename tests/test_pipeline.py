@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import modeling, ppo, registry, training
+from alignment import forwards, loading, ppo, registry, scoring, training
 from alignment.store import Store
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage
@@ -106,15 +106,15 @@ def test_lora_sft_feeds_rm_and_ppo(tmp_path, tiny_cache):
     # the RM adapter (with its trained score head) sits on the merged SFT model, and loads through the store
     rm = store.get("tiny-llama", "rm")
     assert (rm.path / "adapter_config.json").is_file() and rm.manifest["base"] == str(sft.path)
-    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, registry.get("tiny-llama"))
+    reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, registry.get("tiny-llama"))
     assert reward_model.score.weight.abs().sum() > 0
 
     # LoRA-PPO trained new adapters on the merged SFT model; loading merges both
     ppo = store.get("tiny-llama", "ppo")
     assert ppo.manifest["parents"] == ["tiny-llama/sft", "tiny-llama/rm"] and ppo.manifest["base"] == str(sft.path)
     assert (ppo.path / "adapter_config.json").is_file()
-    merged_sft = modeling.load_model(sft.path, AutoModelForCausalLM, registry.get("tiny-llama"))
-    merged_ppo = modeling.load_model(ppo.path, AutoModelForCausalLM, registry.get("tiny-llama"))
+    merged_sft = loading.load_model(sft.path, AutoModelForCausalLM, registry.get("tiny-llama"))
+    merged_ppo = loading.load_model(ppo.path, AutoModelForCausalLM, registry.get("tiny-llama"))
     assert not torch.allclose(merged_sft(ids).logits, merged_ppo(ids).logits)
 
 
@@ -126,16 +126,16 @@ def test_lora_reference_is_the_sft_model_with_adapters_disabled(tiny_cache):
     sft_model = AutoModelForCausalLM.from_pretrained(path).eval()
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(
         r=4, target_modules=list(spec.lora_targets), init_lora_weights=False)).eval()  # adapters that change outputs
-    reference = modeling.AdapterDisabled(policy)
+    reference = forwards.AdapterDisabled(policy)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6], [0, 0, 2, 7, 1, 8, 2, 8]])
     attention = torch.tensor([[1] * 8, [0, 0] + [1] * 6])  # left padding, as in PPO rollouts
-    ref_logprobs, _ = modeling.policy_forward(reference, ids, attention, 4, 1.0)
-    sft_logprobs, _ = modeling.policy_forward(sft_model, ids, attention, 4, 1.0)
-    policy_logprobs, _ = modeling.policy_forward(policy, ids, attention, 4, 1.0)
+    ref_logprobs, _ = forwards.policy_forward(reference, ids, attention, 4, 1.0)
+    sft_logprobs, _ = forwards.policy_forward(sft_model, ids, attention, 4, 1.0)
+    policy_logprobs, _ = forwards.policy_forward(policy, ids, attention, 4, 1.0)
     # equal up to float rounding: the LM head multiplies a slice of positions, where kernels may round differently
     assert torch.allclose(ref_logprobs, sft_logprobs, rtol=0, atol=1e-5)
     assert not torch.allclose(policy_logprobs, sft_logprobs)
-    assert modeling.count_parameters(reference) == modeling.count_parameters(policy)  # the same weights, no copy
+    assert loading.count_parameters(reference) == loading.count_parameters(policy)  # the same weights, no copy
 
 
 def test_rm_without_sft_says_what_to_run(tmp_path):
@@ -157,19 +157,19 @@ def test_reward_model_with_another_tokenizer_scores_from_text(tmp_path, tiny_cac
     # the scorer decodes the LLaMA policy's tokens and scores the text as the BLOOM reward model was trained
     llama, bloom = registry.get("tiny-llama"), registry.get("tiny-bloom")
     sft, rm = store.get("tiny-llama", "sft"), store.get("tiny-bloom", "rm")
-    policy_tokenizer, rm_tokenizer = modeling.load_tokenizer(sft.path, llama), modeling.load_tokenizer(rm.path, bloom)
+    policy_tokenizer, rm_tokenizer = loading.load_tokenizer(sft.path, llama), loading.load_tokenizer(rm.path, bloom)
     assert policy_tokenizer.get_vocab() != rm_tokenizer.get_vocab()
-    reward_model = modeling.load_model(rm.path, AutoModelForSequenceClassification, bloom).eval()
-    scorer = modeling.RewardScorer(reward_model, rm_tokenizer, bloom, policy_tokenizer, llama)
+    reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, bloom).eval()
+    scorer = scoring.RewardScorer(reward_model, rm_tokenizer, bloom, policy_tokenizer, llama)
     assert scorer.by_text
     prompts = ["sort: c a b", "copy: d e"]
-    policy = modeling.load_model(ppo.path, AutoModelForCausalLM, llama).eval()
-    query_responses, query_mask, responses = modeling.generate(
+    policy = loading.load_model(ppo.path, AutoModelForCausalLM, llama).eval()
+    query_responses, query_mask, responses = forwards.generate(
         policy, policy_tokenizer, [llama.format_prompt(p) for p in prompts], 8, 1.0, greedy=True)
     mask, _ = __import__("alignment.ppo", fromlist=["x"]).response_mask(responses, policy_tokenizer.eos_token_id)
     scores = scorer(prompts, query_responses, torch.cat([query_mask, mask.long()], 1), responses)
     texts = [bloom.format_prompt(p) + t for p, t in zip(prompts, policy_tokenizer.batch_decode(responses, skip_special_tokens=True))]
-    expected, _ = modeling.score_texts(reward_model, rm_tokenizer, texts)
+    expected, _ = scoring.score_texts(reward_model, rm_tokenizer, texts)
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
 
 
@@ -198,14 +198,14 @@ def test_quantized_weights_without_lora_fail_at_start(tmp_path):
 
 @pytest.mark.parametrize("name", [s.name for s in registry.MODELS.values() if s.is_tiny])
 def test_greedy_decoding_gives_the_tokens_transformers_generate_gives(tiny_cache, name):
-    """modeling.generate runs its own KV-cache loop; for every architecture in the registry its greedy tokens
+    """forwards.generate runs its own KV-cache loop; for every architecture in the registry its greedy tokens
     must be those of transformers' generate() (left padding, positions, cache and EOS handling included)."""
     spec = registry.get(name)
     path = registry.resolve(spec)
-    tokenizer = modeling.load_tokenizer(path, spec)
+    tokenizer = loading.load_tokenizer(path, spec)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     prompts = [spec.format_prompt(p) for p in ["sort: d a c b", "reverse: a b c d e f g h i j", "copy: x"]]
-    query_responses, query_mask, responses = modeling.generate(model, tokenizer, prompts, 10, 1.0, greedy=True)
+    query_responses, query_mask, responses = forwards.generate(model, tokenizer, prompts, 10, 1.0, greedy=True)
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     assert torch.equal(query_responses[:, : enc.input_ids.shape[1]], enc.input_ids)
@@ -221,75 +221,138 @@ def test_sampling_draws_from_the_distribution():
     """The inverse-CDF draw picks each token with its probability (and never one of probability 0)."""
     torch.manual_seed(0)
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]])
-    draws = torch.stack([modeling._sample(probs.log()) for _ in range(4000)])
+    draws = torch.stack([forwards._sample(probs.log()) for _ in range(4000)])
     assert (draws[:, 1] == 3).all()
     share = torch.bincount(draws[:, 0], minlength=4).float() / 4000
     assert share[1] == 0 and torch.allclose(share, probs[0], atol=0.03)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rollout_logprobs_equal_a_forward_pass(tiny_cache, temperature):
-    """PPO's old log-probs come from generate() itself; they must be the ones a forward pass gives."""
+def rollout_batch(model, tokenizer, spec, prompts, max_new_tokens=12, temperature=1.0):
+    query_responses, query_mask, responses = forwards.generate(
+        model, tokenizer, [spec.format_prompt(p) for p in prompts], max_new_tokens, temperature)
+    mask, _ = ppo.response_mask(responses, tokenizer.eos_token_id)
+    return query_responses, torch.cat([query_mask, mask.long()], dim=1), query_mask.shape[1], mask
+
+
+def test_old_logprobs_are_those_of_the_training_forward_in_bf16(tiny_cache):
+    """PPO's old log-probs and values come from the training forward run without gradients, on the very
+    minibatches the first epoch trains on: under bf16 autocast the first update's ratio is exactly 1. (Other
+    minibatches, other widths: here up to 3e-3 nats apart in bf16, a ratio off 1 before any update.)"""
     spec = registry.get("tiny-llama")
     path = registry.resolve(spec)
-    tokenizer = modeling.load_tokenizer(path, spec)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = loading.load_tokenizer(path, spec)
+    policy = AutoModelForCausalLM.from_pretrained(path)
+    model = forwards.ActorCritic(policy, AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)).eval()
     torch.manual_seed(0)
-    collected = modeling.SampledLogprobs()
-    prompts = ["sort: d a c b", "reverse: a b c d e f g h i j"]  # different lengths: left padding
-    query_responses, query_mask, responses = modeling.generate(
-        model, tokenizer, [spec.format_prompt(p) for p in prompts], 12, temperature, record=collected)
-    logprobs, entropy = collected.result()
-    mask, _ = ppo.response_mask(responses, tokenizer.eos_token_id)
-    attention = torch.cat([query_mask, mask.long()], dim=1)
+    prompts = ["sort: d a c b", "reverse: a b c d e f g h i j", "count: x y", "sort: q w e r t y u i o p a s"]
+    qr, attention, context, mask = rollout_batch(policy, tokenizer, spec, prompts, temperature=0.7)
+    r = ppo_stage.Rollout(prompts, qr, attention, qr[:, context:], mask, mask.bool().any(1))
+    minibatches = [torch.tensor([0, 2]), torch.tensor([3, 1])]
+    p = ppo_stage.PPOSettings(temperature=0.7)
+    scorer = scoring.RewardScorer(model.critic, tokenizer, spec, tokenizer, spec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        old = ppo_stage.score(model, policy, scorer, r, p, minibatches)
+        for rows in minibatches:
+            new = forwards.actor_critic_forward(model, qr[rows], attention[rows], context, 0.7)
+            m = mask[rows].bool()
+            assert new.logprobs.requires_grad
+            assert torch.equal(new.logprobs[m], old.logprobs[rows][m])
+            assert torch.equal(new.values[m], old.values[rows][m])
+    assert torch.equal(old.ref_logprobs[mask.bool()], old.logprobs[mask.bool()])  # reference = policy: KL 0
+
+
+def test_generation_never_samples_the_pad_token(tiny_cache):
+    spec = registry.get("tiny-llama")
+    path = registry.resolve(spec)
+    tokenizer = loading.load_tokenizer(path, spec)
+    policy = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
-        expected, expected_entropy = modeling.policy_forward(model, query_responses, attention, query_mask.shape[1],
-                                                             temperature)
-    assert logprobs.shape == expected.shape == responses.shape
-    m = mask.bool()
-    assert torch.allclose(logprobs[m], expected[m], atol=1e-4)
-    assert torch.allclose(entropy[m], expected_entropy[m], atol=1e-4)
+        policy.lm_head.weight[tokenizer.pad_token_id] = policy.lm_head.weight.abs().max() * 50  # pad would win
+    torch.manual_seed(0)
+    _, _, responses = forwards.generate(policy, tokenizer, [spec.format_prompt("sort: b a")] * 4, 6, 1.0)
+    mask, _ = ppo.response_mask(responses, tokenizer.eos_token_id)
+    assert (responses[mask.bool()] != tokenizer.pad_token_id).all()
 
 
 def test_packed_layout_computes_each_row_as_alone(tiny_cache):
-    """Minibatch forwards move each row's tokens to the right end (less padding); every response token's
-    log-prob and value must be the one the row computes alone, without any padding."""
+    """Minibatch forwards lay each row out from column 0 (less padding, on the right only); every response
+    token's log-prob and value, and the reward model's score, must be the ones the row computes alone."""
     spec = registry.get("tiny-llama")
     path = registry.resolve(spec)
     policy = AutoModelForCausalLM.from_pretrained(path)
     critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    model = modeling.ActorCritic(policy, critic).eval()
+    model = forwards.ActorCritic(policy, critic).eval()
     # rollout layout, context 6: prompts of 3, 4 and 6 tokens; responses of 3, 4 and 2 tokens
     ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9, 1, 0, 0], [0, 0, 4, 5, 6, 7, 8, 9, 10, 1, 0],
                         [3, 4, 5, 6, 7, 8, 9, 1, 0, 0, 0]])
     attention = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0],
                               [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]])
-    packed = modeling.pack(ids, attention, 6)
+    packed = forwards.pack(ids, attention, 6)
     assert packed.input_ids.shape == (3, 8)  # the longest row (8 tokens), not 6 + 4
-    assert packed.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8, [1] * 8]
-    assert packed.input_ids[2].tolist() == [3, 4, 5, 6, 7, 8, 9, 1]
+    assert packed.attention_mask.tolist() == [[1] * 6 + [0, 0], [1] * 8, [1] * 8]  # padding on the right only
+    assert packed.input_ids[0, :6].tolist() == [5, 6, 7, 8, 9, 1] and packed.input_ids[2].tolist() == [3, 4, 5, 6, 7, 8, 9, 1]
+    assert packed.last.tolist() == [5, 7, 7]
     with torch.no_grad():
-        logprobs, values = modeling.actor_critic_forward(model, ids, attention, 6, 1.0)
-        alone_values = modeling.critic_values(model, ids, attention, 6)
-        ref_logprobs, _ = modeling.policy_forward(policy, ids, attention, 6, 1.0)
-        assert logprobs.shape == values.shape == (3, 5)
+        scored = forwards.actor_critic_forward(model, ids, attention, 6, 1.0)
+        ref_logprobs, _ = forwards.policy_forward(policy, ids, attention, 6, 1.0)
+        assert scored.logprobs.shape == scored.values.shape == (3, 5)
         for i in range(3):
             row = ids[i][attention[i].bool()][None]
             prompt, response = int(attention[i, :6].sum()), int(attention[i, 6:].sum())
-            logits, row_values = model(row, torch.ones_like(row))
+            logits = policy(row).logits
             expected = ppo.logprobs_from_logits(logits[:, prompt - 1 : -1], row[:, prompt:])[0]
-            for got in (logprobs[i, :response], ref_logprobs[i, :response]):
+            for got in (scored.logprobs[i, :response], ref_logprobs[i, :response]):
                 assert torch.allclose(got, expected, atol=1e-5)
-            for got in (values[i, :response], alone_values[i, :response]):
-                assert torch.allclose(got, row_values[0, prompt - 1 : -1], atol=1e-5)
-    tokenizer = modeling.load_tokenizer(path, spec)
+            row_values = forwards.position_scores(critic, row, torch.ones_like(row))
+            assert torch.allclose(scored.values[i, :response], row_values[0, prompt - 1 : -1], atol=1e-5)
+    tokenizer = loading.load_tokenizer(path, spec)
     assert critic.config.pad_token_id == tokenizer.pad_token_id == 0  # the padding in ids above
-    scorer = modeling.RewardScorer(critic, tokenizer, spec, tokenizer, spec)  # same tokens: scored packed
+    scorer = scoring.RewardScorer(critic, tokenizer, spec, tokenizer, spec)  # same tokens: scored packed
     with torch.no_grad():
         scores = scorer(["unused"] * 3, ids, attention, ids[:, 6:])
         for i in range(3):
             row = ids[i][attention[i].bool()][None]
-            assert torch.allclose(scores[i], modeling.reward_forward(critic, row, torch.ones_like(row))[0], atol=1e-5)
+            pooled = critic(input_ids=row).logits[0, 0]  # transformers' own pooling, at the last token
+            assert torch.allclose(scores[i], pooled, atol=1e-5)
+
+
+class FullyMaskedRows:
+    """Records, for every scaled_dot_product_attention call, whether some query row attends to no key."""
+
+    def __init__(self):
+        self.calls, self.fully_masked = 0, 0
+        self.original = torch.nn.functional.scaled_dot_product_attention
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        self.calls += 1
+        if attn_mask is not None:
+            allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+            allowed = allowed.expand(*query.shape[:-1], key.shape[-2])
+            self.fully_masked += int((~allowed.any(-1)).any())
+        return self.original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+
+def test_no_training_forward_holds_a_fully_masked_attention_row(tiny_cache, monkeypatch):
+    """cuDNN's attention backward returns NaN for a query row that attends to nothing (the default kernel on
+    H100/H200): every forward PPO trains through must give each position at least one key. The rollout layout
+    (prompts left-padded) has such rows; the packed layout must not."""
+    spec = registry.get("tiny-llama")
+    path = registry.resolve(spec)
+    tokenizer = loading.load_tokenizer(path, spec)
+    policy = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, attn_implementation="sdpa")
+    model = forwards.ActorCritic(policy, critic)
+    torch.manual_seed(0)
+    qr, attention, context, _ = rollout_batch(policy, tokenizer, spec, ["sort: d a c b", "reverse: a b c d e f g h"])
+    assert (attention[:, 0] == 0).any()  # left padding in the rollout: the case to handle
+    probe = FullyMaskedRows()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", probe)
+    policy(input_ids=qr, attention_mask=attention)  # the rollout layout as it is: detected
+    assert probe.calls and probe.fully_masked
+    probe.calls = probe.fully_masked = 0
+    forwards.actor_critic_forward(model, qr, attention, context, 1.0).logprobs.sum().backward()
+    assert probe.calls == 2 * policy.config.num_hidden_layers  # policy and critic, every layer seen
+    assert probe.fully_masked == 0
 
 
 def test_packed_rows_train_on_the_same_loss_as_padded_batches(tiny_cache):
@@ -297,9 +360,9 @@ def test_packed_rows_train_on_the_same_loss_as_padded_batches(tiny_cache):
     the loss and gradients of the same batch padded; models that cannot keep packed sequences apart are found."""
     spec = registry.get("tiny-llama")
     model = AutoModelForCausalLM.from_pretrained(registry.resolve(spec)).eval()
-    assert modeling.reads_packed_rows(model)
+    assert forwards.reads_packed_rows(model)
     bloom = AutoModelForCausalLM.from_pretrained(registry.resolve(registry.get("tiny-bloom")))
-    assert not modeling.reads_packed_rows(bloom)  # ALiBi reads the attention mask: padded batches instead
+    assert not forwards.reads_packed_rows(bloom)  # ALiBi reads the attention mask: padded batches instead
 
     generator = torch.Generator().manual_seed(0)
     lengths = [9, 3, 14, 6, 11, 5, 7]

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from alignment import modeling, registry
+from alignment import loading, registry
 
 TINY = [s for s in registry.MODELS.values() if s.is_tiny]
 REAL = [s for s in registry.MODELS.values() if not s.is_tiny]
@@ -30,7 +30,7 @@ def test_tiny_twin_builds_once_and_loads_with_from_pretrained(spec, tiny_cache):
     assert tokenizer.unk_token_id not in tokenizer("Ünïcode text it never saw").input_ids
     logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tokenizer)) and torch.isfinite(logits).all()
-    assert modeling.count_parameters(model) < 2_000_000
+    assert loading.count_parameters(model) < 2_000_000
 
 
 @pytest.mark.parametrize("spec", registry.MODELS.values(), ids=lambda s: s.name)
@@ -38,7 +38,7 @@ def test_every_entry_resolves_its_settings(spec):
     assert spec.family in CONFIG_MAPPING
     assert spec.template in registry.TEMPLATES and "sort: b a" in spec.format_prompt("sort: b a")
     assert spec.padding_side in ("left", "right")
-    assert spec.dtype in modeling.DTYPES
+    assert spec.dtype in loading.DTYPES
     assert not spec.trust_remote_code
     if not spec.is_tiny:
         assert registry.resolve(spec) == spec.source and "/" in spec.source  # a hub id: loading code is real
@@ -69,7 +69,7 @@ def test_real_entry_fails_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = registry.get("gpt2")
     with pytest.raises(OSError):
-        modeling.load_tokenizer(registry.resolve(spec), spec)
+        loading.load_tokenizer(registry.resolve(spec), spec)
 
 
 def test_default_model_is_registered():

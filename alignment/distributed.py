@@ -1,0 +1,128 @@
+"""Several processes, with or without DeepSpeed ZeRO: what PPO's own loop needs beyond Accelerate.
+
+The trainers of SFT and the reward model (transformers' Trainer) handle DeepSpeed themselves; PPO's loop
+is ours, so here is what it takes to run it under ZeRO-2/3 the way the peers do (TRL's PPOTrainer and
+OpenRLHF): the launcher's DeepSpeed config honoured, the frozen models loaded outside ZeRO-3's
+partitioning, the trained weights gathered once for each rollout, and a non-finite step refused by all
+processes together before DeepSpeed applies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
+
+
+def deepspeed_stage() -> int:
+    """The ZeRO stage the launcher configured (accelerate launch sets these variables), 0 without DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return 0
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
+def make_accelerator(micro_batch_size: int, max_grad_norm: float) -> Accelerator:
+    """An Accelerator for a loop of our own. Under DeepSpeed its config gets what the loop decides (the micro
+    batch: one PPO minibatch; the gradient clipping) and, with bf16, ZeRO-1/2's own check that skips a step
+    whose gradients are not finite. Without DeepSpeed on a machine without GPUs, cpu=True: otherwise
+    Accelerate treats a multi-process CPU launch as one process (with DeepSpeed cpu=True drops the config)."""
+    if not deepspeed_stage():
+        return Accelerator(cpu=not torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        # Accelerate starts DeepSpeed only without cpu=True, and then, with no GPU, counts one process; the
+        # process group started first as for a multi-process CPU run (gloo) gives it the right world.
+        PartialState(cpu=True)
+    accelerator = Accelerator()
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["train_batch_size"] = micro_batch_size * accelerator.num_processes
+    config["gradient_accumulation_steps"] = 1
+    config["gradient_clipping"] = max_grad_norm
+    if config.get("bf16", {}).get("enabled") in (True, "auto") and accelerator.mixed_precision == "bf16":
+        config["bf16"] = {**config["bf16"], "enabled": True, "check_grad_overflow": True}
+    return accelerator
+
+
+def offloads_optimizer(accelerator: Accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    offload = (plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer") or {}) if plugin else {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+def optimizer(accelerator: Accelerator, parameters: list, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW; DeepSpeed's CPU Adam where ZeRO keeps the optimizer states in CPU memory (it refuses a torch
+    optimizer there), built just in time by DeepSpeed the first time."""
+    if offloads_optimizer(accelerator):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(parameters, lr=learning_rate, eps=1e-5, adamw_mode=True)
+    # fused: one kernel for all tensors (on CPU here 5x faster than the per-tensor loop)
+    return torch.optim.AdamW(parameters, lr=learning_rate, eps=1e-5, fused=True)
+
+
+@contextlib.contextmanager
+def outside_zero3_init(accelerator: Accelerator):
+    """Under ZeRO-3 transformers loads every model partitioned over the processes; a frozen model that has no
+    engine of its own must be whole in each process instead (the peers load it so when it fits). Accelerate's
+    zero3_init_context_manager(enable=False) leaves transformers' ZeRO-3 config in place (it still partitions):
+    the config is taken away for the duration instead."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref() if hf_deepspeed._hf_deepspeed_config_weak_ref else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+@contextlib.contextmanager
+def whole_model(accelerator: Accelerator, model):
+    """The trained model for inference (generation, scoring, evaluation), each process on its own. Under ZeRO-3
+    its weights are gathered once and its partitioning hooks removed for the duration (every decoding step
+    would otherwise gather every layer again, through collectives that all processes must join)."""
+    if accelerator.state.deepspeed_plugin is None or accelerator.state.deepspeed_plugin.zero_stage != 3:
+        yield accelerator.unwrap_model(model)
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        remove_hooks(model)
+        try:
+            yield accelerator.unwrap_model(model)
+        finally:
+            add_hooks(model)
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether flag holds in any process: a decision all processes must take together."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+def all_processes_done(accelerator: Accelerator):
+    """generate()'s stopping rule for decoding through forwards that communicate: stop when every process is done."""
+    return lambda done: not any_process(accelerator, not bool(done.all()))
+
+
+def shared_folder(accelerator: Accelerator, make) -> str:
+    """A folder the main process makes (make() -> path), known to every process."""
+    path = [str(make()) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(path)
+    return path[0]
+
+
+def skipped_by_deepspeed(model) -> int:
+    """Steps DeepSpeed itself skipped for non-finite gradients (its overflow check), 0 without DeepSpeed."""
+    return int(getattr(model, "skipped_steps", 0) or 0)

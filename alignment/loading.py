@@ -1,0 +1,154 @@
+"""Loading models and tokenizers from the registry or the store.
+
+Every checkpoint loads with the standard from_pretrained. A LoRA checkpoint holds only its adapter; its
+manifest names the `base` it was trained on (a registry path or a parent checkpoint), and loading
+merges the adapter into that base, so the stages downstream always get a plain model.
+
+Precision: a model that trains is loaded in fp32 whatever the checkpoint's dtype, and computes in bf16
+under autocast (or DeepSpeed's bf16 mode, which keeps its own fp32 master copy): pure-bf16 weights updated
+by AdamW lose every step smaller than half a bf16 ulp (0.004 for a weight near 1), and training stalls.
+Frozen models (the reference, the reward model) load in the entry's dtype, bf16 for real models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from alignment.registry import ModelSpec
+from alignment.store import load_checkpoint
+
+_PEFT_TASKS = {AutoModelForCausalLM: "CAUSAL_LM", AutoModelForSequenceClassification: "SEQ_CLS"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PAD_TOKEN = "<|pad|>"
+
+
+def load_tokenizer(path: str | Path, spec: ModelSpec):
+    """The tokenizer, with a pad token of its own. LLaMA, Mistral and GPT-2 ship without one, Qwen2's base
+    models pad with their EOS; padding with EOS would hide every response's EOS from the reward model, which
+    scores a sequence at its last non-pad token. The new token gets an embedding row by fit_vocabulary()."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = spec.padding_side
+    return tokenizer
+
+
+def fit_vocabulary(model: nn.Module, tokenizer) -> None:
+    """Gives every token of tokenizer an embedding row (the added pad token) and makes it the model's pad id.
+    New rows are zero, in the input and the output embedding alike, so a model loaded again later gets the
+    very same rows (the pad token is never attended to, and generation never samples it)."""
+    rows = model.get_input_embeddings().num_embeddings  # (under ZeRO-3 the weight itself is a 0-element shard)
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embeddings = [e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None]
+        with torch.no_grad(), _modifiable(embeddings):
+            for weight in embeddings:
+                weight[rows:] = 0
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _modifiable(parameters):
+    """Under ZeRO-3 (parameters partitioned at loading): the whole tensors, written back to the shards after."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def quantization_config(quantization: str, compute_dtype: str = "float32"):
+    """bitsandbytes settings for '8bit' or '4bit' (NF4 with double quantization), None for ''."""
+    from transformers import BitsAndBytesConfig
+
+    heads = ["lm_head", "score"]  # output layers stay in full precision (the reward head is tiny and trained)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=heads)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=DTYPES[compute_dtype], llm_int8_skip_modules=heads)
+    return None
+
+
+def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str = "", compute_dtype: str = "float32",
+               *, tokenizer=None, trained: bool = False, **kwargs) -> nn.Module:
+    """auto_class.from_pretrained(path), optionally in 8/4 bit; an adapter-only checkpoint is merged into the base
+    its manifest names (in full precision: merging into quantized weights would round the adapter away).
+    tokenizer: the one the model will read (fit_vocabulary); trained: load in fp32 (see the module's docstring)."""
+    path = Path(path)
+    if quantization and not (path / "adapter_config.json").is_file():
+        kwargs["quantization_config"] = quantization_config(quantization, compute_dtype)
+        kwargs.setdefault("dtype", DTYPES[compute_dtype])
+    kwargs.setdefault("dtype", torch.float32 if trained else DTYPES[spec.dtype])
+    kwargs.setdefault("trust_remote_code", spec.trust_remote_code)
+    kwargs.setdefault("use_safetensors", True)  # never unpickle weights: a .bin checkpoint can run code
+    if auto_class is AutoModelForSequenceClassification:
+        kwargs.setdefault("num_labels", 1)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base = load_model(load_checkpoint(path).manifest["base"], auto_class, spec, tokenizer=tokenizer, **kwargs)
+        # An SFT (causal-LM) adapter merged into the body of a reward model needs no task wrapper: drop it
+        # when the adapter's task differs from the class being loaded.
+        adapter_config = PeftConfig.from_pretrained(str(path))
+        if adapter_config.task_type != _PEFT_TASKS.get(auto_class):
+            adapter_config.task_type = None
+        merged = PeftModel.from_pretrained(base, str(path), config=adapter_config).merge_and_unload()
+        merged.requires_grad_(True)  # peft froze the base; the caller decides what trains
+        if quantization:  # quantize the merged weights by a round trip through a temporary folder
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                merged.save_pretrained(tmp)
+                return load_model(tmp, auto_class, spec, quantization, compute_dtype, tokenizer=tokenizer, **kwargs)
+        return merged
+    model = auto_class.from_pretrained(str(path), **kwargs)
+    if tokenizer is not None:
+        fit_vocabulary(model, tokenizer)
+    elif model.config.pad_token_id is None:  # the reward model pools at the last non-pad token
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def lora_targets(model: nn.Module, wanted: list[str], model_name: str) -> list[str]:
+    """wanted, checked against the model's modules: a clear stop at start-up instead of a peft error later."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__ or
+                     "Conv1D" in type(m).__name__})
+    missing = [t for t in wanted if t not in linear]
+    if missing:
+        raise SystemExit(f"lora.target_modules: {missing} not in {model_name}; its linear layers are {linear}")
+    return wanted
+
+
+def footprint(name: str, model: nn.Module) -> str:
+    """A log line with a model's memory footprint (weights and buffers)."""
+    size = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else sum(
+        t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return f"{name}: {size / 2**20:.1f} MiB in memory"
+
+
+def lora_config(settings, model: nn.Module, spec: ModelSpec, task_type: str, **extra):
+    """A peft LoraConfig from a config's `lora` section, its target modules checked against the model."""
+    from peft import LoraConfig
+
+    targets = lora_targets(model, settings.target_modules or list(spec.lora_targets), spec.name)
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, task_type=task_type,
+                      target_modules=targets, **extra)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """RLHF models run without dropout: it would make log-probs, values and rewards noisy and the PPO ratio wrong."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
