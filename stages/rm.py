@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
         "steps": result.global_step,
         "skipped_non_finite": guard.skipped,
         "processes": args.world_size,
-        "deepspeed_zero_stage": distributed.deepspeed_stage(),
+        "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else 0,
         "duration_s": round(time.time() - started, 1),
         **training.throughput(result.metrics, trainer.state, bf16),
     }

@@ -1,12 +1,23 @@
-"""Two gloo processes on CPU through the Makefile's launcher: the world size is really 2, every stage produces
-a working checkpoint, and both processes hold identical parameters after every optimizer step."""
+"""Two processes on CPU through the Makefile's launcher, as DDP (gloo) and under DeepSpeed ZeRO-2 and ZeRO-3:
+the world size is really 2, every stage produces a working checkpoint that records how it was trained, both
+processes hold identical parameters after every optimizer step, a killed PPO run resumes where an
+uninterrupted one ends, and a non-finite loss in one process is skipped by all."""
 
+import contextlib
+import json
 import os
 import re
+import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignment.store import Store
@@ -16,26 +27,38 @@ ARGS = {
     "sft": "limit=64 threads=1 sft.epochs=1 sft.batch_size=8 check_sync=true",  # 64 / (2 x 8) = 4 steps
     "rm": "limit=64 threads=1 rm.epochs=1 rm.batch_size=8 check_sync=true",
     "ppo": "limit=64 threads=1 ppo.steps=2 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 "
-           "ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=0 check_sync=true",  # 2 x 2 updates
+           "ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=1 ppo.eval_prompts=8 check_sync=true",  # 2 x 2 updates
 }
 UPDATES = {"sft": 4, "rm": 4, "ppo": 4}
+MODES = {"ddp": (0, []), "zero2": (2, ["ACCELERATE_CONFIG=configs/accelerate/zero2.yaml"]),
+         "zero3": (3, ["ACCELERATE_CONFIG=configs/accelerate/zero3.yaml"])}
+_stores = {}
 
 
-@pytest.fixture(scope="module")
-def two_process_store(tmp_path_factory, tiny_cache):
-    store = tmp_path_factory.mktemp("dist")
-    outputs = {}
-    for stage in ("sft", "rm", "ppo"):
-        out = subprocess.run(["make", "-s", stage, "NPROC=2", f"STORE={store}", f"ARGS={ARGS[stage]}"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=600, env={**os.environ})
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-        outputs[stage] = out.stdout + out.stderr
-    return Store(store), outputs
+def make(stage, store, mode, args, env=None, nproc=2, **kwargs):
+    command = ["make", "-s", stage, f"NPROC={nproc}", f"PY={sys.executable}", "INSTALL=", f"STORE={store}",
+               f"ARGS={args}", *MODES[mode][1]]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+def two_process_store(mode, tmp_path_factory):
+    """The three stages run once per mode, on 2 processes; their outputs by stage."""
+    if mode not in _stores:
+        store = tmp_path_factory.mktemp(mode)
+        outputs = {}
+        for stage in ("sft", "rm", "ppo"):
+            out = make(stage, store, mode, ARGS[stage])
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+            outputs[stage] = out.stdout + out.stderr
+        _stores[mode] = Store(store), outputs
+    return _stores[mode]
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
-def test_two_processes_stay_identical(two_process_store, stage):
-    store, outputs = two_process_store
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage):
+    store, outputs = two_process_store(mode, tmp_path_factory)
     text = outputs[stage]
     assert len(re.findall(r"\b2 process\(es\)", text)) == 2  # both processes report a world of 2
     in_sync = re.findall(r"\[sync\] [^:]+: 2 processes hold identical parameters \(checksum ([-\d.]+)\)", text)
@@ -43,6 +66,93 @@ def test_two_processes_stay_identical(two_process_store, stage):
     assert len(set(in_sync)) > 1  # the parameters did change between steps
     ckpt = store.get("tiny-llama", stage)
     assert ckpt.metrics["processes"] == 2
+    assert ckpt.metrics["deepspeed_zero_stage"] == MODES[mode][0]
     cls = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
-    cls.from_pretrained(ckpt.path)
+    model = cls.from_pretrained(ckpt.path)
+    assert all(p.numel() and torch.isfinite(p).all() for p in model.parameters())  # whole tensors, not shards
+    if stage == "ppo":
+        assert ckpt.metrics["skipped_non_finite"] == 0
+        assert len(ckpt.metrics["eval_curve"]) == 3  # evaluated on both processes at steps 0, 1, 2
     assert store.verify() == []
+
+
+def copy_inputs(source: Store, dest: Path) -> None:
+    for stage in ("sft", "rm"):
+        shutil.copytree(source.root / "tiny-llama" / stage, dest / "tiny-llama" / stage)
+
+
+def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path, tmp_path_factory, tiny_cache):
+    """SIGKILL of both processes after a state was saved; the resumed run loads every process's optimizer shard,
+    the fp32 master weights and RNG states, and ends where a run never stopped does."""
+    source, _ = two_process_store("zero2", tmp_path_factory)
+    args = ("limit=64 threads=1 ppo.steps=4 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 "
+            "ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=0 save_every=2")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for store in (straight, killed):
+        copy_inputs(source, store)
+    assert make("ppo", straight, "zero2", args).returncode == 0
+
+    command = ["make", "-s", "ppo", "NPROC=2", f"PY={sys.executable}", "INSTALL=", f"STORE={killed}", f"ARGS={args}",
+               *MODES["zero2"][1]]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "tiny-llama" / ".state" / "ppo" / "COMPLETE").exists():
+        assert proc.poll() is None, "ppo ended before saving a resumable state"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:  # make, the launcher and both processes (the launcher starts them in sessions of their own)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "tiny-llama" / "ppo" / "manifest.json").exists(), "killed too late: ppo had finished"
+    state = killed / "tiny-llama" / ".state" / "ppo" / "accelerate"
+    assert len(list(state.rglob("*optim_states.pt"))) == 2  # each process's optimizer shard
+
+    resumed = make("ppo", killed, "zero2", args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step 2" in resumed.stdout
+    a, b = Store(straight).get("tiny-llama", "ppo"), Store(killed).get("tiny-llama", "ppo")
+    log_a = [json.loads(x) for x in open(a.path / "ppo_log.jsonl")]
+    log_b = [json.loads(x) for x in open(b.path / "ppo_log.jsonl")]
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4]  # no step lost or repeated
+    for key in ("reward", "kl", "policy_loss"):
+        assert log_b[-1][key] == pytest.approx(log_a[-1][key], abs=1e-4)
+    weights_a, weights_b = load_file(str(a.path / "model.safetensors")), load_file(str(b.path / "model.safetensors"))
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_a_nan_loss_in_one_process_is_skipped_by_all_under_deepspeed(tmp_path, tmp_path_factory, tiny_cache):
+    """DeepSpeed steps inside backward(): the loss is checked first, over all processes, so a bad minibatch in
+    one of them is applied by none (applied, NaN would reach the weights; applied by one, the processes would
+    part ways and the sync check would stop the run)."""
+    source, _ = two_process_store("zero2", tmp_path_factory)
+    copy_inputs(source, tmp_path)
+    env = {"ALIGNMENT_NAN_LOSS": "1:2", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fault_injection"),
+                                                                        str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = make("ppo", tmp_path, "zero2", ARGS["ppo"].replace("eval_every=1", "eval_every=0"), env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert len(re.findall(r"\[guard\] step 1: non-finite loss, update skipped", text)) == 2  # both processes
+    assert len(re.findall(r"processes hold identical parameters", text)) == 2 * 3  # the other 3 updates
+    ckpt = Store(tmp_path).get("tiny-llama", "ppo")
+    assert ckpt.metrics["skipped_non_finite"] == 1
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ppo_with_bf16_weights_skips_no_update_and_raises_the_reward(tmp_path, tmp_path_factory, tiny_cache):
+    """DeepSpeed's bf16 mode, one process: bf16 weights and bf16 arithmetic, an fp32 master copy in the optimizer
+    (the numerics of a real model on a GPU). Every update is applied and the reward model's score rises."""
+    source, _ = two_process_store("zero2", tmp_path_factory)
+    copy_inputs(source, tmp_path)
+    args = ("limit=64 threads=2 precision=bf16 ppo.steps=12 ppo.batch_size=16 ppo.mini_batch_size=8 ppo.ppo_epochs=2 "
+            "ppo.max_new_tokens=12 ppo.eval_every=0 ppo.eval_samples=1 ppo.learning_rate=3e-4")
+    out = make("ppo", tmp_path, "zero2", args, nproc=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = Store(tmp_path).get("tiny-llama", "ppo")
+    assert ckpt.metrics["deepspeed_zero_stage"] == 2 and ckpt.metrics["processes"] == 1
+    assert ckpt.metrics["precision"] == "bf16"
+    assert ckpt.metrics["skipped_non_finite"] == 0
+    rewards = [json.loads(x)["reward"] for x in open(ckpt.path / "ppo_log.jsonl")]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05, rewards

@@ -4,7 +4,7 @@ environment (bench/.venv-trl112) with the same SFT policy, reward model, prompts
 Settings are matched to ours: rollout batch --batch, an optimizer step per --mini-batch sequences
 (per_device_train_batch_size=batch with num_mini_batches=batch/mini, so each minibatch is one forward),
 --epochs PPO epochs, --response-length sampled tokens at temperature 1 with EOS as the stop token, k1 KL at
---kl-coef, constant learning rate, fp32. Generation time is measured by wrapping its batch_generation.
+--kl-coef, constant learning rate, fp32 (--bf16: bf16 mixed precision). Generation time is measured by wrapping its batch_generation.
 Writes <out>/bench.json (episodes/s, time split, peak memory) and the trained policy to <out>/policy.
 """
 
@@ -26,6 +26,7 @@ for name in ("--steps", "--batch", "--mini-batch", "--epochs", "--response-lengt
     ap.add_argument(name, type=int, required=True)
 ap.add_argument("--lr", type=float, required=True)
 ap.add_argument("--kl-coef", type=float, required=True)
+ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (the GPU check's setting)")
 a = ap.parse_args()
 
 tokenizer = AutoTokenizer.from_pretrained(a.sft, padding_side="left")
@@ -40,7 +41,7 @@ args = PPOConfig(
     num_mini_batches=a.batch // a.mini_batch, num_ppo_epochs=a.epochs, total_episodes=a.steps * a.batch,
     response_length=a.response_length, temperature=1.0, stop_token="eos", missing_eos_penalty=None,
     kl_coef=a.kl_coef, kl_estimator="k1", learning_rate=a.lr, lr_scheduler_type="constant",
-    num_sample_generations=0, bf16=False, report_to=[], save_strategy="no", logging_steps=1, seed=a.seed,
+    num_sample_generations=0, bf16=a.bf16, report_to=[], save_strategy="no", logging_steps=1, seed=a.seed,
 )
 
 generating = [0.0]

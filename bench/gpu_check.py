@@ -1,0 +1,177 @@
+"""The GPU check: on a CUDA machine, what the CPU tests cannot show. One command, about 8 minutes on an H100/H200:
+
+    make gpu-check                                    (here: .venv/bin/python bench/gpu_check.py)
+    PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py --python python3 --peer-site /tmp/trl112
+
+1. the bf16 matmul peak of this GPU, measured; 2. the test suite on the GPU; 3. every stage under DeepSpeed
+ZeRO-2 and ZeRO-3 (one process) and QLoRA 4-bit and 8-bit, on the tiny model; 4. a ~0.5B LLaMA built from
+config (bf16 weights, as a real model's checkpoint) through SFT, RM and PPO: tokens/s and model FLOP
+utilisation against the measured peak, PPO episodes/s with its time split and skipped updates, the reward
+before and after; 5. TRL 1.12's PPOTrainer in bf16 on the same PPO work (needs --peer-site: a folder where TRL
+1.12 is installed, e.g. `pip install --target`), and the ratio of episodes/s. Prints a summary; writes it as
+JSON to --out (default bench/results/gpu_check.json). Nothing is downloaded. --smoke runs every step at a
+toy size (on a CPU too), to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.run import model_flops_per_token  # noqa: E402
+
+TINY = "limit=64 sft.epochs=1 sft.batch_size=16 rm.epochs=1 rm.batch_size=16 ppo.steps=2 ppo.batch_size=8 " \
+       "ppo.mini_batch_size=4 ppo.ppo_epochs=1 ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=0"
+
+
+def cuda_peak(dtype=torch.bfloat16, n: int = 8192) -> float:
+    """Best TFLOP/s of an n x n matmul on the GPU (the denominator of model FLOP utilisation)."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def step(name: str, cmd: list[str], results: dict, log_dir: Path, env: dict | None = None, timeout: int = 600) -> bool:
+    log = log_dir / f"{name}.log"
+    started = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    ok = proc.returncode == 0
+    results["steps"][name] = {"ok": ok, "seconds": round(time.time() - started, 1)}
+    print(f"[gpu-check] {'ok  ' if ok else 'FAIL'} {name} ({time.time() - started:.0f} s; log {log})", flush=True)
+    if not ok:
+        print(log.read_text()[-2500:])
+    return ok
+
+
+def build_half_billion_llama(folder: Path, tokenizer_from: Path, smoke: bool) -> Path:
+    """A LLaMA of ~0.46B parameters (hidden 1536, 16 layers) with random weights saved in bf16, and the tiny
+    model's tokenizer: MODEL=<folder> takes the llama family's settings."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    size = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4) if smoke else \
+        dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, num_key_value_heads=size[
+        "num_attention_heads"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, dtype="bfloat16", **size)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--python", default=sys.executable, help="the interpreter the stages run with")
+    ap.add_argument("--peer-site", default="", help="a folder holding TRL 1.12 (for its PPOTrainer)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
+    ap.add_argument("--smoke", action="store_true", help="every step at a toy size, to check this script")
+    ap.add_argument("--skip-tests", action="store_true")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not a.smoke:
+        raise SystemExit("gpu-check: no CUDA device here (--smoke runs the steps at a toy size on a CPU)")
+    work = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu-check"))
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "store"
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "steps": {}}
+    make = ["make", "-s", f"PY={a.python}", "INSTALL=", f"STORE={store}"]
+
+    # 1. the matmul peak, measured here
+    results["bf16_peak_tflops"] = round(cuda_peak(), 1) if cuda else None
+    print(f"[gpu-check] {results['device']}: bf16 matmul peak {results['bf16_peak_tflops']} TFLOP/s", flush=True)
+
+    # 2. the test suite, on the GPU
+    if not a.skip_tests:
+        xdist = ["-n", "8"] if subprocess.run([a.python, "-c", "import xdist"]).returncode == 0 else []
+        step("tests", [a.python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *xdist,
+                       *(["tests/test_ppo_math.py"] if a.smoke else [])], results, work, timeout=400)
+
+    # 3. every stage under ZeRO-2 and ZeRO-3, one process; QLoRA 4-bit and 8-bit
+    for zero in ("zero2", "zero3"):
+        step(f"stages-{zero}", [*make, "sft", "rm", "ppo", f"RUN=tiny-{zero}", f"ACCELERATE_CONFIG=configs/accelerate/{zero}.yaml",
+                                f"ARGS={TINY}"], results, work)
+    for bits in ("4bit", "8bit"):
+        step(f"qlora-{bits}", [*make, "sft", "rm", "ppo", f"RUN=tiny-{bits}",
+                               f"ARGS={TINY} quantization={bits} lora.enabled=true compute_dtype=bfloat16"], results, work)
+
+    # 4. a ~0.5B LLaMA, bf16 weights, through SFT, RM and PPO
+    from alignment import registry
+
+    tiny = registry.resolve(registry.get("tiny-llama"))
+    folder = build_half_billion_llama(work / "llama-0.5b", tiny, a.smoke)
+    big = "limit=256" if a.smoke else "limit=4096"
+    sft = f"{big} sft.epochs=1 sft.batch_size=64 sft.learning_rate=2e-5 sft.max_length=512 precision=bf16"
+    rm = f"{big} rm.epochs=1 rm.batch_size=32 rm.learning_rate=1e-5 precision=bf16"
+    ppo = (f"{big} ppo.steps={2 if a.smoke else 12} ppo.batch_size=64 ppo.mini_batch_size=16 ppo.ppo_epochs=4 "
+           "ppo.max_new_tokens=32 ppo.learning_rate=1e-6 ppo.kl_coef=0.1 ppo.eval_every=0 ppo.eval_samples=1 precision=bf16")
+    for stage, args in (("sft", sft), ("rm", rm), ("ppo", ppo)):
+        if not step(f"0.5b-{stage}", [*make, stage, f"MODEL={folder}", "RUN=llama-0.5b", f"ARGS={args}"], results, work):
+            break
+    from alignment.store import Store
+
+    s = Store(store)
+    try:
+        for stage in ("sft", "rm"):
+            m = s.get("llama-0.5b", stage).metrics
+            tokens_s = m["tokens_per_s"]
+            length = m["train_tokens"] / max(m["train_runtime_s"] * m["samples_per_s"], 1)
+            flops = model_flops_per_token(folder, length, reward_model=stage == "rm") * tokens_s
+            results[f"0.5b_{stage}"] = {"tokens_per_s": tokens_s, "peak_memory_mb": m["peak_memory_mb"],
+                                        "mfu": round(flops / 1e12 / results["bf16_peak_tflops"], 3) if cuda else None}
+        m = s.get("llama-0.5b", "ppo").metrics
+        results["0.5b_ppo"] = {k: m[k] for k in ("episodes_per_s", "time_s", "skipped_non_finite", "peak_memory_mb")}
+        results["0.5b_ppo"]["reward"] = m["sampled"]["reward"]
+    except Exception as e:  # a failed stage was reported above
+        print(f"[gpu-check] no 0.5B figures: {e}")
+
+    # 5. TRL 1.12's PPOTrainer in bf16 on the same work
+    if a.peer_site and "0.5b_ppo" in results:
+        from alignment import data, loading
+
+        spec = registry.get(str(folder))
+        tokenizer = loading.load_tokenizer(s.get("llama-0.5b", "sft").path, spec)
+        prompts = [spec.format_prompt(r["prompt"]) for r in data.load("task", "prompts_train", 4096)]
+        (work / "prompts.json").write_text(json.dumps(tokenizer(prompts).input_ids))
+        steps = 2 if a.smoke else 12
+        if step("0.5b-ppo-trl112", [a.python, "bench/peers/trl112_ppo.py", "--sft", str(s.get("llama-0.5b", "sft").path),
+                                    "--rm", str(s.get("llama-0.5b", "rm").path), "--prompts", str(work / "prompts.json"),
+                                    "--out", str(work / "trl112"), "--steps", str(steps), "--batch", "64",
+                                    "--mini-batch", "16", "--epochs", "4", "--response-length", "32", "--lr", "1e-6",
+                                    "--kl-coef", "0.1", "--seed", "0", "--bf16"], results, work,
+                env={"PYTHONPATH": os.pathsep.join([a.peer_site, str(ROOT)])}):
+            peer = json.loads((work / "trl112" / "bench.json").read_text())
+            results["0.5b_ppo_trl112"] = peer
+            results["0.5b_ppo"]["vs_trl112"] = round(results["0.5b_ppo"]["episodes_per_s"] / peer["episodes_per_s"], 2)
+
+    results["all_ok"] = all(v["ok"] for v in results["steps"].values())
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k != "steps"}, indent=1))
+    print(f"[gpu-check] {'all green' if results['all_ok'] else 'FAILED'}; {a.out}")
+    sys.exit(0 if results["all_ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
