@@ -216,14 +216,10 @@ def _sample(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
-def _all(done: torch.Tensor) -> bool:
-    return bool(done.all())
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, greedy: bool = False,
-    max_prompt_tokens: int = 0, all_done: Callable[[torch.Tensor], bool] = _all,
+    max_prompt_tokens: int = 0, all_done: Callable[[torch.Tensor], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Samples (or greedily decodes) responses to already-templated prompts, with a KV cache.
 
@@ -264,7 +260,7 @@ def generate(
         token = torch.where(done, torch.full_like(token, pad), token)
         tokens.append(token)
         done |= token == eos
-        if all_done(done):
+        if all_done(done) if all_done else done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         inputs = {"input_ids": token[:, None], cache_name: getattr(out, cache_name)}

@@ -276,6 +276,19 @@ def _whole(parameters):
     return contextlib.nullcontext()
 
 
+def skip_non_finite_under_deepspeed(trainer) -> None:
+    """Under DeepSpeed the optimizer steps inside backward(), and ZeRO keeps no .grad to look at: NonFiniteGuard
+    cannot refuse a step there. ZeRO-1/2's own check does instead, in bf16 (ZeRO-3 checks in fp16 only): it skips a
+    step whose gradients are not finite; deepspeed_skipped() counts those steps afterwards."""
+    if trainer.is_deepspeed_enabled:
+        config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
+        config["bf16"] = {**config.get("bf16", {}), "check_grad_overflow": True}
+
+
+def deepspeed_skipped(trainer) -> int:
+    return int(getattr(trainer.model_wrapped, "skipped_steps", 0) or 0) if trainer.is_deepspeed_enabled else 0
+
+
 def assert_in_sync(parameters, where: str) -> None:
     """Raises if the processes of a distributed run hold different parameters (a silent DDP failure)."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():

@@ -179,7 +179,7 @@ def score(model, ref_policy, scorer, r: Rollout, p: PPOSettings, minibatches: li
     return Scores(logprobs, values, ref_logprobs, entropy, rewards)
 
 
-def update(accelerator, model, optimizer, r: Rollout, s: Scores, adv: ppo.Advantages, advantages: torch.Tensor,
+def update(accelerator, model, optimizer, r: Rollout, s: Scores, adv: ppo.Advantages, whitened: torch.Tensor,
            cfg: Config, state: PPOState, epochs: list[list[torch.Tensor]], autocast) -> dict:
     """4. Clipped policy and value updates over each epoch's minibatches. A minibatch whose loss is not
     finite in any process is skipped by all of them, before anything is applied (under DeepSpeed backward()
@@ -194,7 +194,7 @@ def update(accelerator, model, optimizer, r: Rollout, s: Scores, adv: ppo.Advant
             with autocast:
                 new = forwards.actor_critic_forward(model, r.query_responses[idx], r.attention[idx], r.context,
                                                     p.temperature)
-            pl = ppo.policy_loss(new.logprobs, s.logprobs[idx], advantages[idx], r.mask[idx], p.clip_range)
+            pl = ppo.policy_loss(new.logprobs, s.logprobs[idx], whitened[idx], r.mask[idx], p.clip_range)
             vl = ppo.value_loss(new.values, s.values[idx], adv.returns[idx], r.mask[idx], p.value_clip)
             loss = pl.loss + p.vf_coef * vl.loss
             if distributed.any_process(accelerator, not bool(torch.isfinite(loss))):
@@ -244,6 +244,56 @@ def evaluate_on_all(accelerator, fn, prompts: list) -> dict:
     return {k: [x for q in parts for x in q[k]] for k in part}
 
 
+def evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, prompts: list, cfg: Config, step: int,
+             writer) -> dict:
+    """Sampled responses to held-out prompts (every process its share): RM reward, gold score (the embedded task),
+    KL. Leaves the training RNG untouched."""
+    p = cfg.ppo
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
+            distributed.whole_model(accelerator, model) as whole:
+        torch.manual_seed(cfg.seed)
+        r = evaluate_on_all(accelerator, lambda share: evaluation.rollout_scores(
+            whole.policy, ref_policy, scorer, tokenizer, spec, share, max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature, greedy=False, gold=cfg.data == "task", max_prompt_tokens=p.max_prompt_length,
+        ), prompts[: p.eval_prompts])
+    point = {"step": step, **{f"eval_{k}": evaluation.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
+    for key, value in point.items():
+        if key != "step" and writer:
+            writer.add_scalar(f"ppo/{key}", value, step)
+    return point
+
+
+def advantages(accelerator, r: Rollout, s: Scores, p: PPOSettings, state: PPOState, moments: ppo.RunningMoments):
+    """3. Per-token rewards (KL penalty, the normalised and clipped score at the last token) and GAE advantages;
+    reward statistics are shared by all processes. None when a score is not finite in any process."""
+    all_scores = accelerator.gather(s.rewards)
+    if not torch.isfinite(all_scores).all():
+        return None
+    scores = s.rewards
+    if p.normalize_reward:
+        moments.update(all_scores)
+        scores = (scores - moments.mean) / moments.std
+    rewards = ppo.token_rewards(scores.clamp(-p.reward_clip, p.reward_clip), s.logprobs, s.ref_logprobs, r.mask,
+                                state.kl_coef)
+    adv = ppo.gae(rewards.rewards, s.values, r.mask, p.gamma, p.lam)
+    whitened = ppo.masked_whiten(adv.advantages, r.mask) if p.whiten_advantages else adv.advantages
+    return rewards, adv, whitened
+
+
+def step_record(accelerator, step: int, r: Rollout, s: Scores, rewards: ppo.TokenRewards, stats: dict,
+                state: PPOState, times: list[float]) -> dict:
+    """One line of ppo_log.jsonl: the batch over all processes, the losses of the update, where the time went."""
+    t0, t1, t2, t3 = times
+    return {
+        "step": step, "reward": accelerator.gather(s.rewards).mean().item(),
+        "kl": accelerator.gather(rewards.kl.sum(1)).mean().item(), "kl_coef": state.kl_coef,
+        "entropy": ppo.masked_mean(s.entropy, r.mask).item(), "response_length": r.mask.sum(1).mean().item(),
+        "ended": r.ended.float().mean().item(), **{k: sum(v) / len(v) for k, v in stats.items() if v},
+        "skipped_non_finite": state.skipped, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
+        "step_s": time.time() - t0,
+    }
+
+
 def save_training_state(store: Store, run: str, accelerator, order: torch.Generator, state: PPOState) -> None:
     """Weights, optimizer (under ZeRO each process its shard, with the fp32 master copy), every process's RNG
     (CUDA's too) through accelerator.save_state; the loop state beside them. Atomic: a killed save leaves the
@@ -284,7 +334,7 @@ def main(argv: list[str]) -> None:
                                       p.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
     zero = distributed.deepspeed_stage()
-    all_done = distributed.all_processes_done(accelerator) if zero == 3 else forwards._all
+    all_done = distributed.all_processes_done(accelerator) if zero == 3 else None
     print(f"[ppo] policy and reference from {sft.id}, reward model and critic from {rm.id}; "
           f"{accelerator.num_processes} process(es) x {p.batch_size} prompts per step"
           + (f", DeepSpeed ZeRO-{zero}" if zero else ""))
@@ -292,22 +342,6 @@ def main(argv: list[str]) -> None:
     prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_train", cfg.limit, cfg.on_error)]
     eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)]
     gold = cfg.data == "task"  # the gold judge exists for the embedded task only
-
-    def evaluate(step: int) -> dict:
-        """Sampled responses to held-out prompts: RM reward, gold score, KL. Leaves the training RNG untouched."""
-        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
-                distributed.whole_model(accelerator, model) as whole:
-            torch.manual_seed(cfg.seed)
-            r = evaluate_on_all(accelerator, lambda share: evaluation.rollout_scores(
-                whole.policy, ref_policy, scorer, tokenizer, spec, share, max_new_tokens=p.max_new_tokens,
-                temperature=p.temperature, greedy=False, gold=gold, max_prompt_tokens=p.max_prompt_length,
-            ), eval_prompts[: p.eval_prompts])
-        point = {"step": step, **{f"eval_{k}": evaluation.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
-        for key, value in point.items():
-            if key != "step" and writer:
-                writer.add_scalar(f"ppo/{key}", value, step)
-        return point
-
     # Training state: fresh, or resumed from the last complete state saved by a run with the same config.
     order = torch.Generator().manual_seed(cfg.seed)  # prompt order and minibatches: the same in every process
     moments = ppo.RunningMoments()
@@ -322,7 +356,8 @@ def main(argv: list[str]) -> None:
         moments.load_state_dict(state.moments)
         print(f"[ppo] resuming after step {state.step} from {saved}")
     elif p.eval_every:
-        state.eval_log.append(evaluate(0))
+        state.eval_log.append(evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, eval_prompts, cfg, 0,
+                                       writer))
     per_step = p.batch_size * accelerator.num_processes  # prompts consumed per step, over all processes
     bf16 = training.use_bf16(cfg.precision)
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -348,48 +383,34 @@ def main(argv: list[str]) -> None:
                                        tokenizer([spec.format_prompt(x) for x in r.prompts]).input_ids)
         t2 = time.time()
 
-        # 3. rewards and advantages (reward statistics are shared by all processes)
-        all_scores = accelerator.gather(s.rewards)
-        if not torch.isfinite(all_scores).all():
+        # 3. rewards and advantages
+        computed = advantages(accelerator, r, s, p, state, moments)
+        if computed is None:
             _skip(state, "reward", cfg.max_bad_steps)
             state.step = step
             continue
-        scores = s.rewards
-        if p.normalize_reward:
-            moments.update(all_scores)
-            scores = (scores - moments.mean) / moments.std
-        scores = scores.clamp(-p.reward_clip, p.reward_clip)
-        rewards = ppo.token_rewards(scores, s.logprobs, s.ref_logprobs, r.mask, state.kl_coef)
-        adv = ppo.gae(rewards.rewards, s.values, r.mask, p.gamma, p.lam)
-        advantages = ppo.masked_whiten(adv.advantages, r.mask) if p.whiten_advantages else adv.advantages
+        rewards, adv, whitened = computed
 
         # 4. update
-        stats = update(accelerator, model, optimizer, r, s, adv, advantages, cfg, state, epochs, autocast)
+        stats = update(accelerator, model, optimizer, r, s, adv, whitened, cfg, state, epochs, autocast)
         t3 = time.time()
         for phase, spent in (("generate", t1 - t0), ("score", t2 - t1), ("train", t3 - t2)):
             seconds[phase] += spent
 
         # 5. log, adapt the KL coefficient, evaluate, save a resumable state
         state.step = step
-        sequence_kl = accelerator.gather(rewards.kl.sum(1)).mean().item()
-        record = {
-            "step": step, "reward": accelerator.gather(s.rewards).mean().item(), "kl": sequence_kl,
-            "kl_coef": state.kl_coef, "entropy": ppo.masked_mean(s.entropy, r.mask).item(),
-            "response_length": r.mask.sum(1).mean().item(), "ended": r.ended.float().mean().item(),
-            **{k: sum(v) / len(v) for k, v in stats.items() if v},
-            "skipped_non_finite": state.skipped, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
-            "step_s": time.time() - t0,
-        }
+        record = step_record(accelerator, step, r, s, rewards, stats, state, [t0, t1, t2, t3])
         state.log.append(record)
         if writer:
             for key, value in record.items():
                 writer.add_scalar(f"ppo/{key}", value, step)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{sequence_kl:.3f}", len=f"{record['response_length']:.1f}")
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['response_length']:.1f}")
         if p.adaptive_kl:
-            state.kl_coef = ppo.adaptive_kl_coef(state.kl_coef, sequence_kl, p.kl_target, p.kl_horizon, per_step)
+            state.kl_coef = ppo.adaptive_kl_coef(state.kl_coef, record["kl"], p.kl_target, p.kl_horizon, per_step)
         if p.eval_every and (step % p.eval_every == 0 or step == p.steps):
             t4 = time.time()
-            state.eval_log.append(evaluate(step))
+            state.eval_log.append(evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, eval_prompts, cfg,
+                                           step, writer))
             loop_started += time.time() - t4  # held-out evaluation is not training time
         if step % cfg.save_every == 0 and step < p.steps:
             state.moments = moments.state_dict()

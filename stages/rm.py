@@ -140,6 +140,7 @@ def main(argv: list[str]) -> None:
     print(f"[rm] {args.world_size} process(es)")
     if resume_from:
         print(f"[rm] resuming from {resume_from}")
+    training.skip_non_finite_under_deepspeed(trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
     best_validation = trainer.state.best_metric
 
@@ -166,7 +167,7 @@ def main(argv: list[str]) -> None:
         "eval_pairs": len(raw_eval),
         "dropped_too_long": dropped,
         "steps": result.global_step,
-        "skipped_non_finite": guard.skipped,
+        "skipped_non_finite": guard.skipped + training.deepspeed_skipped(trainer),
         "processes": args.world_size,
         "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else 0,
         "duration_s": round(time.time() - started, 1),

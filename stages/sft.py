@@ -144,6 +144,7 @@ def main(argv: list[str]) -> None:
     print(f"[sft] {args.world_size} process(es)")
     if resume_from:
         print(f"[sft] resuming from {resume_from}")
+    training.skip_non_finite_under_deepspeed(trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics = trainer.evaluate()
     weights = training.trained_weights(trainer)  # every process: under ZeRO-3 each holds a shard
@@ -159,7 +160,7 @@ def main(argv: list[str]) -> None:
         "eval_loss": eval_metrics["eval_loss"],
         "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
         "steps": result.global_step,
-        "skipped_non_finite": guard.skipped,
+        "skipped_non_finite": guard.skipped + training.deepspeed_skipped(trainer),
         "truncated": truncated,
         "packed": packed,
         "processes": args.world_size,

@@ -141,6 +141,20 @@ def test_a_nan_loss_in_one_process_is_skipped_by_all_under_deepspeed(tmp_path, t
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_nan_loss_in_sft_under_deepspeed_is_skipped_not_applied(tmp_path, tiny_cache):
+    """The trainers step inside backward() under DeepSpeed too: ZeRO-2's own check (bf16) skips the step whose
+    gradients are not finite, in every process, and the stage counts it."""
+    env = {"ALIGNMENT_NAN_TRAINER_LOSS": "1:2", "PYTHONPATH": os.pathsep.join([
+        str(ROOT / "tests" / "fault_injection"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = make("sft", tmp_path, "zero2", ARGS["sft"], env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = Store(tmp_path).get("tiny-llama", "sft")
+    assert ckpt.metrics["skipped_non_finite"] == 1 and ckpt.metrics["steps"] == 4
+    assert len(set(re.findall(r"identical parameters \(checksum ([-\d.]+)\)", out.stdout + out.stderr))) == 3
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_ppo_with_bf16_weights_skips_no_update_and_raises_the_reward(tmp_path, tmp_path_factory, tiny_cache):
     """DeepSpeed's bf16 mode, one process: bf16 weights and bf16 arithmetic, an fp32 master copy in the optimizer
     (the numerics of a real model on a GPU). Every update is applied and the reward model's score rises."""
