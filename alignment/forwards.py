@@ -154,7 +154,8 @@ def position_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     body = model.base_model  # LoRA layers, if any, sit inside it
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                   **_position_kwargs(body, attention_mask)).last_hidden_state
-    return model.score(hidden).squeeze(-1)
+    head = model.score  # read in its own dtype: a quantized model's final norm may stay in fp32, its head not
+    return head(hidden.to(next(head.parameters()).dtype)).squeeze(-1)
 
 
 def policy_forward(model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,

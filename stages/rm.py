@@ -129,11 +129,12 @@ def main(argv: list[str]) -> None:
         callbacks=[training.MarkComplete(), guard, *([training.SyncCheck()] if cfg.check_sync else [])],
     )
     if cfg.quantization:
-        # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's recipe); the LoRA layers cast
-        # their input, but the plain linear reward head does not, so it goes back to the dtype of its input.
-        for name, param in trainer.model.named_parameters():
-            if param.requires_grad and ".score." in f".{name}":
-                param.data = param.data.to(loading.DTYPES[cfg.compute_dtype])
+        # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's recipe) while k-bit preparation
+        # keeps the final norm in fp32; the LoRA layers cast their input, the plain linear reward head does not:
+        # it reads its input in its own dtype (as forwards.position_scores does after training).
+        head = next(m for n, m in trainer.model.named_modules() if n.rsplit(".", 1)[-1] == "score")
+        dtype = next(q for q in head.parameters() if q.requires_grad).dtype
+        head.register_forward_pre_hook(lambda module, args: tuple(a.to(dtype) for a in args))
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[rm] {dropped} training pairs longer than rm.max_length={cfg.rm.max_length} tokens were dropped")
