@@ -59,7 +59,7 @@ def load_policy(checkpoint: str, root: str):
         run, _, stage = checkpoint.partition("/")
         path = Store(root).get(run, stage).path
     spec = registry.get(load_checkpoint(path).manifest["model"])
-    model = loading.load_model(path, AutoModelForCausalLM, spec).eval()
+    model = loading.on_device(loading.load_model(path, AutoModelForCausalLM, spec)).eval()
     return model, loading.load_tokenizer(path, spec), spec
 
 

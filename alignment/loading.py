@@ -115,6 +115,13 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str 
     return model
 
 
+def on_device(model: nn.Module) -> nn.Module:
+    """The model on the GPU where there is one (quantized models are placed by bitsandbytes when loaded)."""
+    if torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+        model = model.to("cuda")
+    return model
+
+
 def lora_targets(model: nn.Module, wanted: list[str], model_name: str) -> list[str]:
     """wanted, checked against the model's modules: a clear stop at start-up instead of a peft error later."""
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__ or

@@ -73,8 +73,8 @@ def main(argv: list[str]) -> None:
         profile = sft.manifest["data"]["profile"]
         gold = profile == "task"
         tokenizer = loading.load_tokenizer(sft.path, spec)
-        sft_policy = loading.load_model(sft.path, AutoModelForCausalLM, spec).eval()
-        reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, spec).eval()
+        sft_policy = loading.on_device(loading.load_model(sft.path, AutoModelForCausalLM, spec, tokenizer=tokenizer)).eval()
+        reward_model = loading.on_device(loading.load_model(rm.path, AutoModelForSequenceClassification, spec, tokenizer=tokenizer)).eval()
         scorer = scoring.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
         demos = data.load(profile, "sft_eval", cfg.limit, cfg.on_error)
         pairs = data.load(profile, "prefs_eval", cfg.limit, cfg.on_error)
@@ -98,12 +98,12 @@ def main(argv: list[str]) -> None:
                 continue
             if stage == "base":
                 path = sft.manifest["base"]  # what SFT started from
-                policy = loading.load_model(path, AutoModelForCausalLM, spec).eval()
+                policy = loading.on_device(loading.load_model(path, AutoModelForCausalLM, spec, tokenizer=tokenizer)).eval()
             elif stage == "sft":
                 path, policy = sft.path, sft_policy
             else:
                 path = store.get(r, stage).path
-                policy = loading.load_model(path, AutoModelForCausalLM, spec).eval()
+                policy = loading.on_device(loading.load_model(path, AutoModelForCausalLM, spec, tokenizer=tokenizer)).eval()
             own = sft_rollout if stage == "sft" else sample(policy, False, prompts)
             entry["checkpoints"][stage] = {
                 "kind": "policy", "path": str(path), "prompts": len(prompts),

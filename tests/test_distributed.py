@@ -1,4 +1,5 @@
-"""Two processes on CPU through the Makefile's launcher, as DDP (gloo) and under DeepSpeed ZeRO-2 and ZeRO-3:
+"""Two processes on CPU through the Makefile's launcher, as DDP (gloo) and under DeepSpeed ZeRO-2, ZeRO-3 and
+ZeRO-3 with parameters and optimizer offloaded to CPU memory:
 the world size is really 2, every stage produces a working checkpoint that records how it was trained, both
 processes hold identical parameters after every optimizer step, a killed PPO run resumes where an
 uninterrupted one ends, and a non-finite loss in one process is skipped by all."""
@@ -31,7 +32,8 @@ ARGS = {
 }
 UPDATES = {"sft": 4, "rm": 4, "ppo": 4}
 MODES = {"ddp": (0, []), "zero2": (2, ["ACCELERATE_CONFIG=configs/accelerate/zero2.yaml"]),
-         "zero3": (3, ["ACCELERATE_CONFIG=configs/accelerate/zero3.yaml"])}
+         "zero3": (3, ["ACCELERATE_CONFIG=configs/accelerate/zero3.yaml"]),
+         "zero3_offload": (3, ["ACCELERATE_CONFIG=configs/accelerate/zero3_offload.yaml"])}  # DeepSpeed's CPU Adam
 _stores = {}
 
 

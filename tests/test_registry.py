@@ -75,3 +75,36 @@ def test_real_entry_fails_clearly_offline(monkeypatch):
 def test_default_model_is_registered():
     assert registry.DEFAULT_MODEL in registry.MODELS
     assert dataclasses.is_dataclass(registry.get(registry.DEFAULT_MODEL))
+
+
+def test_a_tokenizer_without_pad_gets_its_own_and_the_reward_model_reads_eos(tiny_cache, tmp_path):
+    """Real LLaMA/Mistral/GPT-2 tokenizers have no pad token: padding with EOS would hide every response's EOS from
+    the reward model (it scores a sequence at its last non-pad token). A pad of its own, with a zero embedding row."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignment import scoring
+
+    spec = registry.get("tiny-llama")
+    source = registry.resolve(spec)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token = None  # as a real LLaMA tokenizer ships
+    tokenizer.save_pretrained(tmp_path)
+    AutoModelForSequenceClassification.from_pretrained(source, num_labels=1).save_pretrained(tmp_path)
+
+    tokenizer = loading.load_tokenizer(tmp_path, spec)
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    model = loading.load_model(tmp_path, AutoModelForSequenceClassification, spec, tokenizer=tokenizer)
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.shape[0] == len(tokenizer) and model.config.pad_token_id == tokenizer.pad_token_id
+    assert torch.equal(embeddings[tokenizer.pad_token_id], torch.zeros_like(embeddings[0]))
+    again = loading.load_model(tmp_path, AutoModelForSequenceClassification, spec, tokenizer=tokenizer)
+    assert torch.equal(again.get_input_embeddings().weight, embeddings)  # the same rows every time
+
+    texts = ["### Instruction:\nsort: b a\n\n### Response:\na b", "### Instruction:\ncopy: a\n\n### Response:\na a a"]
+    scores, _ = scoring.score_texts(model, tokenizer, texts)
+    with torch.no_grad():
+        for text, score in zip(texts, scores):
+            ids = tokenizer(text + tokenizer.eos_token, return_tensors="pt").input_ids
+            assert ids[0, -1] == tokenizer.eos_token_id
+            assert abs(model(input_ids=ids).logits[0, 0].item() - score) < 1e-5  # pooled at the EOS
