@@ -27,7 +27,21 @@ LAUNCH = $(PY) -m accelerate.commands.launch \
 endif
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: sft rm ppo eval test test-slow store data install clean bench gpu-check
+.PHONY: help sft rm ppo eval test test-slow store data install clean bench gpu-check
+
+help:
+	@echo "Targets:"
+	@echo "  make sft rm ppo     the three stages, in order (each: make <stage>)"
+	@echo "  make eval           the report: base, SFT, RM and PPO of a run on held-out data"
+	@echo "  make store          the checkpoints in the store, with lineage and headline metrics"
+	@echo "  make test           the test suite (installs what it needs; make test-slow: the slow checks)"
+	@echo "  make bench          every stage against the peers (bench/README.md); make gpu-check on a CUDA machine"
+	@echo "  make data           rewrite the embedded task from its seed;  make install;  make clean (removes store/)"
+	@echo "Variables:"
+	@echo "  MODEL=<registry name or model folder>   DATA=<profile: task, hh-rlhf>   RUN=<run name>   STORE=<store root>"
+	@echo "  ARGS=\"key=value ...\"   any config key of the stage (python stages/<stage>.py --help lists them)"
+	@echo "  RESUME=0   start a stage over, removing its resumable state;   CHECKPOINTS=run/stage,... (make eval)"
+	@echo "  NPROC=<processes>   ACCELERATE_CONFIG=configs/accelerate/<ddp|zero2|zero3|zero3_offload>.yaml"
 
 # torch is pinned first: 2.13.0 resolves to the local CPU wheel, and pyproject's range then adds nothing.
 $(VENV)/.installed: pyproject.toml

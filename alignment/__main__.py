@@ -47,6 +47,9 @@ def store_list(root: str, as_json: bool) -> None:
         print(f"{c.id:32s} {m['model']:16s} {m.get('created', '')[:19]:20s} <- {parents:28s} {_headline(c.metrics)}")
 
 
+POLICY_STAGES = ("sft", "ppo")
+
+
 def load_policy(checkpoint: str, root: str):
     """A policy checkpoint (folder or store id) -> (model, tokenizer, registry entry)."""
     from transformers import AutoModelForCausalLM
@@ -58,7 +61,11 @@ def load_policy(checkpoint: str, root: str):
     if not (path / "manifest.json").is_file():
         run, _, stage = checkpoint.partition("/")
         path = Store(root).get(run, stage).path
-    spec = registry.get(load_checkpoint(path).manifest["model"])
+    manifest = load_checkpoint(path).manifest
+    if manifest.get("stage") not in POLICY_STAGES:
+        sys.exit(f"{checkpoint} is a {manifest.get('stage')!r} checkpoint, not a policy: generate and chat take "
+                 f"one of {', '.join(POLICY_STAGES)} (e.g. {manifest.get('run', 'RUN')}/ppo)")
+    spec = registry.get(manifest["model"])
     model = loading.on_device(loading.load_model(path, AutoModelForCausalLM, spec)).eval()
     return model, loading.load_tokenizer(path, spec), spec
 
@@ -121,4 +128,12 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except BrokenPipeError:  # `store list --json | head`: the reader had enough
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -126,19 +126,28 @@ def cli(cls: type, argv: list[str], default_yaml: str | Path | None = None) -> A
     yaml_path, rest = default_yaml, []
     it = iter(argv)
     for arg in it:
-        if arg == "--config":
-            yaml_path = next(it, None)
-        elif arg.startswith("--config="):
-            yaml_path = arg.split("=", 1)[1]
+        if arg == "--config" or arg.startswith("--config="):
+            yaml_path = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if not yaml_path or yaml_path.startswith("-") or "=" in yaml_path and not yaml_path.endswith((".yaml", ".yml")):
+                sys.exit(f"config error: --config needs a YAML file path\n{usage()}")
         elif arg in ("-h", "--help"):
-            print(help_text(cls))
+            print(f"{usage()}\n\nKeys (key = default    meaning):\n{help_text(cls)}")
             sys.exit(0)
+        elif arg.startswith("-"):
+            sys.exit(f"config error: unknown option {arg!r}; settings are key=value\n{usage()}")
         else:
             rest.append(arg)
     try:
         return load(cls, yaml_path, rest)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
+
+
+def usage() -> str:
+    import sys
+
+    return (f"usage: python {sys.argv[0] if sys.argv and sys.argv[0].endswith('.py') else 'stages/<stage>.py'} "
+            "[--config FILE.yaml] [key=value ...]   (make: ARGS=\"key=value ...\")")
 
 
 def help_text(cls: type, prefix: str = "") -> str:
@@ -217,6 +226,20 @@ class StageConfig:
         return self.run or (name if self.data == "task" else f"{name}-{self.data}")
 
 
+# How far the running stage has come, for the one line that Ctrl-C ends with: the stages keep it up to date
+# (stage name, step reached, and a function giving the last complete resumable state, or None).
+PROGRESS: dict = {}
+
+
+def interrupted_line() -> str:
+    stage, step, state = PROGRESS.get("stage", "stage"), PROGRESS.get("step"), PROGRESS.get("state")
+    saved = state() if callable(state) else None
+    reached = f" after step {step}" if step is not None else " before its first step"
+    if saved:
+        return f"[{stage}] stopped by Ctrl-C{reached}; the last resumable state is {saved}: the same command resumes it"
+    return f"[{stage}] stopped by Ctrl-C{reached}; no resumable state was saved yet (save_every sets how often)"
+
+
 def run(main) -> None:
     """Runs a stage's main(argv); a missing input or bad data ends with its message instead of a traceback."""
     import sys
@@ -228,6 +251,9 @@ def run(main) -> None:
         main(sys.argv[1:])
     except (StoreError, DataError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(interrupted_line(), file=sys.stderr, flush=True)
+        sys.exit(130)
     # In a multi-process run only the main process writes the result: the others wait for it here and all
     # leave the process group together (a process exiting alone can abort its peers' gloo/NCCL teardown).
     import torch.distributed as dist

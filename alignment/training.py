@@ -194,16 +194,37 @@ def trainer_resume_point(work_dir: Path, config: dict, resume: bool) -> str | No
 def _resume_point(work_dir: Path, config: dict, resume: bool, may_write: bool) -> str | None:
     marker = work_dir / "stage_config.json"
     if not resume or not marker.is_file():
+        if may_write and latest_complete(work_dir):
+            print(f"[resume=false] removing the resumable checkpoints in {work_dir}")
         if may_write:
             shutil.rmtree(work_dir, ignore_errors=True)
             work_dir.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(config, indent=2))
         return None
     check_same_config(json.loads(marker.read_text()), config, work_dir)
+    return latest_complete(work_dir)
+
+
+def latest_complete(work_dir: Path) -> str | None:
+    """The trainer's latest checkpoint marked complete, None if there is none."""
     complete = [p for p in work_dir.glob("checkpoint-*") if (p / COMPLETE).is_file()]
     if not complete:
         return None
     return str(max(complete, key=lambda p: int(p.name.split("-")[1])))
+
+
+class ReportProgress(TrainerCallback):
+    """Keeps config.PROGRESS up to date for the line Ctrl-C ends with."""
+
+    def __init__(self, stage: str, work_dir: Path):
+        from alignment import config
+
+        config.PROGRESS.update(stage=stage, step=None, state=lambda: latest_complete(work_dir))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from alignment import config
+
+        config.PROGRESS["step"] = state.global_step
 
 
 class MarkComplete(TrainerCallback):

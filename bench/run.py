@@ -12,6 +12,7 @@ Speed figures are what this machine measured in this run; nothing here is a test
 
 from __future__ import annotations
 
+import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import argparse
 import json
 import os

@@ -11,6 +11,7 @@ and report.html with PNG plots in <store>/<run>/plots/.
 
 from __future__ import annotations
 
+import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import dataclasses
 import sys
 import time

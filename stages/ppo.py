@@ -18,6 +18,7 @@ are frozen, whole in every process (see alignment/distributed.py).
 
 from __future__ import annotations
 
+import alignment  # first: quiets third-party noise (alignment/__init__.py)
 import dataclasses
 import json
 import time
@@ -347,7 +348,8 @@ def main(argv: list[str]) -> None:
     moments = ppo.RunningMoments()
     state = PPOState(config=config.to_dict(cfg), kl_coef=p.kl_coef, moments=moments.state_dict())
     saved = store.load_state_path(run, "ppo") if cfg.resume else None
-    if not cfg.resume and main_process:
+    if not cfg.resume and main_process and store.load_state_path(run, "ppo"):
+        print(f"[ppo] resume=false: removing the resumable state in {store.state_path(run, 'ppo')}")
         store.clear_state(run, "ppo")
     if saved:
         training.check_same_config(json.loads((saved / "state.json").read_text())["config"], state.config, saved,
@@ -358,13 +360,15 @@ def main(argv: list[str]) -> None:
     elif p.eval_every:
         state.eval_log.append(evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, eval_prompts, cfg, 0,
                                        writer))
+    config.PROGRESS.update(stage="ppo", step=state.step, state=lambda: store.load_state_path(run, "ppo"))
     per_step = p.batch_size * accelerator.num_processes  # prompts consumed per step, over all processes
     bf16 = training.use_bf16(cfg.precision)
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
     seconds = dict.fromkeys(("generate", "score", "train", "loop"), 0.0)  # this session's time, by phase
     loop_started, first_step = time.time(), state.step
 
-    for step in (bar := tqdm(range(state.step + 1, p.steps + 1), desc="ppo", disable=not main_process,
+    for step in (bar := tqdm(range(state.step + 1, p.steps + 1), desc="ppo",
+                             disable=not (main_process and alignment.INTERACTIVE),
                              initial=state.step, total=p.steps, dynamic_ncols=True)):
         # 1. rollout: each process samples responses to its own share of the batch's prompts
         if len(state.queue) < per_step:
@@ -398,7 +402,7 @@ def main(argv: list[str]) -> None:
             seconds[phase] += spent
 
         # 5. log, adapt the KL coefficient, evaluate, save a resumable state
-        state.step = step
+        state.step = config.PROGRESS["step"] = step
         record = step_record(accelerator, step, r, s, rewards, stats, state, [t0, t1, t2, t3])
         state.log.append(record)
         if writer:

@@ -10,6 +10,7 @@ accuracy, with its bootstrap interval, goes into the manifest.
 
 from __future__ import annotations
 
+import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import dataclasses
 import os
 import shutil
@@ -109,7 +110,6 @@ def main(argv: list[str]) -> None:
         bf16=bf16,
         include_num_input_tokens_seen="non_padding",  # effective tokens trained, reported as tokens/s
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
         disable_dropout=True,
         logging_steps=cfg.rm.logging_steps,
         eval_strategy="steps",  # on the validation pairs, at every save: the best one is loaded at the end
@@ -126,7 +126,8 @@ def main(argv: list[str]) -> None:
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
         eval_dataset=Dataset.from_list(val_pairs), processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[training.MarkComplete(), guard, *([training.SyncCheck()] if cfg.check_sync else [])],
+        callbacks=[training.MarkComplete(), guard, training.ReportProgress("rm", work_dir),
+                   *([training.SyncCheck()] if cfg.check_sync else [])],
     )
     if cfg.quantization:
         # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's recipe) while k-bit preparation

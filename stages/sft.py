@@ -9,6 +9,7 @@ The result lands in the store as <run>/sft: a full model, or with LoRA only the 
 
 from __future__ import annotations
 
+import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import dataclasses
 import os
 import shutil
@@ -32,7 +33,7 @@ class SFTSettings:
     learning_rate: float = field(2e-3, "peak AdamW learning rate (tiny models want high rates; 7B wants ~2e-5)")
     warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
     weight_decay: float = field(0.0, "AdamW weight decay")
-    max_length: int = field(512, "longest sequence in tokens; longer ones are truncated from the right")
+    max_length: int = field(512, "longest sequence in tokens; a longer one loses the beginning of its prompt (counted)")
     packed: bool = field(True, "pack each batch's sequences into rows as wide as its longest instead of padding "
                          "each: the same sequences and loss, far less padding computed")
     group_by_length: bool = field(False, "batch sequences of similar length together: less padding (off by default: "
@@ -124,7 +125,6 @@ def main(argv: list[str]) -> None:
         bf16=bf16,
         include_num_input_tokens_seen="non_padding",  # effective tokens trained, reported as tokens/s
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
         logging_steps=cfg.sft.logging_steps,
         eval_strategy="epoch",
         save_strategy="steps",
@@ -139,7 +139,8 @@ def main(argv: list[str]) -> None:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config,
         data_collator=training.PackedRows(tokenizer.pad_token_id) if packed else None,
-        callbacks=[training.MarkComplete(), guard, *([training.SyncCheck()] if cfg.check_sync else [])],
+        callbacks=[training.MarkComplete(), guard, training.ReportProgress("sft", work_dir),
+                   *([training.SyncCheck()] if cfg.check_sync else [])],
     )
     print(f"[sft] {args.world_size} process(es)")
     if resume_from:

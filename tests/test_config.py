@@ -71,3 +71,30 @@ def test_exponent_without_dot_is_a_float():
     assert cfg.ppo.learning_rate == 1e-5
     with pytest.raises(config.ConfigError, match="ppo.learning_rate: expected float, got 'fast'"):
         config.load(ppo_stage.Config, None, ["ppo.learning_rate=fast"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config"], "--config needs a YAML file path"),
+    (["--config", "ppo.steps=3"], "--config needs a YAML file path"),  # the value forgotten, the next key taken
+    (["--conifg", "x.yaml"], "unknown option '--conifg'"),
+])
+def test_a_flag_without_its_value_or_unknown_is_an_error(argv, message):
+    with pytest.raises(SystemExit) as e:
+        config.cli(ppo_stage.Config, argv)
+    assert message in str(e.value.code) and "usage: python" in str(e.value.code)
+
+
+def test_help_starts_with_a_usage_line(capsys):
+    with pytest.raises(SystemExit):
+        config.cli(ppo_stage.Config, ["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python ") and "[--config FILE.yaml] [key=value ...]" in out
+    assert "ppo.kl_coef = 0.3" in out
+
+
+def test_the_line_ctrl_c_ends_with(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "PROGRESS", {"stage": "ppo", "step": 7, "state": lambda: tmp_path})
+    assert config.interrupted_line() == (f"[ppo] stopped by Ctrl-C after step 7; the last resumable state is {tmp_path}: "
+                                         "the same command resumes it")
+    monkeypatch.setattr(config, "PROGRESS", {"stage": "sft", "step": None, "state": lambda: None})
+    assert "before its first step; no resumable state was saved yet" in config.interrupted_line()

@@ -170,3 +170,10 @@ def test_generate_and_chat_commands(evaluated_store):
     assert chat.returncode == 0, chat.stderr
     lines = chat.stdout.splitlines()  # a barely trained policy may answer with an empty line
     assert "template 'alpaca'" in lines[0] and len(lines) == 3  # banner + one response per prompt
+    refused = subprocess.run([sys.executable, "-m", "alignment", "generate", "tiny-llama/rm", "sort: b a", "--root",
+                              store_root], capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and refused.stderr.strip().endswith(
+        "tiny-llama/rm is a 'rm' checkpoint, not a policy: generate and chat take one of sft, ppo (e.g. tiny-llama/ppo)")
+    listing = subprocess.run(f"{sys.executable} -m alignment store list --json --root {store_root} | head -1",
+                             shell=True, capture_output=True, text=True, env=env)
+    assert listing.stdout == "[\n" and "Error" not in listing.stderr  # the reader stopped early: no BrokenPipeError

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,3 +190,23 @@ def test_path_traversal_run_name_is_refused(tmp_path):
 def test_lora_targets_absent_from_the_model_fail_at_start(tmp_path, tiny_cache):
     with pytest.raises(SystemExit, match=r"lora.target_modules: \['c_attn'\] not in tiny-llama"):
         sft_stage.main([f"store={tmp_path}", *COMMON, "lora.enabled=true", "lora.target_modules=[c_attn]"])
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_state(prepared):
+    root, base = prepared
+    store = root / "interrupted"
+    copy_inputs(base, store, ["sft", "rm"])
+    proc = subprocess.Popen([*stage_command("ppo", store)[:-1], "save_every=1", "ppo.steps=40"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not (store / "tiny-llama" / ".state" / "ppo" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"\[ppo\] stopped by Ctrl-C after step \d+; the last resumable state is "
+                        rf"{re.escape(str(store))}/tiny-llama/.state/ppo: the same command resumes it", last), last
+    assert "Traceback" not in err
