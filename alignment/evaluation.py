@@ -133,7 +133,7 @@ def cross_entropy(model, tokenizer, spec, records: list[dict], batch_size: int =
             ids[row, : len(f)] = torch.tensor(f)
             attention[row, : len(f)] = 1
             loss_mask[row, len(p) : len(f)] = 1.0
-        device = next(model.parameters()).device
+        device = next((q.device for q in model.parameters()), torch.device("cpu"))
         ids, attention, loss_mask = ids.to(device), attention.to(device), loss_mask.to(device)
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         nll = token_nll(logits, ids[:, 1:], loss_mask[:, 1:])
