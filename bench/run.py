@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alignment import data, evaluation, loading, registry  # noqa: E402, scoring
+from alignment import data, evaluation, loading, registry, scoring  # noqa: E402
 from alignment.store import Store  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
