@@ -103,6 +103,16 @@ def whole_model(accelerator: Accelerator, model):
             add_hooks(model)
 
 
+def gathered(parameters: list, modifier_rank: int | None = None):
+    """Under ZeRO-3 (parameters partitioned, from loading on): the whole tensors for the duration, every process
+    calling; with modifier_rank, that process's changes are written back to the shards after. Else nothing to do."""
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
 def any_process(accelerator: Accelerator, flag: bool) -> bool:
     """Whether flag holds in any process: a decision all processes must take together."""
     if accelerator.num_processes == 1:

@@ -190,19 +190,20 @@ class ActorCritic(nn.Module):
 class Scored(NamedTuple):
     logprobs: torch.Tensor  # [B, T] of each response token, at the sampling temperature
     values: torch.Tensor  # [B, T] the critic's value of the state before each response token
-    entropy: torch.Tensor  # [B, T] of the policy's distribution at each response token (detached)
+    entropy: torch.Tensor | None  # [B, T] of the policy's distribution at each response token, if asked for
 
 
 def actor_critic_forward(model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                         context_length: int, temperature: float) -> Scored:
-    """Log-probs, values and entropies of the response tokens: the training forward, and (without gradients)
-    the one that gives PPO its old log-probs and values, so the first update's ratio is 1 exactly."""
+                         context_length: int, temperature: float, entropy: bool = False) -> Scored:
+    """Log-probs and values (and entropies, if asked: a softmax over the vocabulary, for the log only) of the
+    response tokens: the training forward, and (without gradients) the one that gives PPO its old log-probs and
+    values, so the first update's ratio is 1 exactly."""
     packed = pack(query_responses, attention_mask, context_length)
     logits, values = model(packed.input_ids, packed.attention_mask, packed.index)
     with torch.no_grad():
-        entropy = ppo.entropy_from_logits(logits, temperature)
+        entropies = packed.pad(ppo.entropy_from_logits(logits, temperature)) if entropy else None
     return Scored(packed.pad(ppo.logprobs_from_logits(logits, packed.responses, temperature)),
-                  packed.pad(values.float()), packed.pad(entropy))
+                  packed.pad(values.float()), entropies)
 
 
 # ---- generation ----------------------------------------------------------------------------------------

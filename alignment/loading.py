@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from alignment import distributed
 from alignment.registry import ModelSpec
 from alignment.store import load_checkpoint
 
@@ -45,21 +46,10 @@ def fit_vocabulary(model: nn.Module, tokenizer) -> None:
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         embeddings = [e.weight for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None]
-        with torch.no_grad(), _modifiable(embeddings):
+        with torch.no_grad(), distributed.gathered(embeddings, modifier_rank=0):
             for weight in embeddings:
                 weight[rows:] = 0
     model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def _modifiable(parameters):
-    """Under ZeRO-3 (parameters partitioned at loading): the whole tensors, written back to the shards after."""
-    import contextlib
-
-    if any(hasattr(p, "ds_id") for p in parameters):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=0)
-    return contextlib.nullcontext()
 
 
 def quantization_config(quantization: str, compute_dtype: str = "float32"):

@@ -286,17 +286,6 @@ def save_trained(model, folder: Path, weights: dict | None, dtype: str, quantiza
     model.save_pretrained(folder, state_dict=weights)
 
 
-def _whole(parameters):
-    """Under ZeRO-3 each process holds a shard of each parameter: gather them (every process must call)."""
-    import contextlib
-
-    if any(hasattr(p, "ds_id") for p in parameters):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(parameters)
-    return contextlib.nullcontext()
-
-
 def skip_non_finite_under_deepspeed(trainer) -> None:
     """Under DeepSpeed the optimizer steps inside backward(), and ZeRO keeps no .grad to look at: NonFiniteGuard
     cannot refuse a step there. ZeRO-1/2's own check does instead, in bf16 (ZeRO-3 checks in fp16 only): it skips a
@@ -315,7 +304,9 @@ def assert_in_sync(parameters, where: str) -> None:
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
     parameters = list(parameters)
-    with _whole(parameters):
+    from alignment.distributed import gathered
+
+    with gathered(parameters):
         checksum = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
     gathered = [torch.zeros_like(checksum) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, checksum)

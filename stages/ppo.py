@@ -173,7 +173,7 @@ def score(model, ref_policy, scorer, r: Rollout, p: PPOSettings, minibatches: li
         idx = idx.to(r.mask.device)
         qr, att = r.query_responses[idx], r.attention[idx]
         logprobs[idx], values[idx], entropy[idx] = forwards.actor_critic_forward(model, qr, att, r.context,
-                                                                                 p.temperature)
+                                                                                 p.temperature, entropy=True)
         ref_logprobs[idx] = forwards.policy_forward(ref_policy, qr, att, r.context, p.temperature)[0]
         raw[idx] = scorer([r.prompts[i] for i in idx.tolist()], qr, att, r.responses[idx])
     rewards = torch.where(r.ended, raw, raw - p.missing_eos_penalty)
