@@ -1,6 +1,6 @@
 # RLHF pipeline. Quick start:  make sft rm ppo      Tests:  make test
-# Variables: MODEL=<registry name>  DATA=<profile: task, hh-rlhf>  RUN=<run name>  STORE=<store root>
-#            ARGS="key=value ..."
+# Variables: MODEL=<registry name>  DATA=<task, hh-rlhf, or a YAML data file>  RUN=<run name>  STORE=<store root>
+#            ARGS="key=value ..."  CONFIG=<a stage YAML of your own>
 #            CHECKPOINTS=<run/stage,...> (make eval)   RESUME=0 (start a stage over instead of resuming)
 #            NPROC=<processes>  ACCELERATE_CONFIG=<configs/accelerate/*.yaml> (multi-process / DeepSpeed)
 PYTHON ?= python3
@@ -12,6 +12,7 @@ RUN    ?=
 STORE  ?=
 ARGS   ?=
 CHECKPOINTS ?=
+CONFIG ?=
 RESUME ?= 1
 NPROC  ?= 1
 ACCELERATE_CONFIG ?=
@@ -27,18 +28,21 @@ LAUNCH = $(PY) -m accelerate.commands.launch \
 endif
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: help sft rm ppo eval test test-slow store data install clean bench gpu-check
+.PHONY: help sft rm ppo eval test test-slow store export data data-check install clean bench gpu-check
 
 help:
 	@echo "Targets:"
 	@echo "  make sft rm ppo     the three stages, in order (each: make <stage>)"
 	@echo "  make eval           the report: base, SFT, RM and PPO of a run on held-out data"
 	@echo "  make store          the checkpoints in the store, with lineage and headline metrics"
+	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo> OUT=<folder> [MERGE=0]: a standalone transformers folder"
+	@echo "  make data-check     read every split of DATA without training: counts, skips, truncation, a first record"
 	@echo "  make test           the test suite (installs what it needs; make test-slow: the slow checks)"
 	@echo "  make bench          every stage against the peers (bench/README.md); make gpu-check on a CUDA machine"
 	@echo "  make data           rewrite the embedded task from its seed;  make install;  make clean (removes store/)"
 	@echo "Variables:"
-	@echo "  MODEL=<registry name or model folder>   DATA=<profile: task, hh-rlhf>   RUN=<run name>   STORE=<store root>"
+	@echo "  MODEL=<registry name, model folder or hub id>   DATA=<task, hh-rlhf, or a YAML data file>   RUN=<run name>"
+	@echo "  STORE=<store root>   CONFIG=<stage YAML of your own, instead of configs/[DATA/]<stage>.yaml>"
 	@echo "  ARGS=\"key=value ...\"   any config key of the stage (python stages/<stage>.py --help lists them)"
 	@echo "  RESUME=0   start a stage over, removing its resumable state;   CHECKPOINTS=run/stage,... (make eval)"
 	@echo "  NPROC=<processes>   ACCELERATE_CONFIG=configs/accelerate/<ddp|zero2|zero3|zero3_offload>.yaml"
@@ -61,21 +65,28 @@ USES_DEEPSPEED = $(if $(ACCELERATE_CONFIG),$(if $(shell grep -l 'distributed_typ
 # What a stage needs installed first; INSTALL= with PY=<python> uses an interpreter set up otherwise (the GPU check).
 INSTALL ?= $(VENV)/.installed $(USES_DEEPSPEED)
 
-# Each data profile other than the embedded task has its own configs: configs/<profile>/<stage>.yaml.
-CONFIGS = configs$(if $(filter-out task,$(or $(DATA),task)),/$(DATA))
+# A built-in data name with stage configs of its own uses them (configs/hh-rlhf/<stage>.yaml); the embedded task
+# and a YAML data file of yours use configs/<stage>.yaml. CONFIG=<file> replaces either.
+CONFIGS = configs$(if $(and $(DATA),$(wildcard configs/$(DATA)/sft.yaml)),/$(DATA))
 
 sft rm ppo: $(INSTALL)
-	$(LAUNCH) stages/$@.py --config $(CONFIGS)/$@.yaml $(STAGE_ARGS)
+	$(LAUNCH) stages/$@.py --config $(or $(CONFIG),$(CONFIGS)/$@.yaml) $(STAGE_ARGS)
 
 # The run: RUN, else the one MODEL and DATA name (as the stages name it), else the latest run in the store.
-EVAL_RUN = $(notdir $(or $(MODEL),tiny-llama))$(if $(filter-out task,$(or $(DATA),task)),-$(DATA))
+DATA_NAME = $(basename $(notdir $(or $(DATA),task)))
+EVAL_RUN = $(notdir $(or $(MODEL),tiny-llama))$(if $(filter-out task,$(DATA_NAME)),-$(DATA_NAME))
 eval: $(VENV)/.installed
-	$(PY) stages/eval.py --config $(CONFIGS)/eval.yaml $(if $(RUN),run=$(RUN),$(if $(MODEL)$(DATA),run=$(EVAL_RUN))) \
+	$(PY) stages/eval.py --config $(or $(CONFIG),$(CONFIGS)/eval.yaml) $(if $(RUN),run=$(RUN),$(if $(MODEL)$(DATA),run=$(EVAL_RUN))) \
 		$(if $(STORE),store=$(STORE)) \
 		$(if $(CHECKPOINTS),eval.checkpoints=[$(CHECKPOINTS)]) $(ARGS)
 
 store: $(VENV)/.installed
 	$(PY) -m alignment store list $(if $(STORE),--root $(STORE))
+
+# A checkpoint as a standalone folder for plain transformers (alignment/export.py); MERGE=0 keeps a LoRA adapter apart.
+export: $(VENV)/.installed
+	$(if $(and $(RUN),$(STAGE),$(OUT)),,$(error make export needs RUN=<run> STAGE=<sft|rm|ppo> OUT=<new folder>))
+	$(PY) -m alignment export $(RUN)/$(STAGE) $(OUT) $(if $(filter 0,$(MERGE)),--no-merge) $(if $(STORE),--root $(STORE))
 
 # Benchmark of every stage against the peers (bench/README.md). The PPO peer, TRL 1.12's PPOTrainer, gets a
 # virtual environment of its own: TRL 1.16 no longer has PPO. Same torch (CPU wheel) and transformers as ours.
@@ -99,6 +110,10 @@ test: $(VENV)/.installed $(VENV)/.deepspeed
 
 test-slow: $(VENV)/.installed $(VENV)/.deepspeed
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# Reads every split DATA names, as the stages would, and reports per split; exit 1 on an error.
+data-check: $(VENV)/.installed
+	$(PY) -m alignment.data_check $(or $(DATA),task) $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
 # Rewrites data/task from its seed; the tests check the committed files match.
 data: $(VENV)/.installed

@@ -1,10 +1,11 @@
 """Command line of the library.
 
     python -m alignment store list [--json] [--root DIR]     checkpoints, lineage, headline metrics
-    python -m alignment store verify [--root DIR]            manifests, files and hashes; exit 1 on a problem
+    python -m alignment store verify [--root DIR]            manifests, files, hashes, stale parents; exit 1 if any
     python -m alignment eval [key=value ...]                 the evaluation stage (stages/eval.py)
     python -m alignment generate CHECKPOINT "prompt"         one response from a policy checkpoint
     python -m alignment chat CHECKPOINT                      prompts from the terminal, one response each
+    python -m alignment export CHECKPOINT OUT [--no-merge]   a standalone folder for plain transformers
 
 CHECKPOINT is a folder, or a store id run/stage (--root picks the store).
 """
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from alignment.store import Store
+from alignment.store import HISTORY, Store
 
 
 def _headline(metrics: dict) -> str:
@@ -34,9 +35,11 @@ def _headline(metrics: dict) -> str:
 
 
 def store_list(root: str, as_json: bool) -> None:
-    checkpoints = Store(root).list()
+    store = Store(root)
+    checkpoints = store.list()
+    stale = {c.id: store.stale(c) for c in checkpoints}  # reason, or None
     if as_json:
-        print(json.dumps([c.summary() for c in checkpoints], indent=2, default=str))
+        print(json.dumps([{**c.summary(), "stale": stale[c.id]} for c in checkpoints], indent=2, default=str))
         return
     if not checkpoints:
         print(f"no checkpoints in {root}/")
@@ -44,10 +47,27 @@ def store_list(root: str, as_json: bool) -> None:
     for c in checkpoints:
         m = c.manifest
         parents = ", ".join(m.get("parents") or []) or "-"
-        print(f"{c.id:32s} {m['model']:16s} {m.get('created', '')[:19]:20s} <- {parents:28s} {_headline(c.metrics)}")
+        mark = f"  STALE: {stale[c.id]}" if stale[c.id] else ""
+        print(f"{c.id:32s} {m['model']:16s} {m.get('created', '')[:19]:20s} <- {parents:28s} {_headline(c.metrics)}"
+              f"{mark}")
+    replaced = sorted(store.root.glob(f"*/{HISTORY}/*"))
+    if replaced:  # kept whole, so they take the space of a checkpoint each
+        print(f"{len(replaced)} replaced checkpoint(s) kept in {root}/<run>/{HISTORY}/: remove them when done")
 
 
 POLICY_STAGES = ("sft", "ppo")
+
+
+def find_checkpoint(checkpoint: str, root: str):
+    """A checkpoint given as a folder or a store id run/stage (StoreError if there is none)."""
+    from alignment.store import MANIFEST, StoreError, load_checkpoint
+
+    if (Path(checkpoint) / MANIFEST).is_file():
+        return load_checkpoint(checkpoint)
+    run, slash, stage = checkpoint.partition("/")
+    if not slash:
+        raise StoreError(f"{checkpoint!r} is neither a checkpoint folder nor a store id run/stage (e.g. {run}/sft)")
+    return Store(root).get(run, stage)
 
 
 def load_policy(checkpoint: str, root: str):
@@ -55,17 +75,13 @@ def load_policy(checkpoint: str, root: str):
     from transformers import AutoModelForCausalLM
 
     from alignment import loading, registry
-    from alignment.store import load_checkpoint
 
-    path = Path(checkpoint)
-    if not (path / "manifest.json").is_file():
-        run, _, stage = checkpoint.partition("/")
-        path = Store(root).get(run, stage).path
-    manifest = load_checkpoint(path).manifest
+    found = find_checkpoint(checkpoint, root)
+    path, manifest = found.path, found.manifest
     if manifest.get("stage") not in POLICY_STAGES:
         sys.exit(f"{checkpoint} is a {manifest.get('stage')!r} checkpoint, not a policy: generate and chat take "
                  f"one of {', '.join(POLICY_STAGES)} (e.g. {manifest.get('run', 'RUN')}/ppo)")
-    spec = registry.get(manifest["model"])
+    spec = registry.get(manifest["model"], template=manifest.get("template", ""), tokenizer=path)  # as trained
     model = loading.on_device(loading.load_model(path, AutoModelForCausalLM, spec)).eval()
     return model, loading.load_tokenizer(path, spec), spec
 
@@ -105,6 +121,13 @@ def main(argv: list[str]) -> None:
         cmd.add_argument("--temperature", type=float, default=1.0)
         cmd.add_argument("--max-new-tokens", type=int, default=64)
     commands.add_parser("eval", help="evaluate checkpoints and write the report (key=value arguments)")
+    export = commands.add_parser("export", help="a checkpoint as a standalone folder: weights, tokenizer with its "
+                                 "chat template, model card; loads with plain transformers")
+    export.add_argument("checkpoint", help="checkpoint folder or store id run/stage")
+    export.add_argument("out", help="the folder to write (absent or empty)")
+    export.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                        help="merge a LoRA adapter into its base (default); --no-merge: the adapter, naming its base")
+    export.add_argument("--root", default="store", help="store root for a run/stage id")
     args = parser.parse_args(argv)
     if args.command == "store" and args.store_command == "list":
         store_list(args.root, args.json)
@@ -117,6 +140,15 @@ def main(argv: list[str]) -> None:
     elif args.command == "generate":
         model, tokenizer, spec = load_policy(args.checkpoint, args.root)
         print(respond(model, tokenizer, spec, args.prompt, args))
+    elif args.command == "export":
+        from alignment.export import ExportError, export
+        from alignment.store import StoreError
+
+        try:
+            out = export(find_checkpoint(args.checkpoint, args.root), args.out, merge=args.merge)
+        except (StoreError, ExportError) as e:
+            sys.exit(f"error: {e}")
+        print(f"exported {args.checkpoint} -> {out}")
     elif args.command == "chat":
         model, tokenizer, spec = load_policy(args.checkpoint, args.root)
         print(f"{args.checkpoint} ({spec.name}, template '{spec.template}'). Each line is answered on its own; "
@@ -128,8 +160,12 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from alignment.registry import RegistryError
+
     try:
         main(sys.argv[1:])
+    except RegistryError as e:  # a policy's model that cannot be resolved here
+        sys.exit(f"error: {e}")
     except BrokenPipeError:  # `store list --json | head`: the reader had enough
         import os
 

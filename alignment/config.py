@@ -185,16 +185,20 @@ class LoraSettings:
 
 @dataclasses.dataclass
 class StageConfig:
-    model: str = field("tiny-llama", "registry name of the base model (or a local model folder)")
+    model: str = field("tiny-llama", "the base model: a registry name, a local model folder or a hub id (org/name)")
     run: str = field("", "run name in the store; empty: the model name")
     store: str = field("store", "root folder of the checkpoint store")
-    data: str = field("task", "data profile (see alignment/data.py): task, hh-rlhf")
-    on_error: str = field("", "bad records: raise (name file, record, problem) or skip (count); empty: profile's")
-    template: str = field("", "prompt template (see alignment/registry.py); empty: the profile's, else the model's")
+    data: str = field("task", "the data: a built-in name (task, hh-rlhf: configs/data/) or the path of a YAML data file "
+                      "(alignment/data.py says what it holds)")
+    on_error: str = field("", "bad records: raise (name file, record, problem) or skip (count); empty: the data file's")
+    template: str = field("", "prompt template (see alignment/registry.py) or auto (the tokenizer's own chat "
+                          "template); empty: the data file's, else the model's")
     seed: int = field(0, "seed for weights of new heads, data order and sampling")
     threads: int = field(0, "torch CPU threads; 0: torch's default")
     limit: int = field(0, "use only the first N records of each data split (0: all), for smoke runs")
     resume: bool = field(True, "continue from the last complete saved state of this stage, if there is one")
+    allow_stale: bool = field(False, "build on an input checkpoint even if it is stale (a parent of it was replaced "
+                              "or removed since it was trained; see `make store`), with a warning instead of an error")
     save_every: int = field(50, "optimizer steps (PPO: PPO steps) between resumable states")
     max_bad_steps: int = field(5, "stop after this many updates in a row with non-finite loss or gradients")
     check_sync: bool = field(False, "after every optimizer step, check all processes hold identical parameters")
@@ -221,9 +225,11 @@ class StageConfig:
 
     @property
     def run_name(self) -> str:
-        """The run: as given, else the model name, suffixed with the data profile unless it is the default."""
-        name = Path(self.model.rstrip("/")).name
-        return self.run or (name if self.data == "task" else f"{name}-{self.data}")
+        """The run: as given, else the model name, suffixed with the data's name unless it is the default."""
+        from alignment.data import short_name
+
+        name, data = Path(self.model.rstrip("/")).name, short_name(self.data)
+        return self.run or (name if data == "task" else f"{name}-{data}")
 
 
 # How far the running stage has come, for the one line that Ctrl-C ends with: the stages keep it up to date
@@ -241,15 +247,17 @@ def interrupted_line() -> str:
 
 
 def run(main) -> None:
-    """Runs a stage's main(argv); a missing input or bad data ends with its message instead of a traceback."""
+    """Runs a stage's main(argv); a missing input, bad data or an unusable model ends with its message instead of
+    a traceback."""
     import sys
 
     from alignment.data import DataError
+    from alignment.registry import RegistryError
     from alignment.store import StoreError
 
     try:
         main(sys.argv[1:])
-    except (StoreError, DataError) as e:
+    except (StoreError, DataError, RegistryError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print(interrupted_line(), file=sys.stderr, flush=True)

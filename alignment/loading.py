@@ -1,8 +1,9 @@
 """Loading models and tokenizers from the registry or the store.
 
 Every checkpoint loads with the standard from_pretrained. A LoRA checkpoint holds only its adapter; its
-manifest names the `base` it was trained on (a registry path or a parent checkpoint), and loading
-merges the adapter into that base, so the stages downstream always get a plain model.
+manifest names the `base` it was trained on (an absolute path or a hub id; for a parent checkpoint also its id,
+`base_checkpoint`), and loading merges the adapter into that base, so the stages downstream always get a plain
+model. Every checkpoint's tokenizer carries the chat template its prompts were rendered with.
 
 Precision: a model that trains is loaded in fp32 whatever the checkpoint's dtype, and computes in bf16
 under autocast (or DeepSpeed's bf16 mode, which keeps its own fp32 master copy): pure-bf16 weights updated
@@ -12,15 +13,16 @@ Frozen models (the reference, the reward model) load in the entry's dtype, bf16 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from alignment import distributed
+from alignment import distributed, registry
 from alignment.registry import ModelSpec
-from alignment.store import load_checkpoint
+from alignment.store import HISTORY, MANIFEST, Checkpoint, load_checkpoint
 
 _PEFT_TASKS = {AutoModelForCausalLM: "CAUSAL_LM", AutoModelForSequenceClassification: "SEQ_CLS"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +38,42 @@ def load_tokenizer(path: str | Path, spec: ModelSpec):
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = spec.padding_side
     return tokenizer
+
+
+def save_tokenizer(tokenizer, folder: str | Path, spec: ModelSpec) -> None:
+    """save_pretrained with the chat template the prompts were rendered with (the tokenizer's own for
+    template="auto", else TEMPLATES[spec.template] in Jinja): apply_chat_template(messages,
+    add_generation_prompt=True) on the checkpoint then gives exactly spec.format_prompt(messages)."""
+    tokenizer.chat_template = spec.chat_template or registry.chat_template(spec.template)
+    tokenizer.save_pretrained(str(folder))
+
+
+def base_reference(base: str | Path) -> str:
+    """How a manifest names a base: a local folder by its absolute path (a store root or a model folder may be
+    given relative to the working directory, which a later reader does not share), anything else (a hub id) as is."""
+    return os.path.abspath(base) if Path(base).exists() else str(base)
+
+
+def adapter_base(checkpoint: Checkpoint) -> str:
+    """The base an adapter checkpoint merges into: the very parent checkpoint it was trained on (its id and uid
+    in the manifest), found at `base`, beside the adapter in its own store, or, once a retraining replaced it,
+    in that run's .history/ (a stale adapter merged into the new parent would be another model); else its
+    manifest's `base`, or, where that path is gone (the store moved, or a manifest from before absolute paths,
+    whose `base` was relative to the writer's directory: <root>/<run>/<stage>), the checkpoint of that id beside
+    the adapter."""
+    manifest, base = checkpoint.manifest, checkpoint.manifest["base"]
+    parent = manifest.get("base_checkpoint")
+    uid = dict(zip(manifest.get("parents") or [], manifest.get("parent_uids") or [])).get(parent)
+    if parent and uid:
+        root, (run, stage) = checkpoint.path.parent.parent, parent.split("/", 1)
+        for candidate in (Path(base), root / parent, root / run / HISTORY / f"{stage}-{uid}"):
+            if (candidate / MANIFEST).is_file() and load_checkpoint(candidate).manifest.get("uid") == uid:
+                return str(candidate)
+    if Path(base).exists():
+        return base
+    parent = checkpoint.manifest.get("base_checkpoint") or "/".join(Path(base).parts[-2:])
+    beside = checkpoint.path.parent.parent / parent
+    return str(beside) if (beside / MANIFEST).is_file() else base  # else a hub id (or gone: from_pretrained says)
 
 
 def fit_vocabulary(model: nn.Module, tokenizer) -> None:
@@ -82,7 +120,7 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str 
     if (path / "adapter_config.json").is_file():
         from peft import PeftConfig, PeftModel
 
-        base = load_model(load_checkpoint(path).manifest["base"], auto_class, spec, tokenizer=tokenizer, **kwargs)
+        base = load_model(adapter_base(load_checkpoint(path)), auto_class, spec, tokenizer=tokenizer, **kwargs)
         # An SFT (causal-LM) adapter merged into the body of a reward model needs no task wrapper: drop it
         # when the adapter's task differs from the class being loaded.
         adapter_config = PeftConfig.from_pretrained(str(path))
@@ -117,6 +155,9 @@ def lora_targets(model: nn.Module, wanted: list[str], model_name: str) -> list[s
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__ or
                      "Conv1D" in type(m).__name__})
     missing = [t for t in wanted if t not in linear]
+    if not wanted:  # a model of a family the registry has no entry for
+        raise SystemExit(f"lora.target_modules: none given, and {model_name} is of a family the registry has no "
+                         f"entry for: name the modules to adapt; its linear layers are {linear}")
     if missing:
         raise SystemExit(f"lora.target_modules: {missing} not in {model_name}; its linear layers are {linear}")
     return wanted

@@ -4,15 +4,21 @@ A real entry names a hub id (or a local path) and is loaded with the standard `f
 twin (`tiny-llama`, `tiny-bloom`, ...) has the same architecture at a toy size: it is built from its
 config class with random weights, plus a byte-level BPE tokenizer trained here on the embedded data,
 saved once to the cache, and from then on loaded through exactly the same `from_pretrained` path.
+
+Any other model is named by its local folder or hub id and borrows its family's entry (get()). A hub id
+that is neither reachable nor in the local HF cache fails at once, in one line (_hub_unreachable()).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
+import string
 import tempfile
 from pathlib import Path
 
@@ -44,6 +50,27 @@ def render(template: str, prompt: str | list[dict]) -> str:
     return "".join(parts)
 
 
+def chat_template(template: str) -> str:
+    """TEMPLATES[template] as a Jinja chat template, render() turn for turn, so that a saved tokenizer's
+    apply_chat_template(messages, tokenize=False) gives exactly the text the model was trained on. A user turn
+    already ends where the answer begins: add_generation_prompt adds nothing."""
+
+    def turn(fmt: str, content: str) -> str:  # "{}" -> the content; literals as JSON strings (Jinja reads them)
+        pieces = []
+        for literal, field_name, _, _ in string.Formatter().parse(fmt):
+            pieces += [json.dumps(literal)] if literal else []
+            pieces += [content] if field_name is not None else []
+        return "{{ " + " + ".join(pieces) + " }}"
+
+    user, assistant = TEMPLATES[template]
+    return ("{%- for message in messages -%}\n"
+            "{%- if message['role'] == 'assistant' -%}" + turn(assistant, "message['content']") + "\n"
+            "{%- elif message['role'] == 'system' -%}" + turn("{}\n\n", "message['content']") + "\n"
+            "{%- else -%}" + turn(user, "message['content']") + "\n"
+            "{%- endif -%}\n"
+            "{%- endfor -%}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -55,13 +82,27 @@ class ModelSpec:
     dtype: str = "float32"  # weights dtype when loaded for training
     tiny_config: tuple[tuple[str, object], ...] = ()  # config-class kwargs of a tiny twin (a tuple: hashable)
     trust_remote_code: bool = False
+    # A tokenizer's own Jinja chat template, used when template="auto" finds one (real instruct models);
+    # empty: prompts render with TEMPLATES[template].
+    chat_template: str = ""
+    # The special tokens chat_template reads, as apply_chat_template passes them: bos_token and eos_token only
+    # (the pad token differs between a base and its checkpoints, which add one).
+    chat_tokens: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_tiny(self) -> bool:
         return bool(self.tiny_config)
 
     def format_prompt(self, prompt: str | list[dict]) -> str:
-        return render(self.template, prompt)
+        if not self.chat_template:
+            return render(self.template, prompt)
+        # transformers' own renderer, the one apply_chat_template calls (same sandbox, filters and globals)
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        rendered, _ = render_jinja_template([messages], chat_template=self.chat_template, add_generation_prompt=True,
+                                            **dict(self.chat_tokens))
+        return rendered[0]
 
 
 _LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")  # also Mistral and Qwen2
@@ -119,25 +160,167 @@ DEFAULT_MODEL = "tiny-llama"
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "eos_token": "<|endoftext|>", "unk_token": "<|unk|>"}
 
 
-def get(name: str, template: str = "") -> ModelSpec:
-    """The registry entry for name (a local folder with a config.json becomes an ad-hoc entry of its family),
-    with its prompt template replaced by `template` if given (a data profile or a run may choose one)."""
-    if name in MODELS:
-        spec = MODELS[name]
-    elif Path(name, "config.json").is_file():
-        with open(Path(name, "config.json")) as f:
-            family = json.load(f).get("model_type", "")
-        base = next((s for s in MODELS.values() if s.family == family and not s.is_tiny), None)
-        if base is None:
-            raise KeyError(f"model folder {name!r} has model_type {family!r}, which no registry entry covers")
-        spec = dataclasses.replace(base, name=name, source=name)
+AUTO = "auto"  # template=auto: the tokenizer's own chat template, else the family's
+
+
+class RegistryError(Exception):
+    """A model or template that cannot be used, saying what to do instead: config.run prints it as one line."""
+
+
+def get(name: str, template: str = "", tokenizer: str | Path = "") -> ModelSpec:
+    """The registry entry for name, with its prompt template replaced by `template` if given (a data profile or
+    a run may choose one). name may also be a local model folder or a hub id: an entry of its own, named by its
+    absolute path or hub id (what a manifest records, so later stages get it again), with its family's settings
+    (those of the registered model with the same model_type).
+
+    template="auto": the tokenizer's own chat template (an instruct model's), read from the folder `tokenizer` if
+    given (a checkpoint: the template it was trained with, whatever the hub holds since), else the model's; where
+    it has none, the family's template.
+    """
+    if template and template != AUTO and template not in TEMPLATES:
+        raise RegistryError(f"unknown template {template!r}; known: {', '.join(sorted(TEMPLATES))}, or auto (the "
+                            "tokenizer's own chat template)")
+    spec = MODELS[name] if name in MODELS else _unregistered(name, template)
+    if _is_hub_id(spec.source):
+        _hub_unreachable()  # settled before any from_pretrained, which would retry for minutes (see there)
+    if template == AUTO:
+        return _with_chat_template(spec, tokenizer)
+    return dataclasses.replace(spec, template=template) if template else spec
+
+
+def _unregistered(name: str, template: str) -> ModelSpec:
+    """The entry of a local model folder or hub id: its family's settings, or, for a family the registry lacks,
+    generic ones if a template is given (LoRA then needs lora.target_modules: loading.lora_targets says so)."""
+    if Path(name).is_dir():
+        source = os.path.abspath(name)  # a later stage may run from another directory
+        if not Path(source, "config.json").is_file():
+            raise RegistryError(f"model folder {name!r} has no config.json: not a Hugging Face model folder")
+        config = json.loads(Path(source, "config.json").read_text())
+    elif _is_hub_id(name):
+        source, config = name, _hub_config(name)
     else:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))} (or a local model folder)")
-    if template:
-        if template not in TEMPLATES:
-            raise KeyError(f"unknown template {template!r}; known: {', '.join(sorted(TEMPLATES))}")
-        spec = dataclasses.replace(spec, template=template)
+        raise RegistryError(f"unknown model {name!r}: not a registered name ({', '.join(sorted(MODELS))}), a local "
+                            "model folder, or a hub id (org/name)")
+    family = config.get("model_type", "")
+    base = next((s for s in MODELS.values() if s.family == family and not s.is_tiny), None)
+    if base is not None:
+        return dataclasses.replace(base, name=source, source=source)
+    if not template:
+        families = sorted({s.family for s in MODELS.values()})
+        raise RegistryError(
+            f"{name} is a {family!r} model, a family with no registry entry (registered: {', '.join(families)}): "
+            f"give its settings, template=<{'|'.join(TEMPLATES)}|auto> (and lora.target_modules=[...] with LoRA), "
+            "or add an entry of its family to MODELS in alignment/registry.py")
+    dtype = config.get("dtype") or config.get("torch_dtype")  # frozen copies load in the dtype it was saved in
+    return ModelSpec(source, family, source, "", (), dtype=dtype if dtype in ("bfloat16", "float16") else "float32")
+
+
+def _with_chat_template(spec: ModelSpec, tokenizer: str | Path) -> ModelSpec:
+    """template=auto: spec rendering prompts with its tokenizer's chat template, or with its family's template."""
+    source = str(tokenizer or spec.source)  # a tiny twin's tokenizer (no source) is built without one
+    chat_template, tokens = _chat_template_of(source, spec.trust_remote_code) if source else ("", {})
+    if chat_template:
+        return dataclasses.replace(spec, template=AUTO, chat_template=chat_template,
+                                   chat_tokens=tuple(sorted(tokens.items())))
+    if not spec.template:
+        raise RegistryError(f"template=auto: {spec.name} ships no chat template, and its family has no registry "
+                            f"entry to take one from: give template=<{'|'.join(TEMPLATES)}>")
+    print(f"[registry] template=auto: {spec.name} ships no chat template; prompts use its family's "
+          f"'{spec.template}'")
     return spec
+
+
+def _chat_template_of(source: str, trust_remote_code: bool) -> tuple[str, dict]:
+    """The chat template of the tokenizer at source ("" if none) and the special tokens it reads."""
+    from transformers import AutoTokenizer
+
+    if _is_hub_id(source):
+        _require_hub(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        chat_template = tokenizer.get_chat_template() if tokenizer.chat_template else ""
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"template=auto: cannot read the chat template of {source} ({_first_line(e)})") from None
+    # A tokenizer that starts every encoding with its BOS gets none from the template: apply_chat_template encodes
+    # without special tokens, but the stages encode prompts with them, and each would start with two BOS.
+    adds_bos = tokenizer.bos_token is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    tokens = {"bos_token": "" if adds_bos else tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+    return chat_template, tokens
+
+
+def _is_hub_id(name: str) -> bool:
+    """org/name as the hub spells it, and no local path of that name (that is a folder)."""
+    return bool(re.fullmatch(r"\w[\w.-]*/[\w.-]+", name)) and not Path(name).exists()
+
+
+_OFFLINE = "HF_HUB_OFFLINE=1 is set"
+_FROM_CACHE: set[str] = set()  # hub ids said to load from the cache (said once)
+
+
+@functools.cache
+def _hub_unreachable() -> str:
+    """Why this process cannot use the hub ("" if it can), found out once per process.
+
+    Out of reach, huggingface_hub retries every request with backoff: measured here without network, a hub id
+    not in the cache failed after 25 s of retries (`make sft MODEL=gpt2`: 54 s), and a cached tiny model took
+    3.5 min to load (each file's update check retried). A probe of at most 3 s decides instead; a hub out of reach
+    switches this process to offline mode, in which a cached model loads at once and any other fails at once
+    (_require_hub says what to do).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return _OFFLINE
+    try:
+        get_session().head(constants.ENDPOINT, timeout=3)  # the hub's own client (proxies); any answer will do
+        return ""
+    except Exception as e:  # no DNS, refused, timed out: the transport's error classes vary between hub versions
+        why = f"{constants.ENDPOINT} cannot be reached ({_first_line(e)})"
+    constants.HF_HUB_OFFLINE = True  # what huggingface_hub and transformers read (the variable only at import)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # and what processes started from this one read
+    return why
+
+
+def _require_hub(repo_id: str) -> None:
+    """Fails at once, in one line, where from_pretrained(repo_id) could only fail after minutes of retries: the
+    hub is out of reach (or HF_HUB_OFFLINE=1) and repo_id is not in the local HF cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    why = _hub_unreachable()
+    if not why:
+        return
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        if why != _OFFLINE and repo_id not in _FROM_CACHE:
+            print(f"[registry] {why}: {repo_id} loads from the local HF cache")
+            _FROM_CACHE.add(repo_id)
+        return
+    raise RegistryError(
+        f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: download it into "
+        f"that cache where there is network (hf download {repo_id}) and run with HF_HUB_OFFLINE=1, or pass a "
+        "local model folder (model=/path/to/folder)")
+
+
+def _hub_config(repo_id: str) -> dict:
+    """The config.json of a hub model: from the local HF cache, or downloaded."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    _require_hub(repo_id)
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except GatedRepoError:
+        raise RegistryError(f"{repo_id} is gated: accept its terms on its hub page, log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise RegistryError(f"{repo_id}: no such model on the hub (a private one? hf auth login)") from None
+    except EntryNotFoundError:
+        raise RegistryError(f"{repo_id} has no config.json: not a transformers model") from None
+    except HfHubHTTPError as e:
+        raise RegistryError(f"{repo_id}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def cache_dir() -> Path:
@@ -151,6 +334,8 @@ def resolve(spec: ModelSpec, corpus: list[str] | None = None, vocab_size: int = 
     tokens; both are part of the cache key.
     """
     if not spec.is_tiny:
+        if _is_hub_id(spec.source):
+            _require_hub(spec.source)  # one line now rather than minutes of retries in from_pretrained
         return spec.source
     if corpus is None:
         corpus = default_corpus(spec)

@@ -50,7 +50,8 @@ class RewardScorer:
     def __init__(self, reward_model, rm_tokenizer, rm_spec: ModelSpec, policy_tokenizer, policy_spec: ModelSpec):
         self.model, self.rm_tokenizer, self.rm_spec, self.policy_tokenizer = reward_model, rm_tokenizer, rm_spec, policy_tokenizer
         self.by_text = (rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab()
-                        or rm_spec.template != policy_spec.template)
+                        or (rm_spec.template, rm_spec.chat_template)
+                        != (policy_spec.template, policy_spec.chat_template))
 
     @torch.no_grad()
     def __call__(self, prompts: list, query_responses: torch.Tensor, attention_mask: torch.Tensor,

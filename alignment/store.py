@@ -1,10 +1,12 @@
 """The checkpoint store: one root folder of runs, each holding one checkpoint per stage.
 
-    <root>/<run>/<stage>/            a Hugging Face model folder (from_pretrained loads it) + manifest.json
+    <root>/<run>/<stage>/                     a Hugging Face model folder (from_pretrained loads it) + manifest.json
+    <root>/<run>/.history/<stage>-<uid>/      a checkpoint replaced by a newer one, kept whole until removed by hand
 
 A checkpoint is written into a hidden temporary folder beside its final place and renamed there only
 when complete, so a reader never sees half a checkpoint. The manifest makes it describe itself: stage,
-base model, parent checkpoints, resolved config, data fingerprint, metrics, time and status.
+base model, parent checkpoints (ids and the uids they had), resolved config, data fingerprint, metrics,
+time and status. A checkpoint is stale when a parent was replaced or removed since: stale() says why.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import uuid
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+HISTORY = ".history"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -80,12 +83,12 @@ class Store:
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, default=str)
         final = self.path(run, stage)
-        _swap_in(tmp, final)
+        _swap_in(tmp, final, history=final.parent / HISTORY)  # what a retraining replaces stays inspectable
         return Checkpoint(final, manifest)
 
     def get(self, run: str, stage: str) -> Checkpoint:
         path = self.path(run, stage)
-        _recover(path)
+        _recover(path, history=path.parent / HISTORY)
         if not (path / MANIFEST).is_file():
             raise StoreError(
                 f"no complete '{stage}' checkpoint for run '{run}' in {self.root}/ "
@@ -97,7 +100,7 @@ class Store:
         if not self.root.is_dir():
             return []
         for old in self.root.glob("*/.old-*"):
-            _recover(old.parent / old.name.split("-")[1])
+            _recover(old.parent / _replaced_name(old), history=old.parent / HISTORY)
         found = []
         for m in sorted(self.root.glob(f"*/*/{MANIFEST}")):
             try:
@@ -106,6 +109,40 @@ class Store:
                 continue
         found = [c for c in found if not c.path.parent.name.startswith(".") and not c.path.name.startswith(".")]
         return sorted(found, key=lambda c: (c.manifest.get("run", ""), c.manifest.get("created", "")))
+
+    def stale(self, checkpoint: Checkpoint, _seen: frozenset = frozenset()) -> str | None:
+        """Why checkpoint no longer follows from what the store holds, or None: a parent (by id) was replaced
+        (another uid than the one recorded), removed, or is itself stale. Manifests written before parent_uids
+        was recorded cannot be checked and count as fresh."""
+        recorded, me = checkpoint.manifest.get("parent_uids"), checkpoint.manifest.get("id")
+        if recorded is None or me in _seen:  # nothing to compare; a cycle only a hand edit makes
+            return None
+        for parent_id, uid in zip(checkpoint.manifest.get("parents") or [], recorded):
+            run, _, stage = parent_id.partition("/")
+            try:
+                parent = self.get(run, stage)
+            except StoreError:
+                return f"parent {parent_id} is missing"
+            except (OSError, json.JSONDecodeError):
+                return f"parent {parent_id} has an unreadable {MANIFEST}"
+            if parent.manifest.get("uid") != uid:
+                return f"parent {parent_id} was replaced (uid {uid} -> {parent.manifest.get('uid')})"
+            if reason := self.stale(parent, _seen | {me}):
+                return f"parent {parent_id} is stale: {reason}"
+        return None
+
+    def require_fresh(self, *inputs: Checkpoint, allow_stale: bool = False) -> None:
+        """A stage's inputs must not be stale: what it builds would claim a lineage that no longer exists.
+        StoreError (one line: which, why, what to do) unless allow_stale, which only warns."""
+        for checkpoint in inputs:
+            if not (reason := self.stale(checkpoint)):
+                continue
+            if allow_stale:
+                print(f"warning: {checkpoint.id} is stale ({reason}); using it as it is (allow_stale=true)")
+                continue
+            raise StoreError(f"{checkpoint.id} is stale: {reason}; run `make {checkpoint.manifest.get('stage')}` again "
+                             "(same MODEL/RUN) to rebuild it on its current parents, or set allow_stale=true to use it "
+                             "as it is")
 
     # ---- resumable training state: <root>/<run>/.state/<stage>/, invisible to list(), same atomic swap ----
 
@@ -167,6 +204,8 @@ class Store:
                     problems.append(f"{label}: {name} does not match its recorded sha256")
             if not manifest.get("files") and not any((folder / f).is_file() for f in WEIGHT_FILES):
                 problems.append(f"{label}: no weights ({' or '.join(WEIGHT_FILES)})")
+            if "id" in manifest and (reason := self.stale(Checkpoint(folder, manifest))):
+                problems.append(f"{label}: stale: {reason}")
         return problems
 
 
@@ -181,9 +220,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Flushes tmp to disk and renames it to final. An earlier final is moved aside first and deleted after;
-    a crash between the two renames leaves it as .old-<name>-*, which _recover() puts back."""
+def _swap_in(tmp: Path, final: Path, history: Path | None = None) -> None:
+    """Flushes tmp to disk and renames it to final. An earlier final is moved aside first, and after the swap
+    into history (None: deleted); a crash between the renames leaves it as .old-<name>-*, which _recover()
+    puts back (no new final yet) or retires as this would have (new final in place)."""
     _fsync_tree(tmp)
     old = None
     if final.exists():
@@ -192,17 +232,44 @@ def _swap_in(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
     _fsync_dir(final.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _retire(old, history)
 
 
-def _recover(final: Path) -> None:
-    """If a crash interrupted _swap_in after moving the old version aside, put it back; drop stale copies."""
+def _recover(final: Path, history: Path | None = None) -> None:
+    """If a crash interrupted _swap_in after moving the old version aside, put it back; retire leftover copies."""
     olds = sorted(final.parent.glob(f".old-{final.name}-*")) if final.parent.is_dir() else []
     for old in olds:
         if not final.exists():
             os.rename(old, final)
         else:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire(old, history)
+
+
+def _retire(old: Path, history: Path | None) -> None:
+    """A replaced .old-<name>-<suffix> folder -> history/<name>-<uid>/ (one rename: never half there), or deleted."""
+    if history is None:
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        uid = json.loads((old / MANIFEST).read_text()).get("uid")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        uid = None
+    kept = history / f"{_replaced_name(old)}-{uid or old.name.rsplit('-', 1)[1]}"
+    if kept.exists():  # a copy of what history already holds
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    history.mkdir(exist_ok=True)
+    try:
+        os.rename(old, kept)
+    except FileNotFoundError:  # a concurrent reader's _recover() retired it first
+        return
+    _fsync_dir(history)
+    _fsync_dir(old.parent)
+
+
+def _replaced_name(old: Path) -> str:
+    """.old-<name>-<hex suffix> -> <name>; names may hold '-', the suffix does not."""
+    return old.name[len(".old-"):].rsplit("-", 1)[0]
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler as _LengthGroupedSampler
 
 COMPLETE = "COMPLETE"
-_IGNORED_ON_RESUME = ("threads", "resume")  # may differ between the killed run and its resumption
+_IGNORED_ON_RESUME = ("threads", "resume", "allow_stale")  # may differ between the killed run and its resumption
 
 
 def use_bf16(precision: str) -> bool:
@@ -173,8 +173,10 @@ def check_same_config(saved: dict, current: dict, where: Path, ignore: tuple[str
     a, b = comparable(saved, ignore), comparable(current, ignore)
     if a != b:
         diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        what = "built on other parent checkpoints (one was replaced since)" if diffs == ["parent_uids"] else \
+            f"with a different config (differs in: {', '.join(diffs)})"
         raise SystemExit(
-            f"{where} holds the state of a run with a different config (differs in: {', '.join(diffs)}); "
+            f"{where} holds the state of a run {what}; "
             "run with resume=false (RESUME=0 through make) to start over"
         )
 

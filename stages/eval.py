@@ -4,7 +4,7 @@
     python stages/eval.py --config configs/eval.yaml key=value ...
 
 By default the latest run's base model, SFT, reward model and PPO checkpoints are measured on the
-held-out splits of the run's data profile. Every policy is judged by the run's reward model and
+held-out splits of the run's data. Every policy is judged by the run's reward model and
 compared with the run's SFT policy (the PPO reference). Writes <store>/<run>/report.json (every number)
 and report.html with PNG plots in <store>/<run>/plots/.
 """
@@ -70,9 +70,12 @@ def main(argv: list[str]) -> None:
     for r, stages in wanted.items():
         # 2. the run's judge (reward model), reference (SFT policy) and held-out data
         sft, rm = store.get(r, "sft"), store.get(r, "rm")
-        spec = registry.get(sft.manifest["model"], template=sft.manifest["template"])
+        for stage in dict.fromkeys(["rm", *(s for s in stages if s != "base")]):  # rm judges every policy
+            if reason := store.stale(store.get(r, stage)):  # measured all the same: say what the numbers describe
+                print(f"[eval] warning: {r}/{stage} is stale ({reason}); rerun its stage to measure the current lineage")
+        spec = registry.get(sft.manifest["model"], template=sft.manifest["template"], tokenizer=sft.path)
         profile = sft.manifest["data"]["profile"]
-        gold = profile == "task"
+        gold = data.get_profile(profile).gold  # a gold judge exists for the embedded task only
         tokenizer = loading.load_tokenizer(sft.path, spec)
         sft_policy = loading.on_device(loading.load_model(sft.path, AutoModelForCausalLM, spec, tokenizer=tokenizer)).eval()
         reward_model = loading.on_device(loading.load_model(rm.path, AutoModelForSequenceClassification, spec, tokenizer=tokenizer)).eval()

@@ -119,8 +119,8 @@ class PPOState:
 def load_models(cfg: Config, accelerator, sft, rm):
     """Tokenizer, the trained ActorCritic (policy from SFT, critic from the reward model), the frozen reference
     and the reward model's scorer. Trained weights in fp32 (loading.py), frozen ones in the entry's dtype."""
-    spec = registry.get(cfg.model, template=sft.manifest["template"])
-    rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"])
+    spec = registry.get(cfg.model, template=sft.manifest["template"], tokenizer=sft.path)
+    rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"], tokenizer=rm.path)
     tokenizer = loading.load_tokenizer(sft.path, spec)
     rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
     quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
@@ -255,7 +255,7 @@ def evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, prompts: l
         torch.manual_seed(cfg.seed)
         r = evaluate_on_all(accelerator, lambda share: evaluation.rollout_scores(
             whole.policy, ref_policy, scorer, tokenizer, spec, share, max_new_tokens=p.max_new_tokens,
-            temperature=p.temperature, greedy=False, gold=cfg.data == "task", max_prompt_tokens=p.max_prompt_length,
+            temperature=p.temperature, greedy=False, gold=data.get_profile(cfg.data).gold, max_prompt_tokens=p.max_prompt_length,
         ), prompts[: p.eval_prompts])
     point = {"step": step, **{f"eval_{k}": evaluation.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
     for key, value in point.items():
@@ -329,8 +329,9 @@ def main(argv: list[str]) -> None:
     store, run = Store(cfg.store), cfg.run_name
     sft = store.get(run, "sft")
     rm = store.get(*p.reward_model.split("/", 1)) if p.reward_model else store.get(run, "rm")
-    writer = SummaryWriter(str(store.run_dir(run) / "tensorboard" / "ppo")) if main_process else None
+    store.require_fresh(sft, rm, allow_stale=cfg.allow_stale)  # e.g. an rm trained on an SFT since replaced
     tokenizer, spec, model, ref_policy, scorer = load_models(cfg, accelerator, sft, rm)
+    writer = SummaryWriter(str(store.run_dir(run) / "tensorboard" / "ppo")) if main_process else None  # once loaded
     optimizer = distributed.optimizer(accelerator, [q for q in model.parameters() if q.requires_grad],
                                       p.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -342,11 +343,13 @@ def main(argv: list[str]) -> None:
 
     prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_train", cfg.limit, cfg.on_error)]
     eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)]
-    gold = cfg.data == "task"  # the gold judge exists for the embedded task only
+    gold = data.get_profile(cfg.data).gold  # a gold judge exists for the embedded task only
     # Training state: fresh, or resumed from the last complete state saved by a run with the same config.
     order = torch.Generator().manual_seed(cfg.seed)  # prompt order and minibatches: the same in every process
     moments = ppo.RunningMoments()
-    state = PPOState(config=config.to_dict(cfg), kl_coef=p.kl_coef, moments=moments.state_dict())
+    # the parents' uids belong to the state: a state trained on checkpoints since replaced is not resumed
+    state = PPOState(config={**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]]},
+                     kl_coef=p.kl_coef, moments=moments.state_dict())
     saved = store.load_state_path(run, "ppo") if cfg.resume else None
     if not cfg.resume and main_process and store.load_state_path(run, "ppo"):
         print(f"[ppo] resume=false: removing the resumable state in {store.state_path(run, 'ppo')}")
@@ -455,15 +458,16 @@ def publish(store: Store, run: str, cfg: Config, accelerator, model, tokenizer, 
     unwrapped = accelerator.unwrap_model(model)
     tmp = store.staging(run, "ppo")
     unwrapped.policy.save_pretrained(tmp, state_dict=_part(weights, "policy."))
-    tokenizer.save_pretrained(tmp)
+    loading.save_tokenizer(tokenizer, tmp, spec)
     unwrapped.critic.save_pretrained(tmp / "value_model", state_dict=_part(weights, "critic."))
     with open(tmp / "ppo_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in state.log)
     checkpoint = store.publish(tmp, {
         "run": run, "stage": "ppo", "model": spec.name, "template": spec.template, "parents": [sft.id, rm.id],
-        "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": str(sft.path), "adapter": cfg.lora.enabled,
+        "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": loading.base_reference(sft.path),
+        "base_checkpoint": sft.id, "adapter": cfg.lora.enabled,
         "config": config.to_dict(cfg),
-        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["prompts_train", "prompts_eval"])},
+        "data": {"profile": data.get_profile(cfg.data).name, "fingerprint": data.fingerprint(cfg.data, ["prompts_train", "prompts_eval"])},
         "metrics": metrics,
     })
     store.clear_state(run, "ppo")  # published: a rerun starts a new training

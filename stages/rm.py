@@ -63,10 +63,9 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(cfg.threads)
     store, run = Store(cfg.store), cfg.run_name
     sft = store.get(run, "sft")
-    spec = registry.get(cfg.model, template=sft.manifest["template"])
+    store.require_fresh(sft, allow_stale=cfg.allow_stale)
+    spec = registry.get(cfg.model, template=sft.manifest["template"], tokenizer=sft.path)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.run_dir(run) / "tensorboard" / "rm")
-    work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
-    resume_from = training.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
 
     # 2. reward model = SFT body + a new scalar head (seeded)
     torch.manual_seed(cfg.seed)
@@ -76,6 +75,11 @@ def main(argv: list[str]) -> None:
                                tokenizer=tokenizer, trained=True)
     print(f"[rm] from {sft.id}: {loading.count_parameters(model):,} parameters")
     print(f"[rm] {loading.footprint('reward model', model)}")
+    # the store is written to only now: a model that fails to load leaves no folder behind
+    work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
+    # the parent's uid belongs to the state: a state trained on an SFT since replaced is not resumed
+    resume_from = training.trainer_resume_point(work_dir, {**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"]]},
+                                                cfg.resume)
 
     # 3. preference pairs; prompts carry the model's template, so the RM reads what the policy writes
     def templated(records: list[dict]) -> list[dict]:
@@ -158,7 +162,7 @@ def main(argv: list[str]) -> None:
     # 6. save to the store
     tmp = store.staging(run, "rm")
     training.save_trained(trainer.model, tmp, weights, spec.dtype, cfg.quantization)
-    tokenizer.save_pretrained(tmp)
+    loading.save_tokenizer(tokenizer, tmp, spec)
     metrics = {
         "train_loss": result.training_loss,
         "eval_accuracy": accuracy["accuracy"],
@@ -177,8 +181,9 @@ def main(argv: list[str]) -> None:
     }
     checkpoint = store.publish(tmp, {
         "run": run, "stage": "rm", "model": spec.name, "template": spec.template, "parents": [sft.id], "parent_uids": [sft.manifest["uid"]],
-        "base": str(sft.path), "adapter": cfg.lora.enabled, "config": config.to_dict(cfg),
-        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["prefs_train", "prefs_eval"]),
+        "base": loading.base_reference(sft.path), "base_checkpoint": sft.id, "adapter": cfg.lora.enabled,
+        "config": config.to_dict(cfg),
+        "data": {"profile": data.get_profile(cfg.data).name, "fingerprint": data.fingerprint(cfg.data, ["prefs_train", "prefs_eval"]),
                  "skipped": {"prefs_train": skipped, "prefs_eval": dict(held_out.skipped)}},
         "metrics": metrics,
     })

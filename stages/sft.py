@@ -69,8 +69,6 @@ def main(argv: list[str]) -> None:
     store, run = Store(cfg.store), cfg.run_name
     spec = registry.get(cfg.model, template=cfg.template or data.get_profile(cfg.data).template)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.run_dir(run) / "tensorboard" / "sft")
-    work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
-    resume_from = training.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
 
     # 2. base model and tokenizer, from the hub / a local folder / the tiny-twin cache
     # a tiny twin's tokenizer is trained on this profile's own text (cached per profile)
@@ -86,6 +84,9 @@ def main(argv: list[str]) -> None:
     packed = cfg.sft.packed and forwards.reads_packed_rows(model)
     if cfg.sft.packed and not packed:
         print(f"[sft] {spec.name} cannot keep sequences packed in one row apart: batches are padded instead")
+    # the store is written to only now: a model that fails to load leaves no folder behind
+    work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
+    resume_from = training.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
 
     # 3. demonstrations as prompt-completion records: TRL masks the prompt out of the loss
     skipped = {}
@@ -155,7 +156,7 @@ def main(argv: list[str]) -> None:
     # 5. save to the store: HF folder (or adapter) + tokenizer + manifest
     tmp = store.staging(run, "sft")
     training.save_trained(trainer.model, tmp, weights, spec.dtype, cfg.quantization)
-    tokenizer.save_pretrained(tmp)
+    loading.save_tokenizer(tokenizer, tmp, spec)
     metrics = {
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
@@ -170,9 +171,9 @@ def main(argv: list[str]) -> None:
         **training.throughput(result.metrics, trainer.state, bf16),
     }
     checkpoint = store.publish(tmp, {
-        "run": run, "stage": "sft", "model": spec.name, "template": spec.template, "parents": [], "base": base_path,
-        "adapter": cfg.lora.enabled, "config": config.to_dict(cfg),
-        "data": {"profile": cfg.data, "fingerprint": data.fingerprint(cfg.data, ["sft_train", "sft_eval"]),
+        "run": run, "stage": "sft", "model": spec.name, "template": spec.template, "parents": [],
+        "base": loading.base_reference(base_path), "adapter": cfg.lora.enabled, "config": config.to_dict(cfg),
+        "data": {"profile": data.get_profile(cfg.data).name, "fingerprint": data.fingerprint(cfg.data, ["sft_train", "sft_eval"]),
                  "skipped": skipped},
         "metrics": metrics,
     })

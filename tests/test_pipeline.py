@@ -143,6 +143,38 @@ def test_rm_without_sft_says_what_to_run(tmp_path):
         rm_stage.main([f"store={tmp_path}", "model=tiny-llama"])
 
 
+def test_retrained_sft_makes_rm_and_ppo_stale_and_ppo_refuses_them(tmp_path, tiny_cache, capsys):
+    import subprocess
+    import sys
+
+    from alignment.store import StoreError
+
+    tiny = ["limit=16", "threads=2"]  # one optimizer step a stage
+    one_step = [*PPO, "ppo.steps=1", "ppo.ppo_epochs=1", "ppo.eval_every=0"]
+    store = run_pipeline(tmp_path, "tiny-llama", ppo_extra=one_step, small=tiny)
+    old_sft = store.get("tiny-llama", "sft")
+    sft_stage.main([f"store={tmp_path}", "model=tiny-llama", *tiny, *SFT])  # retrained: replaces it
+    new_sft = store.get("tiny-llama", "sft")
+    assert (tmp_path / "tiny-llama" / ".history" / f"sft-{old_sft.manifest['uid']}" / "manifest.json").is_file()
+
+    verify = subprocess.run([sys.executable, "-m", "alignment", "store", "verify", "--root", str(tmp_path)],
+                            capture_output=True, text=True)
+    replaced = f"parent tiny-llama/sft was replaced (uid {old_sft.manifest['uid']} -> {new_sft.manifest['uid']})"
+    assert verify.returncode == 1
+    assert f"tiny-llama/rm: stale: {replaced}" in verify.stdout and f"tiny-llama/ppo: stale: {replaced}" in verify.stdout
+
+    with pytest.raises(StoreError, match=r"^tiny-llama/rm is stale: parent tiny-llama/sft was replaced .*make rm"):
+        ppo_stage.main([f"store={tmp_path}", "model=tiny-llama", *tiny, *one_step])
+    refused = subprocess.run(["make", "-s", "ppo", f"PY={sys.executable}", "INSTALL=", f"STORE={tmp_path}",
+                              f"ARGS={' '.join([*tiny, *one_step])}"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "error: tiny-llama/rm is stale: parent tiny-llama/sft was replaced" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    ppo_stage.main([f"store={tmp_path}", "model=tiny-llama", *tiny, *one_step, "allow_stale=true"])
+    assert "warning: tiny-llama/rm is stale" in capsys.readouterr().out
+    # built as asked, and still marked: its reward model was trained on the replaced SFT
+    assert store.stale(store.get("tiny-llama", "ppo")) == f"parent tiny-llama/rm is stale: {replaced}"
+
+
 def test_reward_model_with_another_tokenizer_scores_from_text(tmp_path, tiny_cache):
     common = [f"store={tmp_path}", *SMALL]
     sft_stage.main([*common, "model=tiny-bloom", *SFT])  # the reward model comes from a BLOOM run

@@ -50,12 +50,12 @@ def test_demonstrations_carry_the_flaw_and_preferences_correct_it():
 def test_loader_names_file_line_and_field(tmp_path, monkeypatch):
     bad = tmp_path / "prefs.jsonl"
     bad.write_text('{"prompt": "copy: a", "chosen": "a", "rejected": "b"}\n{"prompt": "copy: a", "chosen": 3, "rejected": "b"}\n')
-    monkeypatch.setitem(data.PROFILES, "bad", data.Profile({"prefs_train": data.Source(str(bad))}))
-    with pytest.raises(data.DataError, match=r"prefs.jsonl:2: field 'chosen' is a int, not a string"):
-        data.load("bad", "prefs_train")
+    (tmp_path / "bad.yaml").write_text("prefs_train: prefs.jsonl\nprefs_eval: prefs.jsonl\n")
+    with pytest.raises(data.DataError, match=r"prefs.jsonl:2: field 'chosen' is a number, not a string"):
+        data.load(str(tmp_path / "bad.yaml"), "prefs_train")
     bad.write_text('{"prompt": "copy: a", "chosen": "a", "rejected": "a"}\n')
     with pytest.raises(data.DataError, match=r"prefs.jsonl:1: chosen and rejected are identical"):
-        data.load("bad", "prefs_train")
+        data.load(str(tmp_path / "bad.yaml"), "prefs_train")
     bad.write_text('{"prompt": "copy: a", "chosen": "a"\n')
     with pytest.raises(data.DataError, match=r"prefs.jsonl:1: not valid JSON"):
-        data.load("bad", "prefs_train")
+        data.load(str(tmp_path / "bad.yaml"), "prefs_train")
