@@ -28,7 +28,7 @@ def _headline(metrics: dict) -> str:
     for mode in ("greedy", "sampled"):
         section = metrics.get(mode, {})
         if "gold" in section:
-            parts.append(f"{mode}_gold={section['gold']['sft']:.3f}->{section['gold']['ppo']:.3f}")
+            parts.append(f"{mode}_gold={section['gold']['sft']:.3f}->{section['gold']['policy']:.3f}")
         if "kl" in section:
             parts.append(f"{mode}_kl={section['kl']:.2f}")
     return " ".join(parts)

@@ -257,34 +257,35 @@ def compare_policies(
         section = {}
         for key in ("reward", "gold") if gold else ("reward",):
             b, a = per_prompt(before[key]), per_prompt(after[key])
-            section[key] = {"sft": mean(b), "ppo": mean(a), "difference": paired_difference(a, b, seed=seed)}
+            section[key] = {"sft": mean(b), "policy": mean(a), "difference": paired_difference(a, b, seed=seed)}
         section["kl"] = mean(after["kl"])
-        section["response_length"] = {"sft": mean(before["length"]), "ppo": mean(after["length"])}
-        section["ended_with_eos"] = {"sft": mean(before["ended"]), "ppo": mean(after["ended"])}
+        section["response_length"] = {"sft": mean(before["length"]), "policy": mean(after["length"])}
+        section["ended_with_eos"] = {"sft": mean(before["ended"]), "policy": mean(after["ended"])}
         section["examples"] = [
-            {"prompt": p, "sft": b, "ppo": a}
+            {"prompt": p, "sft": b, "policy": a}
             for p, b, a in list(zip(repeated, before["responses"], after["responses"]))[::reps][:3]
         ]
         out[mode] = section
     return out
 
 
-def format_comparison(summary: dict) -> str:
-    lines = [f"PPO vs SFT on {summary['eval_prompts']} held-out prompts (95% paired bootstrap CI of the difference)"]
+def format_comparison(summary: dict, method: str = "ppo") -> str:
+    """compare_policies' summary as the lines a stage ends with; method names the trained policy."""
+    lines = [f"{method.upper()} vs SFT on {summary['eval_prompts']} held-out prompts (95% paired bootstrap CI of the difference)"]
     for mode in ("greedy", "sampled"):
         s = summary[mode]
         for key in ("gold", "reward"):
             if key in s:
                 d = s[key]["difference"]
                 lines.append(
-                    f"  {mode:8s} {key:7s} sft {s[key]['sft']:+.3f} -> ppo {s[key]['ppo']:+.3f}   "
+                    f"  {mode:8s} {key:7s} sft {s[key]['sft']:+.3f} -> {method} {s[key]['policy']:+.3f}   "
                     f"diff {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
                 )
         lines.append(
-            f"  {mode:8s} KL(ppo||sft) {s['kl']:.3f} nats/response   length sft {s['response_length']['sft']:.1f}"
-            f" -> ppo {s['response_length']['ppo']:.1f}"
+            f"  {mode:8s} KL({method}||sft) {s['kl']:.3f} nats/response   length sft {s['response_length']['sft']:.1f}"
+            f" -> {method} {s['response_length']['policy']:.1f}"
         )
     for ex in summary["greedy"]["examples"]:
         prompt = ex["prompt"] if isinstance(ex["prompt"], str) else ex["prompt"][-1]["content"]  # last user turn
-        lines.append(f"  e.g. {prompt!r}: sft {ex['sft']!r} -> ppo {ex['ppo']!r}")
+        lines.append(f"  e.g. {prompt!r}: sft {ex['sft']!r} -> {method} {ex['policy']!r}")
     return "\n".join(lines)

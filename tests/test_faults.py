@@ -94,7 +94,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(prepared, s
         log_b = [json.loads(x) for x in open(b.path / "ppo_log.jsonl")]
         assert [r["step"] for r in log_b] == list(range(1, 9))  # no step lost or repeated
         assert log_b[-1]["reward"] == pytest.approx(log_a[-1]["reward"], abs=1e-3)
-        assert b.metrics["greedy"]["reward"]["ppo"] == pytest.approx(a.metrics["greedy"]["reward"]["ppo"], abs=1e-3)
+        assert b.metrics["greedy"]["reward"]["policy"] == pytest.approx(a.metrics["greedy"]["reward"]["policy"], abs=1e-3)
     else:
         key = "eval_loss" if stage == "sft" else "eval_accuracy"
         assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-3)  # same data order, same result

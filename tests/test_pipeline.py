@@ -184,7 +184,7 @@ def test_reward_model_with_another_tokenizer_scores_from_text(tmp_path, tiny_cac
     store = Store(tmp_path)
     ppo = store.get("tiny-llama", "ppo")
     assert ppo.manifest["parents"] == ["tiny-llama/sft", "tiny-bloom/rm"]
-    assert math.isfinite(ppo.metrics["greedy"]["reward"]["ppo"])
+    assert math.isfinite(ppo.metrics["greedy"]["reward"]["policy"])
 
     # the scorer decodes the LLaMA policy's tokens and scores the text as the BLOOM reward model was trained
     llama, bloom = registry.get("tiny-llama"), registry.get("tiny-bloom")
@@ -220,7 +220,7 @@ def test_quantized_lora_in_every_stage(tmp_path, tiny_cache, bits, capsys):
         ckpt = store.get("tiny-llama", stage)
         assert ckpt.manifest["config"]["quantization"] == bits and (ckpt.path / "adapter_config.json").is_file()
     assert math.isfinite(store.get("tiny-llama", "rm").metrics["train_loss"])
-    assert math.isfinite(store.get("tiny-llama", "ppo").metrics["greedy"]["reward"]["ppo"])
+    assert math.isfinite(store.get("tiny-llama", "ppo").metrics["greedy"]["reward"]["policy"])
 
 
 def test_quantized_weights_without_lora_fail_at_start(tmp_path):
