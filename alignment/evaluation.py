@@ -214,6 +214,19 @@ def rollout_scores(
     return out
 
 
+def curve_point(policy, ref_policy, scorer, tokenizer, spec, prompts: list, step: int, *, max_new_tokens: int,
+                temperature: float, gold: bool, max_prompt_tokens: int = 512, seed: int = 0) -> dict:
+    """One point of a method's held-out curve (its `eval_every` points): the mean RM reward, gold score (where
+    defined) and KL to the reference of sampled responses to prompts, with the same sampling noise at every
+    point. The caller's RNG is left as it was."""
+    devices = [next(policy.parameters()).device] if next(policy.parameters()).is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        r = rollout_scores(policy, ref_policy, scorer, tokenizer, spec, prompts, max_new_tokens=max_new_tokens,
+                           temperature=temperature, greedy=False, gold=gold, max_prompt_tokens=max_prompt_tokens)
+    return {"step": step, **{f"eval_{k}": mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
+
+
 def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) -> dict:
     """Headline figures of one policy's rollout on held-out prompts, against the SFT policy's on the same prompts."""
     out = {

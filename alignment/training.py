@@ -229,6 +229,38 @@ class ReportProgress(TrainerCallback):
         config.PROGRESS["step"] = state.global_step
 
 
+class HeldOutCurve(TrainerCallback):
+    """The held-out points of a TRL trainer's policy, at step 0 and every `every` optimizer steps (and the last):
+    measure(model, step) -> {"step", "eval_reward", "eval_gold", "eval_kl"} (evaluation.curve_point). The points
+    go into the trainer's log_history, which its checkpoints save: a resumed run keeps the earlier ones."""
+
+    def __init__(self, every: int, measure, writer=None):
+        self.every, self.measure, self.writer = every, measure, writer
+
+    def _add(self, state, model, step: int) -> None:
+        was_training = model.training
+        model.eval()
+        point = self.measure(model, step)
+        model.train(was_training)
+        state.log_history.append(point)
+        if self.writer is not None:
+            for key, value in point.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, step)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step == 0:
+            self._add(state, model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and (state.global_step % self.every == 0 or state.global_step == state.max_steps):
+            self._add(state, model, state.global_step)
+
+    @staticmethod
+    def points(state) -> list[dict]:
+        return [e for e in state.log_history if "eval_kl" in e]
+
+
 class MarkComplete(TrainerCallback):
     """After the trainer has written a checkpoint, flush it to disk and mark it complete."""
 
