@@ -4,7 +4,9 @@ to a user of this pipeline (stages import it before torch, transformers and peft
   not anything is quantized;
 - deprecation notices about arguments this code does not choose (TRL's `keep_end`, which is how prompts lose their
   beginning here; DeepSpeed's use of a renamed torch.distributed call);
-- progress bars, when the output is not a terminal: in a log file each redraw is a line of escape codes.
+- progress bars, when the output is not a terminal: in a log file each redraw is a line of escape codes;
+- transformers' load report when a reward model or critic is made from a causal LM: the LM head unused and the
+  new scalar head initialised, every time, by design (any other key it lists still shows).
 """
 
 import logging
@@ -16,6 +18,19 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=r".*'keep_end'.*truncation mode is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
+
+class _ExpectedHeadSwap(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        keys = [line.split("|")[0].strip() for line in message.splitlines() if "| UNEXPECTED" in line or "| MISSING" in line]
+        return not keys or not all(k.startswith(("lm_head.", "embed_out.", "score.")) for k in keys)
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_ExpectedHeadSwap())
 
 INTERACTIVE = sys.stderr.isatty()
 if not INTERACTIVE:

@@ -291,3 +291,19 @@ def test_template_auto_falls_back_to_the_family_template(tiny_cache, capsys):
     assert registry.get("tiny-qwen2", template="auto").template == "chatml"  # a tiny twin's tokenizer has none
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"[registry] template=auto: {path} ships no chat template; prompts use its family's 'alpaca'"
+
+
+def test_the_expected_head_swap_report_is_quiet_and_any_other_shows(tiny_cache, capfd):
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(registry.resolve(registry.get("tiny-llama")), num_labels=1)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # lm_head unused, score new: by design, every time
+    swap = next(f for f in logging.getLogger("transformers.modeling_utils").filters if type(f).__name__ == "_ExpectedHeadSwap")
+    report = "X LOAD REPORT from: m\nKey | Status\nlm_head.weight | UNEXPECTED\n{} | MISSING\n"
+
+    def passes(missing: str) -> bool:
+        return swap.filter(logging.LogRecord("t", logging.WARNING, "", 0, report.format(missing), None, None))
+
+    assert not passes("score.weight") and passes("model.layers.0.mlp.up_proj.weight")
