@@ -27,15 +27,20 @@ LAUNCH = $(PY) -m accelerate.commands.launch \
          $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) --num_processes $(NPROC)
 endif
 export TOKENIZERS_PARALLELISM = false
+# DeepSpeed compiles its CPU ops (Adam for ZeRO offload) on first use into this folder, one per checkout: a shared
+# one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help sft rm ppo eval test test-slow store export data data-check install clean bench gpu-check
+.PHONY: help sft rm ppo grpo dpo eval test test-slow store export data data-check install clean bench gpu-check
 
 help:
 	@echo "Targets:"
 	@echo "  make sft rm ppo     the three stages, in order (each: make <stage>)"
-	@echo "  make eval           the report: base, SFT, RM and PPO of a run on held-out data"
+	@echo "  make grpo           stage 3 by GRPO (after sft rm): groups of responses per prompt, no critic"
+	@echo "  make dpo            stage 3 by DPO (after sft rm): trained on the preference pairs, the RM only judges"
+	@echo "  make eval           the report: base, SFT, RM, PPO, DPO and GRPO of a run on held-out data, side by side"
 	@echo "  make store          the checkpoints in the store, with lineage and headline metrics"
-	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo> OUT=<folder> [MERGE=0]: a standalone transformers folder"
+	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo> OUT=<folder> [MERGE=0]: a standalone transformers folder"
 	@echo "  make data-check     read every split of DATA without training: counts, skips, truncation, a first record"
 	@echo "  make test           the test suite (installs what it needs; make test-slow: the slow checks)"
 	@echo "  make bench          every stage against the peers (bench/README.md); make gpu-check on a CUDA machine"
@@ -69,7 +74,7 @@ INSTALL ?= $(VENV)/.installed $(USES_DEEPSPEED)
 # and a YAML data file of yours use configs/<stage>.yaml. CONFIG=<file> replaces either.
 CONFIGS = configs$(if $(and $(DATA),$(wildcard configs/$(DATA)/sft.yaml)),/$(DATA))
 
-sft rm ppo: $(INSTALL)
+sft rm ppo grpo dpo: $(INSTALL)
 	$(LAUNCH) stages/$@.py --config $(or $(CONFIG),$(CONFIGS)/$@.yaml) $(STAGE_ARGS)
 
 # The run: RUN, else the one MODEL and DATA name (as the stages name it), else the latest run in the store.
@@ -85,7 +90,7 @@ store: $(VENV)/.installed
 
 # A checkpoint as a standalone folder for plain transformers (alignment/export.py); MERGE=0 keeps a LoRA adapter apart.
 export: $(VENV)/.installed
-	$(if $(and $(RUN),$(STAGE),$(OUT)),,$(error make export needs RUN=<run> STAGE=<sft|rm|ppo> OUT=<new folder>))
+	$(if $(and $(RUN),$(STAGE),$(OUT)),,$(error make export needs RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo> OUT=<new folder>))
 	$(PY) -m alignment export $(RUN)/$(STAGE) $(OUT) $(if $(filter 0,$(MERGE)),--no-merge) $(if $(STORE),--root $(STORE))
 
 # Benchmark of every stage against the peers (bench/README.md). The PPO peer, TRL 1.12's PPOTrainer, gets a

@@ -55,7 +55,7 @@ def store_list(root: str, as_json: bool) -> None:
         print(f"{len(replaced)} replaced checkpoint(s) kept in {root}/<run>/{HISTORY}/: remove them when done")
 
 
-POLICY_STAGES = ("sft", "ppo")
+POLICY_STAGES = ("sft", "ppo", "dpo", "grpo")
 
 
 def find_checkpoint(checkpoint: str, root: str):

@@ -184,6 +184,30 @@ class LoraSettings:
 
 
 @dataclasses.dataclass
+class TrainerSettings:
+    """What every stage run by a TRL trainer (sft, rm, dpo) sets; a stage's section extends it with its own keys
+    and may redeclare a key with another default. training.trainer_config turns it into the trainer's arguments."""
+
+    epochs: float = field(1.0, "passes over the training data")
+    batch_size: int = field(32, "examples per device per forward (per optimizer step without accumulation)")
+    gradient_accumulation_steps: int = field(1, "forwards summed into one optimizer step: the effective batch is "
+                                             "batch_size x this x processes")
+    learning_rate: float = field(1e-4, "peak AdamW learning rate")
+    lr_scheduler_type: str = field("cosine", "learning-rate schedule after warm-up (transformers' names: cosine, "
+                                   "linear, constant, ...)")
+    warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "clip the gradient's global norm to this")
+    max_length: int = field(512, "longest sequence in tokens")
+    group_by_length: bool = field(False, "batch examples of similar length together: less padding")
+    activation_checkpointing: bool = field(True, "recompute activations in the backward pass instead of keeping "
+                                           "them (gradient checkpointing): less memory, more compute (TRL's default)")
+    logging_steps: int = field(20, "log every N optimizer steps")
+    trainer_args: dict = field({}, "any other argument of the stage's TRL config, as is, e.g. {adam_beta2: 0.95, "
+                               "optim: adafactor}; one this section or the stage already sets is refused")
+
+
+@dataclasses.dataclass
 class StageConfig:
     model: str = field("tiny-llama", "the base model: a registry name, a local model folder or a hub id (org/name)")
     run: str = field("", "run name in the store; empty: the model name")

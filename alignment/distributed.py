@@ -14,7 +14,7 @@ import os
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 
 def deepspeed_stage() -> int:
@@ -131,6 +131,19 @@ def shared_folder(accelerator: Accelerator, make) -> str:
     if accelerator.num_processes > 1:
         broadcast_object_list(path)
     return path[0]
+
+
+def on_all(accelerator: Accelerator):
+    """evaluation.compare_policies' on_all for a run of several processes: fn(items) -> {key: list per item} run by
+    every process on its share of the items, the lists gathered back in order."""
+    def run(fn, items: list) -> dict:
+        with accelerator.split_between_processes(items) as share:
+            part = fn(share)
+        if accelerator.num_processes == 1:
+            return part
+        parts = gather_object([part])
+        return {k: [x for q in parts for x in q[k]] for k in part}
+    return run
 
 
 def skipped_by_deepspeed(model) -> int:

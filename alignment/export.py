@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from alignment import loading, registry
 from alignment.store import Checkpoint
 
-AUTO_CLASSES = {"sft": AutoModelForCausalLM, "ppo": AutoModelForCausalLM, "rm": AutoModelForSequenceClassification}
+AUTO_CLASSES = {**dict.fromkeys(("sft", "ppo", "dpo", "grpo"), AutoModelForCausalLM),
+                "rm": AutoModelForSequenceClassification}
 
 
 class ExportError(ValueError):

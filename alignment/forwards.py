@@ -172,24 +172,27 @@ class ActorCritic(nn.Module):
     at the response positions. One module is what a distributed wrapper (DDP, DeepSpeed) needs: it sees every
     trained parameter used by one forward, and Accelerate's DeepSpeed engine takes one model.
 
-    The critic is a one-label sequence-classification model read at every position instead of the last.
+    The critic is a one-label sequence-classification model read at every position instead of the last. Without
+    one (critic=None: GRPO) the module is the policy alone, and its values are None.
     """
 
-    def __init__(self, policy: nn.Module, critic: nn.Module):
+    def __init__(self, policy: nn.Module, critic: nn.Module | None):
         super().__init__()
         self.policy, self.critic = policy, critic
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, t, V], values [B, t]) at the positions index [B, t]."""
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, t, V], values [B, t] or None) at the positions index [B, t]."""
         logits = response_logits(self.policy, input_ids, attention_mask, index)
+        if self.critic is None:
+            return logits, None
         values = at_positions(position_scores(self.critic, input_ids, attention_mask), index)
         return logits, values
 
 
 class Scored(NamedTuple):
     logprobs: torch.Tensor  # [B, T] of each response token, at the sampling temperature
-    values: torch.Tensor  # [B, T] the critic's value of the state before each response token
+    values: torch.Tensor | None  # [B, T] the critic's value of the state before each response token; None without one
     entropy: torch.Tensor | None  # [B, T] of the policy's distribution at each response token, if asked for
 
 
@@ -203,7 +206,7 @@ def actor_critic_forward(model: nn.Module, query_responses: torch.Tensor, attent
     with torch.no_grad():
         entropies = packed.pad(ppo.entropy_from_logits(logits, temperature)) if entropy else None
     return Scored(packed.pad(ppo.logprobs_from_logits(logits, packed.responses, temperature)),
-                  packed.pad(values.float()), entropies)
+                  packed.pad(values.float()) if values is not None else None, entropies)
 
 
 # ---- generation ----------------------------------------------------------------------------------------

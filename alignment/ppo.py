@@ -5,6 +5,7 @@ response tokens up to and including the first EOS and 0.0 after it, so padding n
 a statistic. Conventions follow Ziegler et al. (2019) and "The N Implementation Details of RLHF with
 PPO" (Huang et al., 2023): per-token reward -kl_coef * (log pi - log pi_ref), the reward model's score
 added at the last response token, GAE on top, whitened advantages, clipped policy and value losses.
+GRPO's (at the end) replaces the critic by a group of responses to each prompt, and moves the KL into the loss.
 """
 
 from __future__ import annotations
@@ -203,3 +204,75 @@ def minibatches(lengths: torch.Tensor, size: int, generator: torch.Generator, by
         order = order[torch.sort(lengths[order], stable=True).indices]
     sets = list(order.split(size))
     return [sets[i] for i in torch.randperm(len(sets), generator=generator).tolist()]
+
+
+# ---- GRPO (Shao et al., 2024, DeepSeekMath): a group of responses per prompt instead of a critic -------------
+
+
+class GroupAdvantages(NamedTuple):
+    advantages: torch.Tensor  # [B] each response's reward less its group's mean, scaled (see group_advantages)
+    group_std: torch.Tensor  # [B] the standard deviation of its group's rewards (0: the group teaches nothing)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> GroupAdvantages:
+    """GRPO's outcome advantages. rewards [B], B = groups * group_size, each group's responses consecutive.
+
+    A = r - mean(group), divided by: scale="group" the group's std + eps (DeepSeekMath), "batch" the whole batch's
+    std + eps (TRL's scale_rewards="batch"), "none" nothing (Dr. GRPO, Liu et al., 2025: the std's division gives
+    groups that are nearly all right or all wrong the largest steps). Stds are unbiased (Bessel), as TRL's.
+    """
+    grouped = rewards.float().view(-1, group_size)
+    centered = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    group_std = grouped.std(1, keepdim=True).expand_as(grouped).flatten()
+    if scale == "group":
+        centered = centered / (group_std + eps)
+    elif scale == "batch":
+        centered = centered / (rewards.float().std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale {scale!r} is not 'group', 'batch' or 'none'")
+    return GroupAdvantages(centered, group_std)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi: exp(d) - d - 1 with d = log pi_ref - log pi
+    (Schulman's k3, DeepSeekMath's eq. 4): unbiased, never negative. [B, T] -> [B, T]."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+class GRPOLoss(NamedTuple):
+    loss: torch.Tensor  # scalar: the clipped surrogate plus kl_coef * k3, aggregated as asked
+    kl: torch.Tensor  # mean k3 per token
+    clip_frac: torch.Tensor  # share of tokens where the clipped objective was the active one
+    approx_kl: torch.Tensor  # 0.5 * E[(log pi - log pi_old)^2], how far the update moved the policy
+
+
+def grpo_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, clip: float, kl_coef: float, aggregation: str = "sequence", max_tokens: int = 0,
+) -> GRPOLoss:
+    """GRPO's objective as a loss. logprobs, old_logprobs, ref_logprobs, mask [B, T]; advantages [B], one per response,
+    the same at each of its tokens. Per token: max(-A r, -A clip(r, 1-eps, 1+eps)) + kl_coef * k3, r = pi / pi_old.
+
+    aggregation: "sequence" each response's mean over its tokens, then the mean over responses (DeepSeekMath; a
+    long response's tokens weigh less); "token" the mean over all tokens of the batch (DAPO); "constant" the sum over
+    tokens / (B * max_tokens) (Dr. GRPO: no length in the normaliser at all).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]
+    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    kl = kl_k3(logprobs, ref_logprobs)
+    per_token = masked(torch.max(unclipped, clipped) + kl_coef * kl, mask)
+    if aggregation == "sequence":
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif aggregation == "token":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    elif aggregation == "constant" and max_tokens > 0:
+        loss = per_token.sum() / (mask.shape[0] * max_tokens)
+    else:
+        raise ValueError(f"aggregation {aggregation!r} is not 'sequence', 'token' or 'constant' (with max_tokens > 0)")
+    with torch.no_grad():
+        clip_frac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
+    return GRPOLoss(loss, masked_mean(kl.detach(), mask), clip_frac, approx_kl)

@@ -1,6 +1,7 @@
-"""What keeps a long training alive: resuming after a kill, and skipping non-finite steps.
+"""What keeps a long training alive: resuming after a kill, and skipping non-finite steps; and what the stages
+run by a TRL trainer share: their arguments (trainer_config), callbacks (guarded), start (train) and end (publish).
 
-The SFT and reward-model stages run inside TRL's trainers, which save resumable checkpoints (weights,
+The SFT, reward-model and DPO stages run inside TRL's trainers, which save resumable checkpoints (weights,
 optimizer, scheduler, RNG states, step; the data position is restored by skipping batches) into
 <store>/<run>/.trainer-<stage>/. Their writes are not atomic, so a callback marks each checkpoint
 complete once it is on disk, and only a marked checkpoint is resumed from. PPO, whose loop is ours,
@@ -9,6 +10,7 @@ keeps its state through Store.save_state.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -36,19 +38,21 @@ def use_bf16(precision: str) -> bool:
 
 
 @functools.cache
-def _cpu_bf16_speedup(n: int = 384) -> float:
-    """fp32 matmul time / bf16 matmul time on this CPU (about 0.15 s where bf16 is slow, 5 ms where fast)."""
-    def best(dtype: torch.dtype) -> float:
-        g = torch.Generator().manual_seed(0)  # not the global RNG: a stage's sampling must not depend on this probe
-        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
-        a @ b  # warm-up: library start-up, kernel choice
-        times = []
-        for _ in range(2):
+def _cpu_bf16_speedup(n: int = 384, rounds: int = 5) -> float:
+    """fp32 matmul time / bf16 matmul time on this CPU (about 0.15 s where bf16 is slow, 5 ms where fast). The two
+    are timed in turns and the best of each kept: on a CPU shared with other jobs one pair of timings once gave
+    0.08 where the ratio is 2 (bf16 units), so a resumed run could train in another precision than its start."""
+    g = torch.Generator().manual_seed(0)  # not the global RNG: a stage's sampling must not depend on this probe
+    a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a16, b16 = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
+    a32 @ b32, a16 @ b16  # warm-up: library start-up, kernel choice
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for _ in range(rounds):
+        for a, b in ((a32, b32), (a16, b16)):
             t = time.perf_counter()
             a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
-    return best(torch.float32) / best(torch.bfloat16)
+            best[a.dtype] = min(best[a.dtype], time.perf_counter() - t)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def peak_memory_mb() -> float:
@@ -69,6 +73,102 @@ def throughput(train_metrics: dict, state, bf16: bool) -> dict:
             "tokens_per_s": round(state.num_input_tokens_seen / seconds, 1) if seconds > 0 else None,
             "samples_per_s": round(samples / seconds, 2) if seconds > 0 else None,
             "peak_memory_mb": round(peak_memory_mb(), 1)}
+
+
+# ---- what the stages run by a TRL trainer share (sft, rm, dpo) ---------------------------------------------
+
+
+def trainer_config(config_class, section: str, settings, cfg, work_dir: Path, **stage_args):
+    """config_class (TRL's SFTConfig, RewardConfig, DPOConfig) from the settings every trainer stage shares
+    (config.TrainerSettings, the config's `section`), the stage's own arguments, and last settings.trainer_args.
+    A trainer_args key the config class does not have, or one set here already, stops the stage at start-up."""
+    s = settings
+    args = dict(
+        output_dir=str(work_dir),
+        num_train_epochs=s.epochs,
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler_type,
+        warmup_steps=s.warmup_ratio,  # under 1: a share of the steps
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+        max_length=s.max_length,
+        train_sampling_strategy="group_by_length" if s.group_by_length else "random",
+        activation_checkpointing=s.activation_checkpointing,
+        bf16=use_bf16(cfg.precision),
+        include_num_input_tokens_seen="non_padding",  # effective tokens trained, reported as tokens/s
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=s.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=2,
+        report_to=["tensorboard"],
+        seed=cfg.seed,
+        **stage_args,
+    )
+    known = {f.name for f in dataclasses.fields(config_class)}
+    for key in s.trainer_args:
+        if key not in known:
+            raise SystemExit(f"{section}.trainer_args: {key!r} is not an argument of TRL's {config_class.__name__}")
+        if key in args:
+            how = f"set {section}.{key} instead" if hasattr(s, key) else \
+                f"from a key of its own or by the stage (python stages/{section}.py --help lists the keys)"
+            raise SystemExit(f"{section}.trainer_args: {key!r} is set already, {how}")
+    return config_class(**args, **s.trainer_args)
+
+
+def guarded(stage: str, work_dir: Path, cfg) -> list[TrainerCallback]:
+    """The callbacks of every trainer stage: checkpoints marked complete, non-finite updates skipped and counted
+    (publish reads the count), progress for Ctrl-C's line, and with check_sync the processes compared."""
+    return [MarkComplete(), NonFiniteGuard(cfg.max_bad_steps), ReportProgress(stage, work_dir),
+            *([SyncCheck()] if cfg.check_sync else [])]
+
+
+def train(trainer, stage: str, resume_from: str | None):
+    """trainer.train(), from resume_from if there is one; under DeepSpeed with ZeRO's own non-finite check."""
+    print(f"[{stage}] {trainer.args.world_size} process(es)")
+    if resume_from:
+        print(f"[{stage}] resuming from {resume_from}")
+    skip_non_finite_under_deepspeed(trainer)
+    return trainer.train(resume_from_checkpoint=resume_from)
+
+
+def publish(trainer, result, store, cfg, spec, tokenizer, weights: dict | None, *, stage: str, started: float,
+            parent=None, base: str | Path | None = None, splits: list[str], skipped: dict, metrics: dict, **manifest):
+    """The trained model (or its adapter) in the dtype it came in, its tokenizer and its manifest, published as
+    <run>/<stage>; then the trainer's resumable checkpoints go (a rerun starts a new training). Lineage: parent, the
+    checkpoint it was trained from, else base (a model path or hub id). metrics: the stage's own; the figures every
+    trainer stage reports are added. manifest: further keys of the stage's own."""
+    from alignment import config, data, loading, logs
+
+    tmp = store.staging(cfg.run_name, stage)
+    save_trained(trainer.model, tmp, weights, spec.dtype, cfg.quantization)
+    loading.save_tokenizer(tokenizer, tmp, spec)
+    logs.save_log_history(trainer, tmp)  # the training curves, for the report (the trainer's folder goes below)
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard))
+    lineage = {"parents": [], "base": loading.base_reference(base)} if parent is None else {
+        "parents": [parent.id], "parent_uids": [parent.manifest["uid"]], "base": loading.base_reference(parent.path),
+        "base_checkpoint": parent.id}
+    checkpoint = store.publish(tmp, {
+        "run": cfg.run_name, "stage": stage, "model": spec.name, "template": spec.template, **lineage,
+        "adapter": cfg.lora.enabled, "config": config.to_dict(cfg), **manifest,
+        "data": {"profile": data.get_profile(cfg.data).name, "fingerprint": data.fingerprint(cfg.data, splits),
+                 "skipped": skipped},
+        "metrics": {
+            **metrics,
+            "steps": result.global_step,
+            "skipped_non_finite": guard.skipped + deepspeed_skipped(trainer),
+            "processes": trainer.args.world_size,
+            "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else 0,
+            "duration_s": round(time.time() - started, 1),
+            **throughput(result.metrics, trainer.state, trainer.args.bf16),
+        },
+    })
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    print(f"[{stage}] saved {checkpoint.id} -> {checkpoint.path}")
+    return checkpoint
 
 
 class LengthGroupedSampler(_LengthGroupedSampler):
@@ -231,8 +331,9 @@ class ReportProgress(TrainerCallback):
 
 class HeldOutCurve(TrainerCallback):
     """The held-out points of a TRL trainer's policy, at step 0 and every `every` optimizer steps (and the last):
-    measure(model, step) -> {"step", "eval_reward", "eval_gold", "eval_kl"} (evaluation.curve_point). The points
-    go into the trainer's log_history, which its checkpoints save: a resumed run keeps the earlier ones."""
+    measure(model, step) -> {"step", "eval_reward", "eval_gold", "eval_kl"} (evaluation.curve_point). The points,
+    with the seconds each took, go into the trainer's log_history, which its checkpoints save: a resumed run keeps
+    the earlier ones."""
 
     def __init__(self, every: int, measure, writer=None):
         self.every, self.measure, self.writer = every, measure, writer
@@ -240,9 +341,11 @@ class HeldOutCurve(TrainerCallback):
     def _add(self, state, model, step: int) -> None:
         was_training = model.training
         model.eval()
+        started = time.time()
         point = self.measure(model, step)
         model.train(was_training)
-        state.log_history.append(point)
+        # its seconds under the name of an evaluation's: throughput() leaves them out of the training time
+        state.log_history.append({**point, "eval_runtime": round(time.time() - started, 2)})
         if self.writer is not None:
             for key, value in point.items():
                 if key != "step":

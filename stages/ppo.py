@@ -13,7 +13,8 @@ At the end the policy is compared with the SFT policy on held-out prompts, and s
 
 Several processes (Accelerate, DeepSpeed ZeRO-2/3) each sample and train on their own share of every batch;
 policy and critic are one module (forwards.ActorCritic) in one engine; the reference and the reward model
-are frozen, whole in every process (see alignment/distributed.py).
+are frozen, whole in every process (see alignment/distributed.py). stages/grpo.py runs this loop without the
+critic: it imports the models, rollout, evaluation, optimizer step and resumable state from here.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ class PPOState:
     moments: dict = dataclasses.field(default_factory=dict)  # running statistics of the reward model's scores
 
 
-def load_models(cfg: Config, accelerator, sft, rm):
-    """Tokenizer, the trained ActorCritic (policy from SFT, critic from the reward model), the frozen reference
-    and the reward model's scorer. Trained weights in fp32 (loading.py), frozen ones in the entry's dtype."""
+def load_policies(cfg, accelerator, sft, rm, stage: str = "ppo"):
+    """Tokenizer, the trained policy (LoRA: with new adapters), the frozen reference and the reward model's scorer:
+    what PPO and GRPO share. Trained weights in fp32 (loading.py), frozen ones in the entry's dtype."""
     spec = registry.get(cfg.model, template=sft.manifest["template"], tokenizer=sft.path)
     rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"], tokenizer=rm.path)
     tokenizer = loading.load_tokenizer(sft.path, spec)
@@ -135,20 +136,29 @@ def load_models(cfg: Config, accelerator, sft, rm):
         reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized,
                                           tokenizer=rm_tokenizer)
     scorer = scoring.RewardScorer(reward_model, rm_tokenizer, rm_spec, tokenizer, spec)
-    # The critic (trained) starts as the reward model, or, if that reads other tokens, as the SFT body.
+    for name, m in (("policy", policy), ("reference", ref_policy), ("reward model", reward_model)):
+        shared = " (the policy's weights, adapters off)" if name == "reference" and cfg.lora.enabled else ""
+        print(f"[{stage}] {loading.footprint(name, m)}{shared}")
+    for m in (policy, ref_policy, reward_model):
+        loading.disable_dropout(m)
+        m.eval()  # no dropout anywhere; gradients still flow in eval mode
+    reward_model.requires_grad_(False).to(accelerator.device)
+    return tokenizer, spec, policy, ref_policy, scorer
+
+
+def load_models(cfg: Config, accelerator, sft, rm):
+    """load_policies' models, the policy joined by the critic (trained) in one ActorCritic."""
+    tokenizer, spec, policy, ref_policy, scorer = load_policies(cfg, accelerator, sft, rm)
+    quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
+    # The critic starts as the reward model, or, if that reads other tokens, as the SFT body.
     critic = loading.load_model(sft.path if scorer.by_text else rm.path, AutoModelForSequenceClassification, spec,
                                 **quantized, tokenizer=tokenizer, trained=True)
     if cfg.quantization:  # quantized weights train through adapters only: the critic gets its own
         critic = get_peft_model(critic, loading.lora_config(cfg.lora, critic, spec, "SEQ_CLS", modules_to_save=["score"]))
-    for name, m in (("policy", policy), ("reference", ref_policy), ("reward model", reward_model), ("critic", critic)):
-        print(f"[ppo] {loading.footprint(name, m)}" + (" (the policy's weights, adapters off)" if name == "reference"
-                                                      and cfg.lora.enabled else ""))
-    model = forwards.ActorCritic(policy, critic)
-    for m in (model, ref_policy, reward_model):
-        loading.disable_dropout(m)
-        m.eval()  # no dropout anywhere; gradients still flow in eval mode
-    reward_model.requires_grad_(False).to(accelerator.device)
-    return tokenizer, spec, model, ref_policy, scorer
+    print(f"[ppo] {loading.footprint('critic', critic)}")
+    loading.disable_dropout(critic)
+    critic.eval()
+    return tokenizer, spec, forwards.ActorCritic(policy, critic), ref_policy, scorer
 
 
 def rollout(policy, tokenizer, spec, prompts: list, p: PPOSettings, all_done) -> Rollout:
@@ -188,7 +198,6 @@ def update(accelerator, model, optimizer, r: Rollout, s: Scores, adv: ppo.Advant
     p = cfg.ppo
     trained = [q for q in model.parameters() if q.requires_grad]
     stats = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": []}
-    use_deepspeed = accelerator.state.deepspeed_plugin is not None
     for minibatches in epochs:
         for idx in minibatches:
             idx = idx.to(r.mask.device)
@@ -197,40 +206,49 @@ def update(accelerator, model, optimizer, r: Rollout, s: Scores, adv: ppo.Advant
                                                     p.temperature)
             pl = ppo.policy_loss(new.logprobs, s.logprobs[idx], whitened[idx], r.mask[idx], p.clip_range)
             vl = ppo.value_loss(new.values, s.values[idx], adv.returns[idx], r.mask[idx], p.value_clip)
-            loss = pl.loss + p.vf_coef * vl.loss
-            if distributed.any_process(accelerator, not bool(torch.isfinite(loss))):
-                _skip(state, "loss", cfg.max_bad_steps)
+            if not optimizer_step(accelerator, model, optimizer, trained, pl.loss + p.vf_coef * vl.loss, cfg, state,
+                                  p.max_grad_norm):
                 continue
-            skipped_before = distributed.skipped_by_deepspeed(model)
-            accelerator.backward(loss)  # DeepSpeed: also clips (gradient_clipping = ppo.max_grad_norm) and steps
-            if not use_deepspeed:
-                # gradients are averaged over processes by now, so every process takes the same decision
-                if not training.grads_finite(trained):
-                    optimizer.zero_grad()
-                    _skip(state, "gradient", cfg.max_bad_steps)
-                    continue
-                accelerator.clip_grad_norm_(trained, p.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            elif distributed.skipped_by_deepspeed(model) > skipped_before:
-                _skip(state, "gradient", cfg.max_bad_steps)
-                continue
-            state.in_a_row = 0
-            if cfg.check_sync:
-                training.assert_in_sync(trained, f"PPO step {state.step + 1}")
             for key, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clip_frac", pl.clip_frac),
                                ("value_clip_frac", vl.clip_frac), ("approx_kl", pl.approx_kl)):
                 stats[key].append(value.item())
     return stats
 
 
-def _skip(state: PPOState, what: str, patience: int) -> None:
+def optimizer_step(accelerator, model, optimizer, trained: list, loss: torch.Tensor, cfg, state: PPOState,
+                   max_grad_norm: float, method: str = "PPO") -> bool:
+    """Backward and step on one minibatch's loss; False when skipped (counted in state) for a loss not finite in
+    some process, or non-finite gradients."""
+    if distributed.any_process(accelerator, not bool(torch.isfinite(loss))):
+        skip_update(state, "loss", cfg.max_bad_steps, method)
+        return False
+    skipped_before = distributed.skipped_by_deepspeed(model)
+    accelerator.backward(loss)  # DeepSpeed: also clips (gradient_clipping = max_grad_norm) and steps
+    if accelerator.state.deepspeed_plugin is None:
+        # gradients are averaged over processes by now, so every process takes the same decision
+        if not training.grads_finite(trained):
+            optimizer.zero_grad()
+            skip_update(state, "gradient", cfg.max_bad_steps, method)
+            return False
+        accelerator.clip_grad_norm_(trained, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    elif distributed.skipped_by_deepspeed(model) > skipped_before:
+        skip_update(state, "gradient", cfg.max_bad_steps, method)
+        return False
+    state.in_a_row = 0
+    if cfg.check_sync:
+        training.assert_in_sync(trained, f"{method} step {state.step + 1}")
+    return True
+
+
+def skip_update(state: PPOState, what: str, patience: int, method: str = "PPO") -> None:
     state.skipped += 1
     state.in_a_row += 1
     print(f"[guard] step {state.step + 1}: non-finite {what}, update skipped ({state.skipped} so far)")
     if state.in_a_row >= patience:
         raise training.NonFiniteError(
-            f"stopping at PPO step {state.step + 1}: {state.in_a_row} updates in a row had a non-finite {what}; "
+            f"stopping at {method} step {state.step + 1}: {state.in_a_row} updates in a row had a non-finite {what}; "
             "the last complete state is kept for resuming"
         )
 
@@ -245,11 +263,11 @@ def evaluate_on_all(accelerator, fn, prompts: list) -> dict:
     return {k: [x for q in parts for x in q[k]] for k in part}
 
 
-def evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, prompts: list, cfg: Config, step: int,
-             writer) -> dict:
+def evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, prompts: list, cfg, step: int,
+             writer, stage: str = "ppo") -> dict:
     """Sampled responses to held-out prompts (every process its share): RM reward, gold score (the embedded task),
-    KL. Leaves the training RNG untouched."""
-    p = cfg.ppo
+    KL. Leaves the training RNG untouched. Settings from the config's section named stage (ppo, grpo)."""
+    p = getattr(cfg, stage)
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
             distributed.whole_model(accelerator, model) as whole:
         torch.manual_seed(cfg.seed)
@@ -260,7 +278,7 @@ def evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, prompts: l
     point = {"step": step, **{f"eval_{k}": evaluation.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
     for key, value in point.items():
         if key != "step" and writer:
-            writer.add_scalar(f"ppo/{key}", value, step)
+            writer.add_scalar(f"{stage}/{key}", value, step)
     return point
 
 
@@ -295,17 +313,18 @@ def step_record(accelerator, step: int, r: Rollout, s: Scores, rewards: ppo.Toke
     }
 
 
-def save_training_state(store: Store, run: str, accelerator, order: torch.Generator, state: PPOState) -> None:
+def save_training_state(store: Store, run: str, accelerator, order: torch.Generator, state: PPOState,
+                        stage: str = "ppo") -> None:
     """Weights, optimizer (under ZeRO each process its shard, with the fp32 master copy), every process's RNG
     (CUDA's too) through accelerator.save_state; the loop state beside them. Atomic: a killed save leaves the
     previous state."""
-    folder = Path(distributed.shared_folder(accelerator, lambda: store.state_staging(run, "ppo")))
+    folder = Path(distributed.shared_folder(accelerator, lambda: store.state_staging(run, stage)))
     accelerator.save_state(str(folder / "accelerate"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(order.get_state(), folder / "order.pt")
         (folder / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
-        store.commit_state(folder, run, "ppo")
+        store.commit_state(folder, run, stage)
     accelerator.wait_for_everyone()
 
 
@@ -393,7 +412,7 @@ def main(argv: list[str]) -> None:
         # 3. rewards and advantages
         computed = advantages(accelerator, r, s, p, state, moments)
         if computed is None:
-            _skip(state, "reward", cfg.max_bad_steps)
+            skip_update(state, "reward", cfg.max_bad_steps)
             state.step = step
             continue
         rewards, adv, whitened = computed
@@ -444,7 +463,7 @@ def main(argv: list[str]) -> None:
         **summary, "eval_curve": state.eval_log, "final_kl_coef": state.kl_coef, "steps": p.steps,
         "skipped_non_finite": state.skipped, "truncated_prompts": state.truncated_prompts,
         "processes": accelerator.num_processes, "deepspeed_zero_stage": zero,
-        "duration_s": round(time.time() - started, 1), **_speed(seconds, episodes, bf16),
+        "duration_s": round(time.time() - started, 1), **speed(seconds, episodes, bf16),
     })
     print(evaluation.format_comparison(summary))
 
@@ -484,7 +503,7 @@ def _untied(weights: dict) -> dict:
     return out
 
 
-def _speed(seconds: dict, episodes: int, bf16: bool) -> dict:
+def speed(seconds: dict, episodes: int, bf16: bool) -> dict:
     """Episodes (prompt + sampled response) per second of the training loop, and where its time went."""
     loop = seconds["loop"]
     split = {k: round(v, 2) for k, v in seconds.items() if k != "loop"}

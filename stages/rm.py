@@ -13,7 +13,6 @@ from __future__ import annotations
 import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import dataclasses
 import os
-import shutil
 import time
 
 import torch
@@ -28,16 +27,13 @@ from alignment.store import Store
 
 
 @dataclasses.dataclass
-class RMSettings:
+class RMSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate, ...: the keys every trainer stage has
     epochs: float = field(2.0, "passes over the preference pairs")
-    batch_size: int = field(32, "pairs per optimizer step")
+    batch_size: int = field(32, "pairs per device per forward")
     learning_rate: float = field(5e-4, "peak AdamW learning rate")
-    warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
-    weight_decay: float = field(0.0, "AdamW weight decay")
     max_length: int = field(512, "longest prompt+response in tokens; longer pairs are dropped and counted")
-    validation: int = field(200, "pairs carved from the end of the training pairs to choose the checkpoint on")
     group_by_length: bool = field(True, "batch pairs of similar length together: less padding")
-    logging_steps: int = field(20, "log every N optimizer steps")
+    validation: int = field(200, "pairs carved from the end of the training pairs to choose the checkpoint on")
 
 
 class RewardTrainer(training.LengthGrouping, TRLRewardTrainer):
@@ -95,43 +91,22 @@ def main(argv: list[str]) -> None:
     held_out = data.load_split(cfg.data, "prefs_eval", cfg.limit, cfg.on_error)
     raw_eval = held_out.records
 
-    # 4. train
+    # 4. train (the arguments every trainer stage shares: training.trainer_config)
     peft_config = None
     if cfg.lora.enabled:
         peft_config = loading.lora_config(cfg.lora, model, spec, "SEQ_CLS", modules_to_save=["score"])
-    bf16 = training.use_bf16(cfg.precision)
-    args = RewardConfig(
-        output_dir=str(work_dir),
-        num_train_epochs=cfg.rm.epochs,
-        per_device_train_batch_size=cfg.rm.batch_size,
-        per_device_eval_batch_size=cfg.rm.batch_size,
-        learning_rate=cfg.rm.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=cfg.rm.warmup_ratio,
-        weight_decay=cfg.rm.weight_decay,
-        max_length=cfg.rm.max_length,
-        train_sampling_strategy="group_by_length" if cfg.rm.group_by_length else "random",
-        bf16=bf16,
-        include_num_input_tokens_seen="non_padding",  # effective tokens trained, reported as tokens/s
-        use_cpu=not torch.cuda.is_available(),
+    args = training.trainer_config(
+        RewardConfig, "rm", cfg.rm, cfg, work_dir,
         disable_dropout=True,
-        logging_steps=cfg.rm.logging_steps,
         eval_strategy="steps",  # on the validation pairs, at every save: the best one is loaded at the end
         eval_steps=cfg.save_every,
         load_best_model_at_end=True,
         metric_for_best_model="eval_accuracy",
-        save_strategy="steps",
-        save_steps=cfg.save_every,
-        save_total_limit=2,
-        report_to=["tensorboard"],
-        seed=cfg.seed,
     )
-    guard = training.NonFiniteGuard(cfg.max_bad_steps)  # skips and counts non-finite updates
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
         eval_dataset=Dataset.from_list(val_pairs), processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[training.MarkComplete(), guard, training.ReportProgress("rm", work_dir),
-                   *([training.SyncCheck()] if cfg.check_sync else [])],
+        callbacks=training.guarded("rm", work_dir, cfg),
     )
     if cfg.quantization:
         # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's recipe) while k-bit preparation
@@ -143,11 +118,7 @@ def main(argv: list[str]) -> None:
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[rm] {dropped} training pairs longer than rm.max_length={cfg.rm.max_length} tokens were dropped")
-    print(f"[rm] {args.world_size} process(es)")
-    if resume_from:
-        print(f"[rm] resuming from {resume_from}")
-    training.skip_non_finite_under_deepspeed(trainer)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = training.train(trainer, "rm", resume_from)
     best_validation = trainer.state.best_metric
 
     # 5. held-out accuracy, scored the way PPO will score (our forward pass, not the trainer's batches)
@@ -160,9 +131,6 @@ def main(argv: list[str]) -> None:
         return
 
     # 6. save to the store
-    tmp = store.staging(run, "rm")
-    training.save_trained(trainer.model, tmp, weights, spec.dtype, cfg.quantization)
-    loading.save_tokenizer(tokenizer, tmp, spec)
     metrics = {
         "train_loss": result.training_loss,
         "eval_accuracy": accuracy["accuracy"],
@@ -172,24 +140,11 @@ def main(argv: list[str]) -> None:
         "references": dict(data.get_profile(cfg.data).rm_references),
         "eval_pairs": len(raw_eval),
         "dropped_too_long": dropped,
-        "steps": result.global_step,
-        "skipped_non_finite": guard.skipped + training.deepspeed_skipped(trainer),
-        "processes": args.world_size,
-        "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else 0,
-        "duration_s": round(time.time() - started, 1),
-        **training.throughput(result.metrics, trainer.state, bf16),
     }
-    checkpoint = store.publish(tmp, {
-        "run": run, "stage": "rm", "model": spec.name, "template": spec.template, "parents": [sft.id], "parent_uids": [sft.manifest["uid"]],
-        "base": loading.base_reference(sft.path), "base_checkpoint": sft.id, "adapter": cfg.lora.enabled,
-        "config": config.to_dict(cfg),
-        "data": {"profile": data.get_profile(cfg.data).name, "fingerprint": data.fingerprint(cfg.data, ["prefs_train", "prefs_eval"]),
-                 "skipped": {"prefs_train": skipped, "prefs_eval": dict(held_out.skipped)}},
-        "metrics": metrics,
-    })
+    training.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="rm", started=started, parent=sft,
+                     splits=["prefs_train", "prefs_eval"],
+                     skipped={"prefs_train": skipped, "prefs_eval": dict(held_out.skipped)}, metrics=metrics)
     lo, hi = accuracy["accuracy_ci95"]
-    shutil.rmtree(work_dir, ignore_errors=True)  # published: a rerun starts a new training
-    print(f"[rm] saved {checkpoint.id} -> {checkpoint.path}")
     print(f"[rm] held-out pairwise accuracy {accuracy['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {len(raw_eval)} pairs")
     for name, value in data.get_profile(cfg.data).rm_references:
         print(f"[rm]   reference on the same split: {name}: {value:.3f}")

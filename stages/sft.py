@@ -12,7 +12,6 @@ from __future__ import annotations
 import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import dataclasses
 import os
-import shutil
 import time
 
 import torch
@@ -21,24 +20,21 @@ from transformers import AutoModelForCausalLM, Trainer
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer as TRLSFTTrainer
 
-from alignment import config, data, distributed, forwards, loading, registry, training
+from alignment import config, data, forwards, loading, registry, training
 from alignment.config import field
 from alignment.store import Store
 
 
 @dataclasses.dataclass
-class SFTSettings:
+class SFTSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate, ...: the keys every trainer stage has
     epochs: float = field(3.0, "passes over the demonstrations")
-    batch_size: int = field(32, "sequences per optimizer step")
+    batch_size: int = field(32, "sequences per device per forward")
     learning_rate: float = field(2e-3, "peak AdamW learning rate (tiny models want high rates; 7B wants ~2e-5)")
-    warmup_ratio: float = field(0.05, "share of steps with linear warm-up")
-    weight_decay: float = field(0.0, "AdamW weight decay")
     max_length: int = field(512, "longest sequence in tokens; a longer one loses the beginning of its prompt (counted)")
-    packed: bool = field(True, "pack each batch's sequences into rows as wide as its longest instead of padding "
-                         "each: the same sequences and loss, far less padding computed")
     group_by_length: bool = field(False, "batch sequences of similar length together: less padding (off by default: "
                                   "on the embedded task, length-sorted batches of alike examples trained a worse model)")
-    logging_steps: int = field(20, "log every N optimizer steps")
+    packed: bool = field(True, "pack each batch's sequences into rows as wide as its longest instead of padding "
+                         "each: the same sequences and loss, far less padding computed")
 
 
 class SFTTrainer(training.LengthGrouping, TRLSFTTrainer):
@@ -105,80 +101,38 @@ def main(argv: list[str]) -> None:
         print(f"[sft] {truncated} training sequences exceed sft.max_length={cfg.sft.max_length}: their prompts are "
               "cut from the left")
 
-    # 4. train
+    # 4. train (the arguments every trainer stage shares: training.trainer_config)
     peft_config = None
     if cfg.lora.enabled:
         peft_config = loading.lora_config(cfg.lora, model, spec, "CAUSAL_LM")
-    bf16 = training.use_bf16(cfg.precision)
-    args = TRLSFTConfig(
-        output_dir=str(work_dir),
-        num_train_epochs=cfg.sft.epochs,
-        per_device_train_batch_size=cfg.sft.batch_size,
-        per_device_eval_batch_size=cfg.sft.batch_size,
-        learning_rate=cfg.sft.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=cfg.sft.warmup_ratio,
-        weight_decay=cfg.sft.weight_decay,
-        max_length=cfg.sft.max_length,
+    args = training.trainer_config(
+        TRLSFTConfig, "sft", cfg.sft, cfg, work_dir,
         completion_only_loss=True,
         truncation_mode="keep_end",  # a sequence over max_length loses the beginning of its prompt
-        train_sampling_strategy="group_by_length" if cfg.sft.group_by_length else "random",
-        bf16=bf16,
-        include_num_input_tokens_seen="non_padding",  # effective tokens trained, reported as tokens/s
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=cfg.sft.logging_steps,
         eval_strategy="epoch",
-        save_strategy="steps",
-        save_steps=cfg.save_every,
-        save_total_limit=2,
-        report_to=["tensorboard"],
-        seed=cfg.seed,
-        dataloader_num_workers=0,
     )
-    guard = training.NonFiniteGuard(cfg.max_bad_steps)  # skips and counts non-finite updates
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config,
         data_collator=training.PackedRows(tokenizer.pad_token_id) if packed else None,
-        callbacks=[training.MarkComplete(), guard, training.ReportProgress("sft", work_dir),
-                   *([training.SyncCheck()] if cfg.check_sync else [])],
+        callbacks=training.guarded("sft", work_dir, cfg),
     )
-    print(f"[sft] {args.world_size} process(es)")
-    if resume_from:
-        print(f"[sft] resuming from {resume_from}")
-    training.skip_non_finite_under_deepspeed(trainer)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = training.train(trainer, "sft", resume_from)
     eval_metrics = trainer.evaluate()
     weights = training.trained_weights(trainer)  # every process: under ZeRO-3 each holds a shard
     if not trainer.is_world_process_zero():  # one process writes the result
         return
 
     # 5. save to the store: HF folder (or adapter) + tokenizer + manifest
-    tmp = store.staging(run, "sft")
-    training.save_trained(trainer.model, tmp, weights, spec.dtype, cfg.quantization)
-    loading.save_tokenizer(tokenizer, tmp, spec)
     metrics = {
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics["eval_loss"],
         "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
-        "steps": result.global_step,
-        "skipped_non_finite": guard.skipped + training.deepspeed_skipped(trainer),
         "truncated": truncated,
         "packed": packed,
-        "processes": args.world_size,
-        "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else 0,
-        "duration_s": round(time.time() - started, 1),
-        **training.throughput(result.metrics, trainer.state, bf16),
     }
-    checkpoint = store.publish(tmp, {
-        "run": run, "stage": "sft", "model": spec.name, "template": spec.template, "parents": [],
-        "base": loading.base_reference(base_path), "adapter": cfg.lora.enabled, "config": config.to_dict(cfg),
-        "data": {"profile": data.get_profile(cfg.data).name, "fingerprint": data.fingerprint(cfg.data, ["sft_train", "sft_eval"]),
-                 "skipped": skipped},
-        "metrics": metrics,
-    })
-    shutil.rmtree(work_dir, ignore_errors=True)  # published: a rerun starts a new training
-    print(f"[sft] saved {checkpoint.id} -> {checkpoint.path}")
+    training.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="sft", started=started,
+                     base=base_path, splits=["sft_train", "sft_eval"], skipped=skipped, metrics=metrics)
     print(f"[sft] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}")
 
 

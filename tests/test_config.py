@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -54,10 +55,12 @@ def test_cli_exits_with_message(capsys):
 
 
 def test_shipped_yaml_files_load():
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "ppo", "dpo"):
         module = __import__(f"stages.{stage}", fromlist=["Config"])
         cfg = config.load(module.Config, f"configs/{stage}.yaml")
         assert dataclasses.is_dataclass(cfg)
+        if stage != "ppo":
+            config.load(module.Config, f"configs/hh-rlhf/{stage}.yaml")
 
 
 def test_sections_are_not_shared_between_instances():
@@ -98,3 +101,25 @@ def test_the_line_ctrl_c_ends_with(monkeypatch, tmp_path):
                                          "the same command resumes it")
     monkeypatch.setattr(config, "PROGRESS", {"stage": "sft", "step": None, "state": lambda: None})
     assert "before its first step; no resumable state was saved yet" in config.interrupted_line()
+
+
+def test_trainer_stage_settings_reach_the_trl_config(tmp_path):
+    """The trainer stages (sft, rm, dpo) build their TRL config one way: the shared keys (gradient accumulation,
+    clipping) arrive, and so does any other TRL argument through trainer_args; a trainer_args key TRL does not know,
+    or one set already, stops the stage at start-up."""
+    from trl import SFTConfig
+
+    from alignment import training
+
+    cfg = config.load(sft_stage.Config, None, ["sft.gradient_accumulation_steps=4", "sft.max_grad_norm=0.5",
+                                                "sft.trainer_args={adam_beta2: 0.95}"])
+    args = training.trainer_config(SFTConfig, "sft", cfg.sft, cfg, tmp_path, completion_only_loss=True)
+    assert args.gradient_accumulation_steps == 4 and args.max_grad_norm == 0.5 and args.adam_beta2 == 0.95
+    assert args.num_train_epochs == 3.0 and args.learning_rate == 2e-3 and args.lr_scheduler_type == "cosine"
+    assert args.activation_checkpointing and args.save_total_limit == 2 and args.output_dir == str(tmp_path)
+    for given, message in (("{adam_beta9: 1}", "'adam_beta9' is not an argument of TRL's SFTConfig"),
+                           ("{learning_rate: 1}", "'learning_rate' is set already, set sft.learning_rate instead"),
+                           ("{completion_only_loss: false}", "'completion_only_loss' is set already, from a key")):
+        cfg = config.load(sft_stage.Config, None, [f"sft.trainer_args={given}"])
+        with pytest.raises(SystemExit, match=re.escape(f"sft.trainer_args: {message}")):
+            training.trainer_config(SFTConfig, "sft", cfg.sft, cfg, tmp_path, completion_only_loss=True)

@@ -29,8 +29,10 @@ ARGS = {
     "rm": "limit=64 threads=1 rm.epochs=1 rm.batch_size=8 check_sync=true",
     "ppo": "limit=64 threads=1 ppo.steps=2 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 "
            "ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=1 ppo.eval_prompts=8 check_sync=true",  # 2 x 2 updates
+    "dpo": "limit=64 threads=1 dpo.epochs=1 dpo.batch_size=8 dpo.eval_every=2 dpo.eval_prompts=8 dpo.eval_samples=1 "
+           "dpo.max_new_tokens=8 check_sync=true",  # 64 / (2 x 8) = 4 steps
 }
-UPDATES = {"sft": 4, "rm": 4, "ppo": 4}
+UPDATES = {"sft": 4, "rm": 4, "ppo": 4, "dpo": 4}
 MODES = {"ddp": (0, []), "zero2": (2, ["ACCELERATE_CONFIG=configs/accelerate/zero2.yaml"]),
          "zero3": (3, ["ACCELERATE_CONFIG=configs/accelerate/zero3.yaml"]),
          "zero3_offload": (3, ["ACCELERATE_CONFIG=configs/accelerate/zero3_offload.yaml"])}  # DeepSpeed's CPU Adam
@@ -49,7 +51,7 @@ def two_process_store(mode, tmp_path_factory):
     if mode not in _stores:
         store = tmp_path_factory.mktemp(mode)
         outputs = {}
-        for stage in ("sft", "rm", "ppo"):
+        for stage in ("sft", "rm", "ppo", "dpo"):
             out = make(stage, store, mode, ARGS[stage])
             assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
             outputs[stage] = out.stdout + out.stderr
@@ -57,7 +59,7 @@ def two_process_store(mode, tmp_path_factory):
     return _stores[mode]
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "dpo"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage):
     store, outputs = two_process_store(mode, tmp_path_factory)
@@ -75,6 +77,10 @@ def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage)
     if stage == "ppo":
         assert ckpt.metrics["skipped_non_finite"] == 0
         assert len(ckpt.metrics["eval_curve"]) == 3  # evaluated on both processes at steps 0, 1, 2
+    if stage == "dpo":
+        assert ckpt.metrics["skipped_non_finite"] == 0 and ckpt.metrics["pairs_seen"] == 64
+        assert [p["step"] for p in ckpt.metrics["eval_curve"]] == [0, 2, 4]
+        assert ckpt.metrics["eval_prompts"] == 64  # the comparison: each process its share, gathered
     assert store.verify() == []
 
 
@@ -87,7 +93,8 @@ def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path
     """SIGKILL of both processes after a state was saved; the resumed run loads every process's optimizer shard,
     the fp32 master weights and RNG states, and ends where a run never stopped does."""
     source, _ = two_process_store("zero2", tmp_path_factory)
-    args = ("limit=64 threads=1 ppo.steps=4 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 "
+    # precision pinned: auto times bf16 against fp32 at start-up, which a loaded machine can tip either way
+    args = ("limit=64 threads=1 precision=fp32 ppo.steps=4 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 "
             "ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=0 save_every=2")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for store in (straight, killed):

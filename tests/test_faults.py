@@ -21,15 +21,17 @@ from stages import rm as rm_stage
 from stages import sft as sft_stage
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMON = ["limit=64", "threads=1"]
+COMMON = ["limit=64", "threads=1", "precision=fp32"]  # pinned: a resumed run must not time its way to another
 STAGE_ARGS = {
     "sft": ["sft.epochs=6", "sft.batch_size=16", "save_every=4"],  # 24 steps
     "rm": ["rm.epochs=6", "rm.batch_size=16", "save_every=4"],
     "ppo": ["ppo.steps=8", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
             "ppo.eval_samples=1", "ppo.eval_every=0", "save_every=2"],
+    "dpo": ["dpo.epochs=3", "dpo.batch_size=16", "save_every=4", "dpo.eval_every=4", "dpo.eval_prompts=8",
+            "dpo.eval_samples=1", "dpo.max_new_tokens=8"],  # 12 steps
 }
 RESUMABLE = {"sft": ".trainer-sft/checkpoint-*/COMPLETE", "rm": ".trainer-rm/checkpoint-*/COMPLETE",
-             "ppo": ".state/ppo/COMPLETE"}
+             "ppo": ".state/ppo/COMPLETE", "dpo": ".trainer-dpo/checkpoint-*/COMPLETE"}
 
 
 def stage_command(stage, store):
@@ -72,10 +74,10 @@ def copy_inputs(base, dest, stages):
         shutil.copytree(base / "tiny-llama" / stage, dest / "tiny-llama" / stage)
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "dpo"])
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(prepared, stage):
     root, base = prepared
-    inputs = {"sft": [], "rm": ["sft"], "ppo": ["sft", "rm"]}[stage]
+    inputs = {"sft": [], "rm": ["sft"], "ppo": ["sft", "rm"], "dpo": ["sft", "rm"]}[stage]
     straight, killed = root / f"{stage}-straight", root / f"{stage}-killed"
     for store in (straight, killed):
         copy_inputs(base, store, inputs)
@@ -96,8 +98,11 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(prepared, s
         assert log_b[-1]["reward"] == pytest.approx(log_a[-1]["reward"], abs=1e-3)
         assert b.metrics["greedy"]["reward"]["policy"] == pytest.approx(a.metrics["greedy"]["reward"]["policy"], abs=1e-3)
     else:
-        key = "eval_loss" if stage == "sft" else "eval_accuracy"
+        key = "eval_accuracy" if stage == "rm" else "eval_loss"
         assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-3)  # same data order, same result
+    if stage == "dpo":  # the held-out points from before the kill are kept, none repeated
+        assert [p["step"] for p in b.metrics["eval_curve"]] == [0, 4, 8, 12]
+        assert b.metrics["eval_curve"][-1]["eval_gold"] == pytest.approx(a.metrics["eval_curve"][-1]["eval_gold"], abs=1e-3)
     AutoModelForCausalLM.from_pretrained(b.path) if stage != "rm" else None
     assert not (killed / "tiny-llama" / f".trainer-{stage}").exists() and not (killed / "tiny-llama" / ".state" / stage).exists()
 

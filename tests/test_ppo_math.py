@@ -146,3 +146,74 @@ def test_minibatches_by_length_pad_less_and_vary_their_order():
     orders = {tuple(s[0].item() for s in ppo.minibatches(lengths, 8, torch.Generator().manual_seed(k), True))
               for k in range(5)}
     assert len(orders) > 1
+
+
+# ---- GRPO ----------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0])  # two groups of three
+    # group 1: mean 2, unbiased std sqrt((1 + 0 + 1) / 2) = 1 -> [-1, 0, 1]
+    # group 2: mean 4/3, deviations [-4/3, -4/3, 8/3], unbiased var (16 + 16 + 64) / 9 / 2 = 16/3, std 4/sqrt(3)
+    #          -> [-1/sqrt(3), -1/sqrt(3), 2/sqrt(3)]
+    out = ppo.group_advantages(rewards, 3, "group", eps=0.0)
+    r3 = math.sqrt(3)
+    assert out.advantages.tolist() == pytest.approx([-1, 0, 1, -1 / r3, -1 / r3, 2 / r3])
+    assert out.group_std.tolist() == pytest.approx([1, 1, 1, 4 / r3, 4 / r3, 4 / r3])
+    # Dr. GRPO: the centred rewards as they are
+    assert ppo.group_advantages(rewards, 3, "none").advantages.tolist() == pytest.approx([-1, 0, 1, -4 / 3, -4 / 3, 8 / 3])
+    # batch: centred in the group, divided by the whole batch's std: mean 5/3, squared deviations
+    # (4 + 1 + 16 + 25 + 25 + 49) / 9 = 120/9, unbiased var 120/9/5 = 8/3
+    batch_std = math.sqrt(8 / 3)
+    assert ppo.group_advantages(rewards, 3, "batch", eps=0.0).advantages.tolist() == pytest.approx(
+        [x / batch_std for x in [-1, 0, 1, -4 / 3, -4 / 3, 8 / 3]])
+
+
+def test_group_advantages_of_a_group_all_alike_are_zero_not_nan():
+    out = ppo.group_advantages(torch.tensor([5.0, 5.0, 1.0, 3.0]), 2)
+    # group 1 scored alike: nothing to learn from it; group 2: mean 2, std sqrt(2) -> -+1/sqrt(2) (eps 1e-4 aside)
+    assert out.advantages.tolist() == pytest.approx([0, 0, -1 / math.sqrt(2), 1 / math.sqrt(2)], abs=1e-4)
+    assert out.group_std[:2].tolist() == [0.0, 0.0]
+
+
+def test_kl_k3_is_the_unbiased_non_negative_estimate():
+    # d = log pi_ref - log pi: k3 = e^d - d - 1; 0 at d = 0, e.g. 2 - ln 2 - 1 at d = ln 2
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0]])
+    ref = logprobs + torch.tensor([[0.0, math.log(2), -math.log(2)]])
+    assert ppo.kl_k3(logprobs, ref)[0].tolist() == pytest.approx([0.0, 1 - math.log(2), math.log(2) - 0.5])
+    # its mean under samples of pi is KL(pi || pi_ref) exactly: two tokens, pi = [0.5, 0.5], pi_ref = [0.25, 0.75]
+    pi, ref_p = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+    expected = (pi * (pi / ref_p).log()).sum().item()
+    assert (pi * ppo.kl_k3(pi.log(), ref_p.log())).sum().item() == pytest.approx(expected)
+
+
+def test_grpo_loss_by_hand():
+    # row 0: A = +1, ratios [1.5, 1.0]; row 1: A = -1, ratios [0.5, 50] (the 50 on padding must not count)
+    old = torch.zeros(2, 2)
+    new = torch.log(torch.tensor([[1.5, 1.0], [0.5, 50.0]]))
+    ref = new + torch.tensor([[math.log(2), 0.0], [-math.log(2), 5.0]])  # k3 = [1 - ln 2, 0], [ln 2 - 0.5, -]
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    k_a, k_b = 1 - math.log(2), math.log(2) - 0.5  # 0.30685, 0.19315: they add up to 0.5
+    # surrogate, clip 0.2: row 0 max(-1.5, -1.2) = -1.2 (clipped), max(-1, -1) = -1; row 1 max(0.5, 0.8) = 0.8 (clipped)
+    # per token with kl_coef 0.1: row 0 [-1.2 + 0.1 k_a, -1.0], row 1 [0.8 + 0.1 k_b]
+    row0, row1 = [-1.2 + 0.1 * k_a, -1.0], [0.8 + 0.1 * k_b]
+    out = ppo.grpo_loss(new, old, ref, adv, mask, clip=0.2, kl_coef=0.1)
+    assert out.loss.item() == pytest.approx((sum(row0) / 2 + sum(row1) / 1) / 2)  # sequence means, then their mean
+    total = sum(row0) + sum(row1)  # = -2.2 + 0.8 + 0.1 * 0.5 = -1.35
+    assert total == pytest.approx(-1.35)
+    assert ppo.grpo_loss(new, old, ref, adv, mask, 0.2, 0.1, "token").loss.item() == pytest.approx(-1.35 / 3)
+    assert ppo.grpo_loss(new, old, ref, adv, mask, 0.2, 0.1, "constant", max_tokens=4).loss.item() == pytest.approx(
+        -1.35 / (2 * 4))
+    assert out.kl.item() == pytest.approx(0.5 / 3)
+    assert out.clip_frac.item() == pytest.approx(2 / 3)
+    assert out.approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
+
+
+def test_grpo_loss_gradient_pushes_up_the_better_response():
+    logprobs = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.ones(2, 3)
+    out = ppo.grpo_loss(logprobs, logprobs.detach(), logprobs.detach(), torch.tensor([1.0, -1.0]), mask, 0.2, 0.04)
+    out.loss.backward()
+    # at ratio 1 and pi = pi_ref: d loss / d log pi = -A / (tokens * responses) = -+1/6; the KL term's gradient is 0
+    assert logprobs.grad.flatten().tolist() == pytest.approx([-1 / 6] * 3 + [1 / 6] * 3)

@@ -1,0 +1,199 @@
+"""Stage 3 beside PPO, DPO: the SFT policy trained straight on the preference pairs, no reward model in the loop.
+
+    make dpo [MODEL=tiny-llama] [ARGS="dpo.beta=0.2 dpo.loss_type=ipo"]
+    python stages/dpo.py --config configs/dpo.yaml key=value ...
+
+TRL's DPOTrainer minimises -log sigmoid(beta * [(log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))]) over the
+pairs the reward model was trained on (prompts in the model's template, as there); pi_ref is the SFT policy, frozen
+(with LoRA the same weights with the adapters off: no second copy). The run's reward model only judges: every
+dpo.eval_every steps a held-out point (reward, gold, KL), and at the end the comparison with the SFT policy on the
+held-out prompts that PPO ends with, under the same keys. The result lands in the store as <run>/dpo.
+"""
+
+from __future__ import annotations
+
+import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
+import dataclasses
+import os
+import time
+
+import torch
+from datasets import Dataset
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from trl import DPOConfig
+from trl import DPOTrainer as TRLDPOTrainer
+
+from alignment import config, data, distributed, evaluation, forwards, loading, registry, scoring, training
+from alignment.config import field
+from alignment.store import Store
+
+
+@dataclasses.dataclass
+class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate, ...: the keys every trainer stage has
+    epochs: float = field(1.0, "passes over the preference pairs")
+    batch_size: int = field(32, "pairs per device per forward")
+    learning_rate: float = field(2e-4, "peak AdamW learning rate (tiny models want high rates; 7B wants ~5e-7)")
+    max_length: int = field(512, "longest prompt+response in tokens; a longer pair loses its end, a pair whose prompt "
+                            "alone is that long is dropped (counted)")
+    beta: float = field(0.1, "weight of the log-ratio to the reference in the implicit reward: higher keeps the "
+                        "policy closer to the reference")
+    loss_type: str = field("sigmoid", "TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, exo_pair, nca_pair, "
+                           "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm")
+    eval_every: int = field(10, "a held-out point (reward, gold, KL) every N optimizer steps and before the first; "
+                            "0: off")
+    eval_prompts: int = field(64, "held-out prompts of those points")
+    eval_samples: int = field(4, "sampled responses per held-out prompt in the final comparison")
+    max_new_tokens: int = field(20, "longest response generated in the held-out evaluation")
+    temperature: float = field(1.0, "sampling temperature of the held-out evaluation")
+    max_prompt_length: int = field(512, "longest prompt in tokens in the held-out evaluation; longer ones lose their "
+                                   "beginning")
+    reward_model: str = field("", "store id run/rm of the reward model that judges the held-out evaluation; empty: "
+                              "the run's")
+
+
+class DPOTrainer(training.LengthGrouping, TRLDPOTrainer):
+    """TRL's DPOTrainer; with dpo.group_by_length its batches hold pairs of similar length."""
+
+    def example_lengths(self, dataset) -> list[int]:  # a pair pads to its prompt and its longer response
+        return [len(p) + max(len(c), len(r))
+                for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+
+
+@dataclasses.dataclass
+class Config(config.StageConfig):
+    dpo: DPOSettings = field(DPOSettings(), "DPO settings")
+    lora: config.LoraSettings = field(config.LoraSettings(), "train LoRA adapters on the SFT policy; the reference "
+                                      "is then the same weights with the adapters disabled (no second copy)")
+
+
+def load_scorer(rm, spec, tokenizer, cfg: Config) -> scoring.RewardScorer:
+    """The reward model as PPO's judge (stages/ppo.py:load_models): frozen, any tokenizer (scored from the text
+    when it is not the policy's)."""
+    rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"], tokenizer=rm.path)
+    rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
+    reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, cfg.quantization,
+                                      cfg.compute_dtype, tokenizer=rm_tokenizer)
+    reward_model.requires_grad_(False).eval()
+    print(f"[dpo] {loading.footprint('reward model', reward_model)} (judge of the held-out evaluation only)")
+    return scoring.RewardScorer(reward_model, rm_tokenizer, rm_spec, tokenizer, spec)
+
+
+def main(argv: list[str]) -> None:
+    # 1. config, store, the run's SFT checkpoint (start and reference) and reward model (judge only)
+    cfg = config.cli(Config, argv, default_yaml="configs/dpo.yaml")
+    d = cfg.dpo
+    started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    store, run = Store(cfg.store), cfg.run_name
+    sft = store.get(run, "sft")
+    rm = store.get(*d.reward_model.split("/", 1)) if d.reward_model else store.get(run, "rm")
+    store.require_fresh(sft, rm, allow_stale=cfg.allow_stale)
+    spec = registry.get(cfg.model, template=sft.manifest["template"], tokenizer=sft.path)
+    tensorboard = store.run_dir(run) / "tensorboard" / "dpo"
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard)
+
+    # 2. the policy from SFT (trained: fp32); the reference: the SFT weights frozen, or with LoRA the policy's
+    # adapters off (TRL does it when given a peft_config and no ref_model); the judge
+    torch.manual_seed(cfg.seed)
+    tokenizer = loading.load_tokenizer(sft.path, spec)
+    cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
+    model = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer, trained=True)
+    # (given to TRL: it would build the reference from the policy's config path, for an SFT adapter its base)
+    ref_model = None if cfg.lora.enabled else loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized,
+                                                                 tokenizer=tokenizer)
+    eval_ref = ref_model
+    if ref_model is not None and distributed.deepspeed_stage() == 3:  # ZeRO-3 will partition the one TRL gets
+        eval_ref = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer)
+    print(f"[dpo] from {sft.id}: {loading.count_parameters(model):,} parameters")
+    print(f"[dpo] {loading.footprint('policy', model)}" + ("" if ref_model is None else
+                                                            f"; {loading.footprint('reference', ref_model)}"))
+    scorer = load_scorer(rm, spec, tokenizer, cfg)
+    # the store is written to only now: a model that fails to load leaves no folder behind
+    work_dir = store.run_dir(run) / ".trainer-dpo"  # the trainer's resumable checkpoints
+    # the parents' uids belong to the state: one trained (or its curve judged) on checkpoints since replaced is not resumed
+    resume_from = training.trainer_resume_point(
+        work_dir, {**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]]}, cfg.resume)
+
+    # 3. preference pairs, prompts in the model's template (as the reward model read them); held-out prompts
+    def pairs(split: str):
+        loaded = data.load_split(cfg.data, split, cfg.limit, cfg.on_error)
+        if loaded.skipped:
+            print(f"[dpo] {split}: skipped {sum(loaded.skipped.values())} pairs: {dict(loaded.skipped)}")
+        records = [{"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+                   for r in loaded.records]
+        return Dataset.from_list(records), dict(loaded.skipped)
+
+    (train_pairs, train_skipped), (eval_pairs, eval_skipped) = pairs("prefs_train"), pairs("prefs_eval")
+    eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)]
+    gold = data.get_profile(cfg.data).gold  # a gold judge exists for the embedded task only
+
+    # 4. train (the arguments every trainer stage shares: training.trainer_config)
+    peft_config = None
+    if cfg.lora.enabled:
+        peft_config = loading.lora_config(cfg.lora, model, spec, "CAUSAL_LM")
+    args = training.trainer_config(DPOConfig, "dpo", d, cfg, work_dir, beta=d.beta, loss_type=[d.loss_type],
+                                   eval_strategy="no")  # held-out pairs once at the end
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=training.guarded("dpo", work_dir, cfg),
+    )
+    scorer.model.to(trainer.accelerator.device)
+
+    def reference(policy):  # the SFT policy, for the held-out KL and the comparison
+        return forwards.AdapterDisabled(policy) if cfg.lora.enabled else eval_ref
+
+    def curve_point(_, step: int) -> dict:  # the whole policy: under ZeRO-3 gathered once for all the decoding
+        with distributed.whole_model(trainer.accelerator, trainer.model_wrapped) as whole:
+            return evaluation.curve_point(
+                whole, reference(whole), scorer, tokenizer, spec, eval_prompts[: d.eval_prompts], step,
+                max_new_tokens=d.max_new_tokens, temperature=d.temperature, gold=gold,
+                max_prompt_tokens=d.max_prompt_length, seed=cfg.seed)
+
+    writer = SummaryWriter(str(tensorboard)) if trainer.is_world_process_zero() else None
+    trainer.add_callback(training.HeldOutCurve(d.eval_every, curve_point, writer))
+    dropped = len(train_pairs) - len(trainer.train_dataset)
+    if dropped:
+        print(f"[dpo] {dropped} training pairs whose prompt fills dpo.max_length={d.max_length} tokens were dropped")
+    result = training.train(trainer, "dpo", resume_from)
+    held_out = trainer.evaluate()  # DPO's own loss and implicit-reward accuracy on the held-out pairs
+
+    # 5. compare with the SFT policy on held-out prompts (every process its share), greedy and sampled, as PPO does
+    with distributed.whole_model(trainer.accelerator, trainer.model_wrapped) as whole:
+        whole.eval()
+        summary = evaluation.compare_policies(
+            whole, reference(whole), scorer, tokenizer, spec, eval_prompts, gold=gold,
+            max_new_tokens=d.max_new_tokens, temperature=d.temperature, samples=d.eval_samples, seed=cfg.seed,
+            max_prompt_tokens=d.max_prompt_length, on_all=distributed.on_all(trainer.accelerator),
+        )
+    weights = training.trained_weights(trainer)  # every process: under ZeRO-3 each holds a shard
+    if not trainer.is_world_process_zero():  # one process writes the result
+        return
+    writer.close()
+
+    # 6. save: the policy (or its adapter on the SFT model) and the manifest. The reward model is no parent: the
+    # weights do not depend on it (a retrained one leaves them valid), only the evaluation does, which names it.
+    metrics = {
+        **summary,  # eval_prompts, greedy, sampled: PPO's keys
+        "eval_curve": training.HeldOutCurve.points(trainer.state),
+        "train_loss": result.training_loss,
+        "eval_loss": held_out["eval_loss"],
+        "eval_reward_accuracy": held_out.get("eval_rewards/accuracies"),
+        "eval_reward_margin": held_out.get("eval_rewards/margins"),
+        "eval_pairs": len(trainer.eval_dataset),
+        "pairs_seen": round(trainer.state.epoch * len(trainer.train_dataset)),  # over all processes
+        "dropped_too_long": dropped,
+    }
+    training.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="dpo", started=started, parent=sft,
+                     splits=["prefs_train", "prefs_eval", "prompts_eval"],
+                     skipped={"prefs_train": train_skipped, "prefs_eval": eval_skipped}, metrics=metrics,
+                     evaluated_with={"reward_model": rm.id, "uid": rm.manifest["uid"]})
+    print(f"[dpo] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}, held-out "
+          f"implicit-reward accuracy {metrics['eval_reward_accuracy']:.3f} on {metrics['eval_pairs']} pairs")
+    print(evaluation.format_comparison(summary, "dpo"))
+
+
+if __name__ == "__main__":
+    config.run(main)
