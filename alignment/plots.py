@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import matplotlib
 
@@ -15,6 +16,22 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 HIGHER, LOWER = "higher is better", "lower is better"
+# one color per stage in every figure (a method is the same color in the frontier, the curves and the bars);
+# the runs of a report with several are told apart by line style
+COLORS = {"sft": "tab:gray", "base": "tab:brown", "rm": "tab:purple", "ppo": "tab:blue", "dpo": "tab:orange",
+          "grpo": "tab:green"}
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def styles(labels) -> dict[str, dict]:
+    """label -> {"color", "linestyle"}: the color of the stage the label names ('ppo', 'run/dpo (n = 64)'), the
+    line style of the label's place among those naming the same stage."""
+    out, seen = {}, {}
+    for i, text in enumerate(labels):
+        stage = next((s for s in COLORS if re.search(rf"(^|/){s}\b", text)), None)
+        n = seen[stage] = seen.get(stage, -1) + 1
+        out[text] = {"color": COLORS[stage] if stage else f"C{i}", "linestyle": LINE_STYLES[n % len(LINE_STYLES)]}
+    return out
 
 
 def png(fig) -> bytes:
@@ -39,7 +56,8 @@ def headline(rows: list[dict], panels: list[tuple[str, str, str]]) -> bytes | No
         # a percentile interval may miss the mean by a rounding error (a difference of exactly zero): no negative whisker
         errs = [[max(0.0, v["mean"] - v["ci95"][0]) if v else 0 for v in values],
                 [max(0.0, v["ci95"][1] - v["mean"]) if v else 0 for v in values]]
-        ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
+        ax.bar(range(len(rows)), means, yerr=errs, capsize=4, alpha=0.8,
+               color=[style["color"] for style in styles(names).values()])
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{title}\n({better})", fontsize=9)
         ax.axhline(0, color="black", linewidth=0.6)
@@ -59,12 +77,13 @@ def frontier(curves: dict[str, dict], y_keys: list[tuple[str, str]], kl_budget: 
         return None
     fig, axes = plt.subplots(1, len(y_keys), figsize=(6 * len(y_keys), 4.4), squeeze=False)
     finals = sorted({c["final"]["prompts"] for c in drawn.values() if c.get("final")})
+    style = styles(drawn)
     for ax, (key, label) in zip(axes[0], y_keys):
-        for i, (method, c) in enumerate(drawn.items()):
-            color = f"C{i}"
+        for method, c in drawn.items():
+            color = style[method]["color"]
             points = [(p["eval_kl"], p[f"eval_{key}"]) for p in c["points"] if "eval_kl" in p and f"eval_{key}" in p]
             if points:
-                ax.plot(*zip(*points), "o-", color=color, markersize=3,
+                ax.plot(*zip(*points), marker="o", **style[method], markersize=3,
                         label=f"{method} (n = {c.get('prompts') or '?'} prompts a point)")
                 ax.annotate(f"step {c['points'][-1]['step']}", points[-1], fontsize=7, color=color,
                             xytext=(3, 3), textcoords="offset points")
@@ -96,9 +115,10 @@ def by_step(series: list[tuple[str, str, str, dict[str, list[tuple[float, float]
     fig, axes = plt.subplots(rows, min(cols, len(series)), figsize=(3.4 * min(cols, len(series)), 3.1 * rows),
                              squeeze=False)
     for ax, (name, better, xlabel, lines) in zip(axes.flat, series):
+        style = styles(lines)
         for label, points in lines.items():
             if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label, **style[label])
         ax.set_title(name + (f"\n({better})" if better else ""), fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.legend(fontsize=7)
@@ -113,9 +133,10 @@ def calibration(models: dict[str, dict]) -> bytes | None:
     if not models:
         return None
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    style = styles(models)
     for name, m in models.items():
         buckets = m["rm_calibration"]
-        ax.plot([b["predicted"] for b in buckets], [b["accuracy"] for b in buckets], "o-",
+        ax.plot([b["predicted"] for b in buckets], [b["accuracy"] for b in buckets], marker="o", **style[name],
                 label=f"{name} (n = {m['pairs']} pairs)")
     ax.plot([0.5, 1], [0.5, 1], "k--", linewidth=0.8, label="calibrated")
     ax.set_xlabel("sigmoid(mean |margin|) of the bucket")

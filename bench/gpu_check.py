@@ -7,12 +7,12 @@
 
 1. the bf16 matmul peak of this GPU, measured; 2. the test suite on the GPU; 3. every stage under DeepSpeed
 ZeRO-2 and ZeRO-3 (one process) and QLoRA 4-bit and 8-bit, on the tiny model; 4. a ~0.5B LLaMA built from
-config (bf16 weights, as a real model's checkpoint) through SFT, RM and PPO: tokens/s and model FLOP
-utilisation against the measured peak, PPO episodes/s with its time split and skipped updates, the reward
-before and after; 5. TRL 1.12's PPOTrainer in bf16 on the same PPO work (needs --peer-site: a folder where TRL
+config (bf16 weights, as a real model's checkpoint) through SFT, RM, PPO, DPO and GRPO: tokens/s and model FLOP
+utilisation against the measured peak, PPO's and GRPO's episodes/s with their time split and skipped updates,
+the reward before and after; 5. TRL 1.12's PPOTrainer in bf16 on the same PPO work (needs --peer-site: a folder where TRL
 1.12 is installed, e.g. `pip install --target`), and the ratio of episodes/s. Prints a summary; writes it as
 JSON to --out (default bench/results/gpu_check.json). Nothing is downloaded. --smoke runs every step at a
-toy size (on a CPU too), to check the script itself.
+toy size (on a CPU too), to check the script itself; --stages picks stage 3's methods (sft and rm always run).
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ from bench.run import model_flops_per_token  # noqa: E402
 
 TINY = {"sft": "limit=64 sft.epochs=1 sft.batch_size=16", "rm": "limit=64 rm.epochs=1 rm.batch_size=16",
         "ppo": "limit=64 ppo.steps=2 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 ppo.max_new_tokens=8 "
-               "ppo.eval_samples=1 ppo.eval_every=0"}
+               "ppo.eval_samples=1 ppo.eval_every=0",
+        "dpo": "limit=64 dpo.epochs=1 dpo.batch_size=8 dpo.eval_every=4 dpo.eval_prompts=8 dpo.eval_samples=1 "
+               "dpo.max_new_tokens=8",
+        "grpo": "limit=64 grpo.steps=2 grpo.batch_size=4 grpo.group_size=4 grpo.mini_batch_size=8 grpo.max_new_tokens=8 "
+                "grpo.eval_every=1 grpo.eval_prompts=8 grpo.eval_samples=1"}
 
 
 def cuda_peak(dtype=torch.bfloat16, n: int = 8192) -> float:
@@ -91,7 +95,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
     ap.add_argument("--smoke", action="store_true", help="every step at a toy size, to check this script")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--stages", default="ppo,dpo,grpo", help="stage-3 methods to run after sft and rm")
     a = ap.parse_args()
+    stages = ["sft", "rm", *a.stages.split(",")]
     cuda = torch.cuda.is_available()
     if not cuda and not a.smoke:
         raise SystemExit("gpu-check: no CUDA device here (--smoke runs the steps at a toy size on a CPU)")
@@ -115,15 +121,15 @@ def main() -> None:
 
     # 3. every stage under ZeRO-2 and ZeRO-3, one process; QLoRA 4-bit and 8-bit
     for zero in ("zero2", "zero3"):
-        for stage in ("sft", "rm", "ppo"):
+        for stage in stages:
             step(f"{stage}-{zero}", [*make, stage, f"RUN=tiny-{zero}", f"ACCELERATE_CONFIG=configs/accelerate/{zero}.yaml",
                                      f"ARGS={TINY[stage]}"], results, work)
     for bits in ("4bit", "8bit"):
-        for stage in ("sft", "rm", "ppo"):
+        for stage in stages:
             step(f"{stage}-qlora-{bits}", [*make, stage, f"RUN=tiny-{bits}", f"ARGS={TINY[stage]} quantization={bits} "
                                            "lora.enabled=true compute_dtype=bfloat16"], results, work)
 
-    # 4. a ~0.5B LLaMA, bf16 weights, through SFT, RM and PPO
+    # 4. a ~0.5B LLaMA, bf16 weights, through SFT, RM and each method of stage 3
     from alignment import registry
 
     tiny = registry.resolve(registry.get("tiny-llama"))
@@ -133,7 +139,13 @@ def main() -> None:
     rm = f"{big} rm.epochs=1 rm.batch_size=32 rm.learning_rate=1e-5 precision=bf16"
     ppo = (f"{big} ppo.steps={2 if a.smoke else 12} ppo.batch_size=64 ppo.mini_batch_size=16 ppo.ppo_epochs=4 "
            "ppo.max_new_tokens=32 ppo.learning_rate=1e-6 ppo.kl_coef=0.1 ppo.eval_every=0 ppo.eval_samples=1 precision=bf16")
-    for stage, args in (("sft", sft), ("rm", rm), ("ppo", ppo)):
+    dpo = (f"{big} dpo.epochs=1 dpo.batch_size=16 dpo.learning_rate=5e-7 dpo.max_length=512 dpo.eval_every=0 "
+           "dpo.eval_samples=1 dpo.max_new_tokens=32 precision=bf16")
+    grpo = (f"{big} grpo.steps={2 if a.smoke else 12} grpo.batch_size=16 grpo.group_size=8 grpo.mini_batch_size=32 "
+            "grpo.max_new_tokens=32 grpo.learning_rate=1e-6 grpo.eval_every=0 grpo.eval_samples=1 precision=bf16")
+    settings = {"sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo, "grpo": grpo}
+    for stage in stages:
+        args = settings[stage]
         if not step(f"0.5b-{stage}", [*make, stage, f"MODEL={folder}", "RUN=llama-0.5b", f"ARGS={args}"], results, work):
             break
     from alignment.store import Store
@@ -147,9 +159,20 @@ def main() -> None:
             flops = model_flops_per_token(folder, length, reward_model=stage == "rm") * tokens_s
             results[f"0.5b_{stage}"] = {"tokens_per_s": tokens_s, "peak_memory_mb": m["peak_memory_mb"],
                                         "mfu": round(flops / 1e12 / results["bf16_peak_tflops"], 3) if cuda else None}
-        m = s.get("llama-0.5b", "ppo").metrics
-        results["0.5b_ppo"] = {k: m[k] for k in ("episodes_per_s", "time_s", "skipped_non_finite", "peak_memory_mb")}
-        results["0.5b_ppo"]["reward"] = m["sampled"]["reward"]
+        if "dpo" in stages:  # a pair is two sequences; the reference forward adds 2 FLOPs per parameter to 6
+            m = s.get("llama-0.5b", "dpo").metrics
+            length = m["train_tokens"] / max(2 * m["train_runtime_s"] * m["samples_per_s"], 1)
+            flops = 8 / 6 * model_flops_per_token(folder, length) * m["tokens_per_s"]
+            results["0.5b_dpo"] = {"tokens_per_s": m["tokens_per_s"], "pairs_per_s": m["samples_per_s"],
+                                   "peak_memory_mb": m["peak_memory_mb"], "skipped_non_finite": m["skipped_non_finite"],
+                                   "mfu": round(flops / 1e12 / results["bf16_peak_tflops"], 3) if cuda else None,
+                                   "reward": m["sampled"]["reward"]}
+        for method in ("ppo", "grpo"):
+            if method in stages:
+                m = s.get("llama-0.5b", method).metrics
+                results[f"0.5b_{method}"] = {k: m[k] for k in ("episodes_per_s", "time_s", "skipped_non_finite",
+                                                               "peak_memory_mb")}
+                results[f"0.5b_{method}"]["reward"] = m["sampled"]["reward"]
     except Exception as e:  # a failed stage was reported above
         print(f"[gpu-check] no 0.5B figures: {e}")
 

@@ -1,4 +1,4 @@
-"""Benchmark of the three stages against the peers, on the same model, data, batch sizes and lengths.
+"""Benchmark of every stage against the peers, on the same model, data, batch sizes and lengths.
 
     make bench                      (= .venv/bin/python bench/run.py)
     python bench/run.py --only sft,rm --sft-records 512
@@ -6,7 +6,8 @@
 Each measurement runs in its own process (its peak memory is its own); ours are the real stages
 (stages/*.py) writing to a bench store, the peers are the scripts in bench/peers/. The PPO peer is
 TRL 1.12's PPOTrainer, the last TRL release with PPO, in a virtual environment of its own
-(bench/.venv-trl112, made by `make bench`). Prints one table; writes it as JSON to bench/results/.
+(bench/.venv-trl112, made by `make bench`); the DPO and GRPO peers are plain scripts on TRL 1.16's DPOTrainer and
+GRPOTrainer, run in the precision ours chose. Prints one table; writes it as JSON to bench/results/.
 Speed figures are what this machine measured in this run; nothing here is a test.
 """
 
@@ -96,7 +97,8 @@ def model_flops_per_token(path: Path, mean_length: float, reward_model: bool = F
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="sft,rm,ppo", help="stages to measure, comma-separated")
+    ap.add_argument("--only", default="sft,rm,ppo,dpo,grpo", help="stages to measure, comma-separated (rm needs sft; "
+                    "ppo, dpo and grpo need sft and rm)")
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--sft-records", type=int, default=1024, help="Alpaca records trained on (one epoch)")
     ap.add_argument("--sft-batch", type=int, default=32)
@@ -114,6 +116,12 @@ def main() -> None:
                     "DATA=hh-rlhf`) to start PPO from, so its reward gain means something; default: the bench's own")
     ap.add_argument("--ppo-run", default="tiny-llama-hh-rlhf", help="the run in --ppo-from")
     ap.add_argument("--ppo-eval-prompts", type=int, default=0, help="held-out prompts for the reward gain; 0: all 311")
+    ap.add_argument("--dpo-beta", type=float, default=0.1, help="DPO trains on the RM's pairs, batch and max length")
+    ap.add_argument("--grpo-steps", type=int, default=6, help="GRPO rollout batches, each --grpo-prompts x "
+                    "--grpo-group responses; lengths as PPO's")
+    ap.add_argument("--grpo-prompts", type=int, default=8)
+    ap.add_argument("--grpo-group", type=int, default=8)
+    ap.add_argument("--grpo-mini-batch", type=int, default=32)
     ap.add_argument("--peer-default-records", type=int, default=128,
                     help="records (SFT) and pairs (RM) the TRL-default peers train on: their default, bf16 "
                          "autocast, runs 10-20x slower on a CPU without bf16 units, so they measure on the first N; "
@@ -179,23 +187,27 @@ def main() -> None:
                                "--out", str(work / f"{name}.json"), "--batch", str(a.rm_batch),
                                "--max-length", str(a.rm_max_length), "--lr", "2e-4", *extra], work)
             peers[name] = json.loads((work / f"{name}.json").read_text())
-        report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s", reward_model=True)
+        report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s", reward_model=True,
+                                              per_sample=2)
 
-    if "ppo" in stages:
-        if not a.ppo_from and not (store.path(RUN, "sft").exists() and store.path(RUN, "rm").exists()):
-            raise SystemExit("[bench] ppo needs the sft and rm measurements' checkpoints: run with --only sft,rm,ppo")
-        if not PEER_PYTHON.exists():
-            raise SystemExit(f"[bench] {PEER_PYTHON} is missing: `make bench` creates it (TRL 1.12 for the PPO peer)")
+    if {"ppo", "dpo", "grpo"} & set(stages):
         if a.ppo_from:  # copied in, so ours and the peer start from the same files and the source stays as it was
             source = Store(a.ppo_from)
             for stage in ("sft", "rm"):
                 shutil.rmtree(store.path(RUN, stage), ignore_errors=True)
                 shutil.copytree(source.get(a.ppo_run, stage).path, store.path(RUN, stage))
+        if not (store.path(RUN, "sft").exists() and store.path(RUN, "rm").exists()):
+            raise SystemExit("[bench] ppo, dpo and grpo need the sft and rm measurements' checkpoints: run with "
+                             "--only sft,rm,... or give --ppo-from")
         sft, rm = store.get(RUN, "sft"), store.get(RUN, "rm")
         tokenizer = loading.load_tokenizer(sft.path, spec)
-        tokenizer.truncation_side = "left"  # as our stage: a long prompt loses its oldest turns
+        tokenizer.truncation_side = "left"  # as our stages: a long prompt loses its oldest turns
         prompts = [spec.format_prompt(r["prompt"]) for r in data.load("hh-rlhf", "prompts_train")]
         ids = tokenizer(prompts, truncation=True, max_length=a.ppo_prompt_length).input_ids
+
+    if "ppo" in stages:
+        if not PEER_PYTHON.exists():
+            raise SystemExit(f"[bench] {PEER_PYTHON} is missing: `make bench` creates it (TRL 1.12 for the PPO peer)")
         (work / "ppo_prompts.json").write_text(json.dumps(ids))
         for epochs in [int(e) for e in a.ppo_epochs.split(",")]:
             key = "ppo" if epochs == 4 else f"ppo-{epochs}epoch"
@@ -217,7 +229,46 @@ def main() -> None:
             ], work)
             peer = json.loads((peer_dir / "bench.json").read_text())
             report["stages"][key] = {"ppo_epochs": epochs,
-                                     **_ppo_stage(ours, peer, peer_dir / "policy", sft, rm, spec, a)}
+                                     **_rl_stage(ours, peer, "trl112", peer_dir / "policy", sft, rm, spec, a)}
+
+
+    if "dpo" in stages:  # on the reward model's training pairs, with its batch size and lengths
+        run_process("dpo-ours", [py, "stages/dpo.py", "--config", "configs/hh-rlhf/dpo.yaml", *common,
+                                 f"limit={a.rm_pairs}", "dpo.epochs=1", f"dpo.batch_size={a.rm_batch}",
+                                 f"dpo.max_length={a.rm_max_length}", f"dpo.beta={a.dpo_beta}", "dpo.eval_every=0",
+                                 "dpo.eval_samples=1", "resume=false"], work)
+        ours = store.get(RUN, "dpo").manifest["metrics"]
+        pairs = [{"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+                 for r in data.load("hh-rlhf", "prefs_train", a.rm_pairs)]
+        (work / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+        run_process("dpo-trl", [py, "bench/peers/trl_dpo.py", "--model", str(sft.path), "--data", str(work / "dpo.jsonl"),
+                                "--out", str(work / "dpo-trl.json"), "--batch", str(a.rm_batch), "--max-length",
+                                str(a.rm_max_length), "--lr", str(ours_lr(store, "dpo")), "--beta", str(a.dpo_beta),
+                                *(["--fp32"] if ours["precision"] == "fp32" else [])], work)
+        peers = {"dpo-trl": json.loads((work / "dpo-trl.json").read_text())}
+        # a pair is two sequences; the reference's forward adds 2 FLOPs per parameter to training's 6
+        report["stages"]["dpo"] = _train_stage(ours, peers, base, peaks, "samples_per_s", per_sample=2, flops=8 / 6)
+
+    if "grpo" in stages:  # on PPO's prompts and lengths
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=False)  # the prompts as cut to --ppo-prompt-length
+        (work / "grpo_prompts.json").write_text(json.dumps(texts))
+        run_process("grpo-ours", [py, "stages/grpo.py", "--config", "configs/hh-rlhf/grpo.yaml", *common,
+                                  f"grpo.steps={a.grpo_steps}", f"grpo.batch_size={a.grpo_prompts}",
+                                  f"grpo.group_size={a.grpo_group}", f"grpo.mini_batch_size={a.grpo_mini_batch}",
+                                  f"grpo.max_new_tokens={a.ppo_response_length}",
+                                  f"grpo.max_prompt_length={a.ppo_prompt_length}", "grpo.eval_every=0",
+                                  "grpo.eval_samples=1", "resume=false"], work)
+        ours = store.get(RUN, "grpo")
+        cfg, peer_dir = ours.manifest["config"]["grpo"], work / "grpo-trl"
+        run_process("grpo-trl", [
+            py, "bench/peers/trl_grpo.py", "--sft", str(sft.path), "--rm", str(rm.path),
+            "--prompts", str(work / "grpo_prompts.json"), "--out", str(peer_dir), "--steps", str(a.grpo_steps),
+            "--prompts-per-step", str(a.grpo_prompts), "--group", str(a.grpo_group),
+            "--mini-batch", str(a.grpo_mini_batch), "--response-length", str(a.ppo_response_length),
+            "--lr", str(cfg["learning_rate"]), "--beta", str(cfg["kl_coef"]), "--seed", "0",
+            *(["--fp32"] if ours.manifest["metrics"]["precision"] == "fp32" else [])], work)
+        peer = json.loads((peer_dir / "bench.json").read_text())
+        report["stages"]["grpo"] = _rl_stage(ours, peer, "trl", peer_dir / "policy", sft, rm, spec, a)
 
     report["wall_s"] = round(time.time() - started, 1)
     (work / "bench.json").write_text(json.dumps(report, indent=1))
@@ -226,26 +277,33 @@ def main() -> None:
     print(f"[bench] {report['wall_s']:.0f} s in all; results: {work / 'bench.json'}")
 
 
-def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str, reward_model: bool = False) -> dict:
-    """Ours and each peer: the rate, model FLOP/s (tokens x FLOPs/token) and its share of the matmul peak."""
+def ours_lr(store: Store, stage: str) -> float:
+    """The learning rate our stage trained with (its config's), for the peer to use the same."""
+    return store.get(RUN, stage).manifest["config"][stage]["learning_rate"]
+
+
+def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str, reward_model: bool = False,
+                 per_sample: int = 1, flops: float = 1.0) -> dict:
+    """Ours and each peer: the rate, model FLOP/s (tokens x FLOPs/token, x flops for work beyond training's, e.g.
+    DPO's reference forward) and its share of the matmul peak. per_sample: sequences in a sample (a pair: 2)."""
     rows = {"ours": ours, **peers}
     out = {}
     for name, m in rows.items():
-        sequences = m["samples_per_s"] * m["train_runtime_s"] * (2 if reward_model else 1)  # a pair is two
+        sequences = m["samples_per_s"] * m["train_runtime_s"] * per_sample
         mean_length = m["train_tokens"] / max(1.0, sequences)
-        flops = model_flops_per_token(base, mean_length, reward_model) * m["tokens_per_s"]
+        flops_per_s = flops * model_flops_per_token(base, mean_length, reward_model) * m["tokens_per_s"]
         out[name] = {"precision": m["precision"], "tokens_per_s": m["tokens_per_s"], "samples_per_s": m["samples_per_s"],
                      "train_runtime_s": m["train_runtime_s"], "train_tokens": m["train_tokens"],
-                     "peak_memory_mb": m["peak_memory_mb"], "model_gflops": round(flops / 1e9, 1),
-                     "share_of_matmul_peak": round(flops / 1e9 / peaks[m["precision"]]["gflops"], 3)}
+                     "peak_memory_mb": m["peak_memory_mb"], "model_gflops": round(flops_per_s / 1e9, 1),
+                     "share_of_matmul_peak": round(flops_per_s / 1e9 / peaks[m["precision"]]["gflops"], 3)}
     for name in peers:
         out[f"ours/{name}"] = round(out["ours"][rate] / out[name][rate], 2)
     return out
 
 
-def _ppo_stage(ours, peer: dict, peer_policy: Path, sft, rm, spec, a) -> dict:
-    """Speed of each, and the reward gain per episode: the mean RM score of sampled responses to held-out
-    prompts, policy minus SFT, scored by the same code for both policies."""
+def _rl_stage(ours, peer: dict, peer_name: str, peer_policy: Path, sft, rm, spec, a) -> dict:
+    """PPO or GRPO, ours and the peer's: speed of each, and the reward gain per episode: the mean RM score of
+    sampled responses to held-out prompts, policy minus SFT, scored by the same code for both policies."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m = ours.manifest["metrics"]
@@ -265,7 +323,7 @@ def _ppo_stage(ours, peer: dict, peer_policy: Path, sft, rm, spec, a) -> dict:
 
     base_reward = held_out_reward(sft.path)
     rows = {}
-    for name, path, speed in (("ours", ours.path, m), ("trl112", peer_policy, peer)):
+    for name, path, speed in (("ours", ours.path, m), (peer_name, peer_policy, peer)):
         r = held_out_reward(path)
         diff = evaluation.paired_difference(r["rewards"], base_reward["rewards"])
         rows[name] = {"episodes_per_s": speed["episodes_per_s"], "episodes": speed["episodes"],
@@ -275,11 +333,12 @@ def _ppo_stage(ours, peer: dict, peer_policy: Path, sft, rm, spec, a) -> dict:
                       "reward_gain_per_1k_episodes": round(1000 * diff["mean"] / speed["episodes"], 4)}
         rows[name]["rewards"] = r["rewards"]
     # Equal episodes on both sides: the gain per episode compares as the paired difference on the same prompts.
-    diff = evaluation.paired_difference(rows["ours"].pop("rewards"), rows["trl112"].pop("rewards"))
-    rows["ours_minus_trl112_reward"] = {"mean": round(diff["mean"], 4), "ci95": [round(x, 4) for x in diff["ci95"]],
-                                        "prompts": len(prompts)}
+    diff = evaluation.paired_difference(rows["ours"].pop("rewards"), rows[peer_name].pop("rewards"))
+    rows["peer"] = peer_name
+    rows["ours_minus_peer_reward"] = {"mean": round(diff["mean"], 4), "ci95": [round(x, 4) for x in diff["ci95"]],
+                                      "prompts": len(prompts)}
     rows["sft_held_out_reward"] = round(base_reward["reward"], 4)
-    rows["ours/trl112"] = round(rows["ours"]["episodes_per_s"] / rows["trl112"]["episodes_per_s"], 2)
+    rows[f"ours/{peer_name}"] = round(rows["ours"]["episodes_per_s"] / rows[peer_name]["episodes_per_s"], 2)
     return rows
 
 
@@ -289,7 +348,7 @@ def format_table(report: dict) -> str:
              f"{report['machine']['threads']} threads, model {report['model']}", ""]
     head = f"{'stage':5} {'who':12} {'prec':5} {'rate':>16} {'model GFLOP/s':>14} {'% peak':>7} {'peak MB':>8}  ratio"
     lines += [head, "-" * len(head)]
-    for stage, unit in (("sft", "tokens_per_s"), ("rm", "samples_per_s")):
+    for stage, unit in (("sft", "tokens_per_s"), ("rm", "samples_per_s"), ("dpo", "samples_per_s")):
         rows = report["stages"].get(stage)
         if not rows:
             continue
@@ -301,22 +360,24 @@ def format_table(report: dict) -> str:
             lines.append(f"{stage:5} {name:12} {r['precision']:5} {r[unit]:>9.1f} {label:>6} {r['model_gflops']:>14.1f} "
                          f"{100 * r['share_of_matmul_peak']:>6.1f}% {r['peak_memory_mb']:>8.0f}  {ratio}")
     for key, rows in report["stages"].items():
-        if not key.startswith("ppo"):
+        if not key.startswith(("ppo", "grpo")):
             continue
-        lines.append(f"{'ppo':5} {rows['ppo_epochs']} PPO epoch(s) per rollout batch")
-        for name in ("ours", "trl112"):
+        stage, peer = key.split("-")[0], rows.get("peer", "trl112")  # reports before GRPO: PPO against TRL 1.12
+        if stage == "ppo":
+            lines.append(f"{'ppo':5} {rows['ppo_epochs']} PPO epoch(s) per rollout batch")
+        for name in ("ours", peer):
             r = rows[name]
             split = ", ".join(f"{k} {v:.1f}s" for k, v in r["time_s"].items())
-            ratio = "" if name == "ours" else f"ours/trl112 = {rows['ours/trl112']:.2f}x"
-            lines.append(f"{'ppo':5} {name:12} {'':5} {r['episodes_per_s']:>7.2f} episodes/s {'':>14} {'':>7} "
+            ratio = "" if name == "ours" else f"ours/{peer} = {rows[f'ours/{peer}']:.2f}x"
+            lines.append(f"{stage:5} {name:12} {'':5} {r['episodes_per_s']:>7.2f} episodes/s {'':>14} {'':>7} "
                          f"{r['peak_memory_mb']:>8.0f}  {ratio}")
             lines.append(f"{'':18} time: {split}")
             lo, hi = r["reward_gain_ci95"]
             lines.append(f"{'':18} held-out RM reward {r['held_out_reward']:+.3f} vs SFT {rows['sft_held_out_reward']:+.3f}: "
                          f"gain {r['reward_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] over {r['episodes']} episodes "
                          f"({r['reward_gain_per_1k_episodes']:+.3f} per 1k), KL {r['held_out_kl']:.2f}")
-        d = rows["ours_minus_trl112_reward"]
-        lines.append(f"{'':18} ours - trl112, paired on the same {d['prompts']} prompts: {d['mean']:+.3f} "
+        d = rows.get("ours_minus_peer_reward") or rows["ours_minus_trl112_reward"]
+        lines.append(f"{'':18} ours - {peer}, paired on the same {d['prompts']} prompts: {d['mean']:+.3f} "
                      f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
     return "\n".join(lines)
 

@@ -38,9 +38,25 @@ def test_table_names_every_ratio():
         "ours": {**speed, "episodes_per_s": 6.3, "time_s": {"generate": 6.0, "score": 5.0, "train": 50.0}},
         "trl112": {**speed, "episodes_per_s": 3.0, "time_s": {"generate": 7.0, "score+train+other": 100.0}},
         "ours_minus_trl112_reward": {"mean": -0.05, "ci95": [-0.12, 0.02], "prompts": 311}}
+    report["stages"]["dpo"] = {
+        "ours": {"precision": "bf16", "samples_per_s": 40.0, "model_gflops": 1.0, "share_of_matmul_peak": 0.5,
+                 "peak_memory_mb": 700},
+        "dpo-trl": {"precision": "bf16", "samples_per_s": 32.0, "model_gflops": 0.8, "share_of_matmul_peak": 0.4,
+                    "peak_memory_mb": 750},
+        "ours/dpo-trl": 1.25}
+    report["stages"]["grpo"] = {
+        "peer": "trl", "sft_held_out_reward": 0.1, "ours/trl": 1.3,
+        "ours": {**speed, "episodes_per_s": 13.0, "time_s": {"generate": 6.0, "score": 2.0, "train": 20.0}},
+        "trl": {**speed, "episodes_per_s": 10.0, "time_s": {"all": 38.0}},
+        "ours_minus_peer_reward": {"mean": 0.01, "ci95": [-0.03, 0.05], "prompts": 311}}
     table = _bench().format_table(report)
     assert "ours/trl = 20.00x" in table and "40.0%" in table and "5000.0 tokens/s" in table
     assert "ours/trl112 = 2.10x" in table and "paired on the same 311 prompts: -0.050 [-0.120, +0.020]" in table
+    dpo = [line for line in table.splitlines() if line.startswith("dpo")]
+    assert len(dpo) == 2 and "40.0 pairs/s" in dpo[0] and "ours/trl = 1.25x" in dpo[1]
+    grpo = [line for line in table.splitlines() if line.startswith("grpo")]
+    assert len(grpo) == 2 and "13.00 episodes/s" in grpo[0] and "ours/trl = 1.30x" in grpo[1]
+    assert "ours - trl, paired on the same 311 prompts: +0.010 [-0.030, +0.050]" in table
 
 
 def test_reward_model_flops_have_a_scalar_head_not_the_lm_head(tiny_cache):

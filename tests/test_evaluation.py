@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import data, evaluation, logs, registry, report, scoring, task
-from alignment.loading import load_model, load_tokenizer
+from alignment import data, evaluation, logs, registry, report, task
+from alignment.loading import load_tokenizer
 from alignment.store import Store
+from stages import dpo as dpo_stage
 from stages import eval as eval_stage
+from stages import grpo as grpo_stage
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage
 from stages import sft as sft_stage
@@ -259,35 +260,6 @@ def test_report_of_two_runs_is_one_self_contained_page(tmp_path):
                         "lineage", "definitions"]
 
 
-def _publish_fixture_method(store: Store, run: str, stage: str, trained_on: str) -> None:
-    """FIXTURE, not a trained method: the run's SFT checkpoint published as `stage` (dpo, grpo), with the metrics
-    such a stage records (compare_policies' summary, eval_curve points, duration_s, pairs_seen or episodes),
-    measured honestly on this copy; so the report's handling of every method is tested before stages/dpo.py and
-    stages/grpo.py exist. Once they do, the fixture should run them instead (see evaluated_store)."""
-    sft, rm = store.get(run, "sft"), store.get(run, "rm")
-    parents = [sft] if stage == "dpo" else [sft, rm]
-    tmp = store.staging(run, stage)
-    for f in sft.path.iterdir():
-        if f.is_file() and f.name != "manifest.json":
-            shutil.copy(f, tmp / f.name)
-    spec = registry.get(sft.manifest["model"], template=sft.manifest["template"], tokenizer=sft.path)
-    tokenizer = load_tokenizer(sft.path, spec)
-    policy, reference = (load_model(p, AutoModelForCausalLM, spec, tokenizer=tokenizer).eval() for p in (tmp, sft.path))
-    reward_model = load_model(rm.path, AutoModelForSequenceClassification, spec, tokenizer=tokenizer).eval()
-    scorer = scoring.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
-    prompts = [r["prompt"] for r in data.load("task", "prompts_eval", 8)]
-    rollout = dict(gold=True, max_new_tokens=8, temperature=1.0)
-    summary = evaluation.compare_policies(policy, reference, scorer, tokenizer, spec, prompts, samples=1, seed=0, **rollout)
-    curve = [evaluation.curve_point(policy, reference, scorer, tokenizer, spec, prompts, step, **rollout) for step in (0, 2)]
-    store.publish(tmp, {
-        "run": run, "stage": stage, "model": sft.manifest["model"], "template": sft.manifest["template"],
-        "parents": [p.id for p in parents], "parent_uids": [p.manifest["uid"] for p in parents],
-        "base": sft.manifest["base"], "adapter": False, "data": sft.manifest["data"],
-        "config": {"limit": 48, stage: {"eval_prompts": len(prompts), "fixture": "a copy of the SFT checkpoint"}},
-        "metrics": {**summary, "eval_curve": curve, "duration_s": 0.0, trained_on: 0},
-    })
-
-
 @pytest.fixture(scope="module")
 def evaluated_store(tmp_path_factory, tiny_cache):
     root = tmp_path_factory.mktemp("eval-store")
@@ -296,14 +268,10 @@ def evaluated_store(tmp_path_factory, tiny_cache):
     rm_stage.main([*common, "rm.epochs=1", "rm.batch_size=16", "rm.logging_steps=1"])
     ppo_stage.main([*common, "ppo.steps=3", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.max_new_tokens=8",
                     "ppo.eval_samples=1", "ppo.eval_every=2", "ppo.eval_prompts=8"])
-    # FIXTURES until stages/dpo.py and stages/grpo.py are committed; then these two lines become
-    #   dpo_stage.main([*common, "dpo.batch_size=16", "dpo.logging_steps=1", "dpo.eval_every=2", "dpo.eval_prompts=8",
-    #                   "dpo.eval_samples=1", "dpo.max_new_tokens=8"])
-    #   grpo_stage.main([*common, "grpo.steps=2", "grpo.batch_size=4", "grpo.group_size=4", "grpo.mini_batch_size=8",
-    #                    "grpo.max_new_tokens=8", "grpo.eval_every=1", "grpo.eval_prompts=8", "grpo.eval_samples=1"])
-    # and the assertions marked FIXTURE below change (see there).
-    _publish_fixture_method(Store(root), "tiny-llama", "dpo", "pairs_seen")
-    _publish_fixture_method(Store(root), "tiny-llama", "grpo", "episodes")
+    dpo_stage.main([*common, "dpo.batch_size=16", "dpo.logging_steps=1", "dpo.eval_every=2", "dpo.eval_prompts=8",
+                    "dpo.eval_samples=1", "dpo.max_new_tokens=8"])
+    grpo_stage.main([*common, "grpo.steps=2", "grpo.batch_size=4", "grpo.group_size=4", "grpo.mini_batch_size=8",
+                     "grpo.max_new_tokens=8", "grpo.eval_every=1", "grpo.eval_prompts=8", "grpo.eval_samples=1"])
     eval_stage.main([*common, "eval.max_new_tokens=8", "eval.side_by_side=4", "eval.kl_budget=0.001"])
     return root / "tiny-llama"
 
@@ -344,13 +312,12 @@ def test_report_json_holds_every_metric_for_every_checkpoint(evaluated_store):
             assert lo <= rows[stage][key]["mean"] <= hi and rows[stage]["prompts"] == 48
     ppo_manifest = Store(evaluated_store.parent).get("tiny-llama", "ppo").metrics
     assert rows["ppo"]["trained_on"] == f"{ppo_manifest['episodes']} episodes" and rows["ppo"]["duration_s"] == ppo_manifest["duration_s"]
-    # FIXTURE checks: a copy of SFT differs from it by nothing and spends no KL. With the real stages: assert instead
-    # that rows["dpo"]["trained_on"] ends with " pairs", rows["grpo"]["trained_on"] with " episodes", and that
-    # run["training_logs"]["grpo"] and ["dpo"] hold records (drawn into the rl_training and training_curves figures).
-    for stage in ("dpo", "grpo"):
-        for key in ("gold_greedy", "gold_sampled", "reward_greedy", "reward_sampled"):
-            assert rows[stage][key]["mean"] == pytest.approx(0.0, abs=1e-6)
-        assert rows[stage]["kl"]["mean"] == pytest.approx(0.0, abs=1e-4)
+    assert rows["dpo"]["trained_on"].endswith(" pairs") and rows["grpo"]["trained_on"] == "32 episodes"  # 2 x 4 x 4
+    for stage in ("dpo", "grpo"):  # the per-step logs the report draws (training curves)
+        assert run["training_logs"][stage]["records"], run["training_logs"][stage]["source"]
+    assert any("loss" in r for r in run["training_logs"]["dpo"]["records"])
+    assert run["training_logs"]["dpo"]["source"] == f"tiny-llama/dpo/{logs.LOG_FILE}"
+    assert run["training_logs"]["grpo"]["source"] == "tiny-llama/grpo/grpo_log.jsonl"
     assert any("ppo is" in w and "over the KL budget of 0.001" in w for w in result["warnings"])
     # limit=48 keeps the first prompts of the sorted file: one operation, which the report says
     assert run["prompt_kinds"] == {"copy": 48} and any("hold only copy (48) of the task's 4" in w for w in result["warnings"])

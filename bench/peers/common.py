@@ -8,8 +8,11 @@ import torch
 from datasets import Dataset
 
 
-def arguments(what: str) -> argparse.Namespace:
+def arguments(what: str, **extra: tuple) -> argparse.Namespace:
+    """The shared flags; extra: a peer's own, name=(type, help), required."""
     ap = argparse.ArgumentParser()
+    for name, (kind, text) in extra.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, required=True, help=text)
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True, help=f"JSONL of {what} records")
     ap.add_argument("--out", required=True)
