@@ -65,7 +65,9 @@ def peak_memory_mb() -> float:
 def throughput(train_metrics: dict, state, bf16: bool) -> dict:
     """A trainer's speed figures for the manifest: training time without the held-out evaluations run inside
     it, non-padding tokens and samples per second of that time, and peak memory."""
-    evaluating = sum(e.get("eval_runtime", 0.0) for e in state.log_history)
+    evaluating = train_metrics.get("train_eval_runtime")  # set by train(): this session's, inside the loop
+    if evaluating is None:
+        evaluating = sum(e.get("eval_runtime", 0.0) for e in state.log_history)
     seconds = train_metrics["train_runtime"] - evaluating
     samples = train_metrics.get("train_samples_per_second", 0.0) * train_metrics["train_runtime"]
     return {"precision": "bf16" if bf16 else "fp32", "train_runtime_s": round(seconds, 2),
@@ -109,6 +111,8 @@ def trainer_config(config_class, section: str, settings, cfg, work_dir: Path, **
         **stage_args,
     )
     known = {f.name for f in dataclasses.fields(config_class)}
+    if "activation_checkpointing" not in known:  # transformers before 5.2x (5.17 on the GPU machines) names it so
+        args["gradient_checkpointing"] = args.pop("activation_checkpointing")
     for key in s.trainer_args:
         if key not in known:
             raise SystemExit(f"{section}.trainer_args: {key!r} is not an argument of TRL's {config_class.__name__}")
@@ -132,7 +136,14 @@ def train(trainer, stage: str, resume_from: str | None):
     if resume_from:
         print(f"[{stage}] resuming from {resume_from}")
     skip_non_finite_under_deepspeed(trainer)
-    return trainer.train(resume_from_checkpoint=resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    # the held-out evaluations of this session's loop, which train_runtime counts: not those before a resumption
+    # (restored with the log history), nor an evaluate() the stage runs after training (it once made a short
+    # run's training time negative)
+    after = int(Path(resume_from).name.rpartition("-")[2]) if resume_from else -1
+    result.metrics["train_eval_runtime"] = sum(e.get("eval_runtime", 0.0) for e in trainer.state.log_history
+                                               if e.get("step", 0) > after)
+    return result
 
 
 def publish(trainer, result, store, cfg, spec, tokenizer, weights: dict | None, *, stage: str, started: float,

@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="every step at a toy size, to check this script")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--stages", default="ppo,dpo,grpo", help="stage-3 methods to run after sft and rm")
+    ap.add_argument("--modes", default="zero2,zero3,4bit,8bit", help="how step 3 runs the tiny model's stages")
     a = ap.parse_args()
     stages = ["sft", "rm", *a.stages.split(",")]
     cuda = torch.cuda.is_available()
@@ -120,11 +121,12 @@ def main() -> None:
              results, work, timeout=400)
 
     # 3. every stage under ZeRO-2 and ZeRO-3, one process; QLoRA 4-bit and 8-bit
-    for zero in ("zero2", "zero3"):
+    modes = a.modes.split(",") if a.modes else []
+    for zero in [m for m in modes if m.startswith("zero")]:
         for stage in stages:
             step(f"{stage}-{zero}", [*make, stage, f"RUN=tiny-{zero}", f"ACCELERATE_CONFIG=configs/accelerate/{zero}.yaml",
                                      f"ARGS={TINY[stage]}"], results, work)
-    for bits in ("4bit", "8bit"):
+    for bits in [m for m in modes if m.endswith("bit")]:
         for stage in stages:
             step(f"{stage}-qlora-{bits}", [*make, stage, f"RUN=tiny-{bits}", f"ARGS={TINY[stage]} quantization={bits} "
                                            "lora.enabled=true compute_dtype=bfloat16"], results, work)

@@ -16,6 +16,8 @@ download() {
         --platform manylinux2014_x86_64 -d "$@"
 }
 download .whl/site trl==1.16.0 datasets==5.2.0 dill multiprocess hjson bitsandbytes==0.50.2
+# what DeepSpeed imports that the GPU machine lacks (pydantic and its parts must come together)
+download .whl/site pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection msgpack py-cpuinfo ninja einops
 download .whl/peer trl==1.12.0
 DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w .whl/site deepspeed==0.19.0
 # bitsandbytes ships a library for every CUDA, ROCm and XPU version (43 MB): keep the CPU and CUDA 13.0 ones

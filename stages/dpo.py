@@ -141,6 +141,8 @@ def main(argv: list[str]) -> None:
         processing_class=tokenizer, peft_config=peft_config, callbacks=training.guarded("dpo", work_dir, cfg),
     )
     scorer.model.to(trainer.accelerator.device)
+    if eval_ref is not None and eval_ref is not ref_model:  # (ZeRO-3's second copy: TRL moves only its own)
+        eval_ref.to(trainer.accelerator.device)
 
     def reference(policy):  # the SFT policy, for the held-out KL and the comparison
         return forwards.AdapterDisabled(policy) if cfg.lora.enabled else eval_ref

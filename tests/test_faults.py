@@ -215,3 +215,27 @@ def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_state(prepared):
     assert re.fullmatch(rf"\[ppo\] stopped by Ctrl-C after step \d+; the last resumable state is "
                         rf"{re.escape(str(store))}/tiny-llama/.state/ppo: the same command resumes it", last), last
     assert "Traceback" not in err
+
+
+def test_training_time_leaves_out_the_evaluations_inside_the_loop_only():
+    """train_runtime counts the held-out evaluations run inside the loop, not an evaluate() after it nor those
+    of a session before a resumption; the speed figures subtract exactly the first kind."""
+    from types import SimpleNamespace
+
+    history = [{"step": 0, "eval_runtime": 1.0}, {"step": 4, "eval_runtime": 2.0},  # before the kill at step 4
+               {"step": 8, "eval_runtime": 3.0}, {"step": 8, "loss": 0.5}]  # this session's loop
+
+    class Trainer:
+        args, is_deepspeed_enabled = SimpleNamespace(world_size=1), False
+        state = SimpleNamespace(log_history=history, num_input_tokens_seen=1400)
+
+        def train(self, resume_from_checkpoint=None):
+            return SimpleNamespace(metrics={"train_runtime": 10.0, "train_samples_per_second": 7.0})
+
+    trainer = Trainer()
+    result = training.train(trainer, "sft", "/store/run/.trainer-sft/checkpoint-4")
+    history.append({"step": 8, "eval_runtime": 50.0})  # the stage's evaluate() after training
+    speed = training.throughput(result.metrics, trainer.state, False)
+    assert speed["train_runtime_s"] == 7.0 and speed["tokens_per_s"] == 200.0 and speed["samples_per_s"] == 10.0
+    fresh = training.train(trainer, "sft", None)  # from the start: every evaluation in the log was this session's
+    assert fresh.metrics["train_eval_runtime"] == 56.0
