@@ -24,11 +24,15 @@ def deepspeed_stage() -> int:
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
 
 
-def make_accelerator(micro_batch_size: int, max_grad_norm: float) -> Accelerator:
+def make_accelerator(micro_batch_size: int, max_grad_norm: float, precision: str) -> Accelerator:
     """An Accelerator for a loop of our own. Under DeepSpeed its config gets what the loop decides (the micro
-    batch: one PPO minibatch; the gradient clipping) and, with bf16, ZeRO-1/2's own check that skips a step
-    whose gradients are not finite. Without DeepSpeed on a machine without GPUs, cpu=True: otherwise
-    Accelerate treats a multi-process CPU launch as one process (with DeepSpeed cpu=True drops the config)."""
+    batch: one PPO minibatch; the gradient clipping; bf16 or not, by the stage's precision) and, with bf16,
+    ZeRO-1/2's own check that skips a step whose gradients are not finite. Without DeepSpeed on a machine without
+    GPUs, cpu=True: otherwise Accelerate treats a multi-process CPU launch as one process (with DeepSpeed cpu=True
+    drops the config)."""
+    from alignment.training import use_bf16
+
+    use_bf16(precision)  # decided before the Accelerator reads the launch's mixed precision (see there)
     if not deepspeed_stage():
         return Accelerator(cpu=not torch.cuda.is_available())
     if not torch.cuda.is_available():

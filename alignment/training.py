@@ -28,13 +28,25 @@ _IGNORED_ON_RESUME = ("threads", "resume", "allow_stale")  # may differ between 
 
 
 def use_bf16(precision: str) -> bool:
-    """Whether a stage trains under bf16 autocast. 'auto' measures: on a CPU without bf16 units bf16 matmuls
-    run through a slow emulation (here 50-100x slower than fp32), on one with them several times faster."""
+    """Whether a stage trains in bf16. 'auto' measures: on a CPU without bf16 units bf16 matmuls run through a
+    slow emulation (here 50-100x slower than fp32), on one with them several times faster. Under `accelerate
+    launch` the answer also becomes the launch's mixed precision (ACCELERATE_MIXED_PRECISION, which Accelerate
+    and the DeepSpeed config read when they start): the stage's precision rules, not the launch file's
+    mixed_precision (with which DeepSpeed's trainers refused to start, with a traceback, when the two differed).
+    The processes of one launch must agree, and their timings may not: there 'auto' on a CPU takes the launch's
+    mixed precision instead of measuring."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if precision != "auto":
-        return precision == "bf16"
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return _cpu_bf16_speedup() > 1.5
+        bf16 = precision == "bf16"
+    elif torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+    elif launched is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        bf16 = launched == "bf16"
+    else:
+        bf16 = _cpu_bf16_speedup() > 1.5
+    if launched is not None:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
+    return bf16
 
 
 @functools.cache

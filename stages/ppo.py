@@ -342,7 +342,7 @@ def main(argv: list[str]) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
-    accelerator = distributed.make_accelerator(p.mini_batch_size, p.max_grad_norm)
+    accelerator = distributed.make_accelerator(p.mini_batch_size, p.max_grad_norm, cfg.precision)
     main_process = accelerator.is_main_process
     torch.manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own responses
     store, run = Store(cfg.store), cfg.run_name

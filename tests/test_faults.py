@@ -239,3 +239,20 @@ def test_training_time_leaves_out_the_evaluations_inside_the_loop_only():
     assert speed["train_runtime_s"] == 7.0 and speed["tokens_per_s"] == 200.0 and speed["samples_per_s"] == 10.0
     fresh = training.train(trainer, "sft", None)  # from the start: every evaluation in the log was this session's
     assert fresh.metrics["train_eval_runtime"] == 56.0
+
+
+def test_precision_rules_the_launch_and_the_processes_of_one_launch_agree(monkeypatch):
+    """Under `accelerate launch` the stage's precision becomes the launch's mixed precision (DeepSpeed's trainers
+    refused to start when the two differed); 'auto' in a multi-process CPU launch takes the launch's instead of
+    timing each process's CPU, which may disagree."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: pytest.fail("a launch of 2 processes must not time"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert training.use_bf16("auto") is True and os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert training.use_bf16("fp32") is False and os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert training.use_bf16("auto") is False  # the launch now says fp32: every later call agrees
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: 2.0)  # one process, not launched: it measures
+    assert training.use_bf16("auto") is True and "ACCELERATE_MIXED_PRECISION" not in os.environ
