@@ -206,15 +206,8 @@ def main(argv: list[str]) -> None:
     order = torch.Generator().manual_seed(cfg.seed)  # prompt order and minibatches: the same in every process
     state = PPOState(config={**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]]},
                      kl_coef=g.kl_coef)
-    saved = store.load_state_path(run, "grpo") if cfg.resume else None
-    if not cfg.resume and main_process and store.load_state_path(run, "grpo"):
-        print(f"[grpo] resume=false: removing the resumable state in {store.state_path(run, 'grpo')}")
-        store.clear_state(run, "grpo")
-    if saved:
-        training.check_same_config(json.loads((saved / "state.json").read_text())["config"], state.config, saved,
-                                   ignore=("grpo.steps",))
-        state = dataclasses.replace(ppo_stage.load_training_state(saved, accelerator, order), config=state.config)
-        print(f"[grpo] resuming after step {state.step} from {saved}")
+    if resumed := ppo_stage.resume_training_state(store, run, cfg, state, accelerator, order, "grpo"):
+        state = resumed
     elif g.eval_every:
         state.eval_log.append(ppo_stage.evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, eval_prompts,
                                                  cfg, 0, writer, "grpo"))

@@ -334,6 +334,23 @@ def load_training_state(folder: Path, accelerator, order: torch.Generator) -> PP
     return PPOState(**json.loads((folder / "state.json").read_text()))
 
 
+def resume_training_state(store: Store, run: str, cfg, fresh: PPOState, accelerator, order: torch.Generator,
+                          stage: str = "ppo") -> PPOState | None:
+    """The state an interrupted run of the same config (its number of steps aside) left, loaded (weights,
+    optimizer, RNGs, prompt order), or None to start from fresh; with resume=false a saved state is removed."""
+    saved = store.load_state_path(run, stage) if cfg.resume else None
+    if not cfg.resume and accelerator.is_main_process and store.load_state_path(run, stage):
+        print(f"[{stage}] resume=false: removing the resumable state in {store.state_path(run, stage)}")
+        store.clear_state(run, stage)
+    if not saved:
+        return None
+    training.check_same_config(json.loads((saved / "state.json").read_text())["config"], fresh.config, saved,
+                               ignore=(f"{stage}.steps",))
+    state = dataclasses.replace(load_training_state(saved, accelerator, order), config=fresh.config)
+    print(f"[{stage}] resuming after step {state.step} from {saved}")
+    return state
+
+
 def main(argv: list[str]) -> None:
     # 0. config, accelerator, inputs: the run's SFT checkpoint (policy init and reference) and reward model
     cfg = config.cli(Config, argv, default_yaml="configs/ppo.yaml")
@@ -369,16 +386,9 @@ def main(argv: list[str]) -> None:
     # the parents' uids belong to the state: a state trained on checkpoints since replaced is not resumed
     state = PPOState(config={**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]]},
                      kl_coef=p.kl_coef, moments=moments.state_dict())
-    saved = store.load_state_path(run, "ppo") if cfg.resume else None
-    if not cfg.resume and main_process and store.load_state_path(run, "ppo"):
-        print(f"[ppo] resume=false: removing the resumable state in {store.state_path(run, 'ppo')}")
-        store.clear_state(run, "ppo")
-    if saved:
-        training.check_same_config(json.loads((saved / "state.json").read_text())["config"], state.config, saved,
-                                   ignore=("ppo.steps",))
-        state = dataclasses.replace(load_training_state(saved, accelerator, order), config=state.config)
+    if resumed := resume_training_state(store, run, cfg, state, accelerator, order):
+        state = resumed
         moments.load_state_dict(state.moments)
-        print(f"[ppo] resuming after step {state.step} from {saved}")
     elif p.eval_every:
         state.eval_log.append(evaluate(accelerator, model, ref_policy, scorer, tokenizer, spec, eval_prompts, cfg, 0,
                                        writer))
