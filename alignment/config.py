@@ -88,7 +88,12 @@ def parse_overrides(args: list[str]) -> dict:
         key, sep, raw = arg.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {arg!r} is not of the form key=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{key}: {raw!r} is not a YAML value ({problem}); make's ARGS splits at spaces, so "
+                              f"give a mapping key by key ({key}.<name>=<value>) or in a --config/CONFIG file") from None
         *parents, leaf = key.split(".")
         node = tree
         for p in parents:
@@ -203,8 +208,9 @@ class TrainerSettings:
     activation_checkpointing: bool = field(True, "recompute activations in the backward pass instead of keeping "
                                            "them (gradient checkpointing): less memory, more compute (TRL's default)")
     logging_steps: int = field(20, "log every N optimizer steps")
-    trainer_args: dict = field({}, "any other argument of the stage's TRL config, as is, e.g. {adam_beta2: 0.95, "
-                               "optim: adafactor}; one this section or the stage already sets is refused")
+    trainer_args: dict = field({}, "any other argument of the stage's TRL config, as is: trainer_args.adam_beta2=0.95 "
+                               "on the command line, {adam_beta2: 0.95, optim: adafactor} in YAML; one this section or "
+                               "the stage already sets is refused")
 
 
 @dataclasses.dataclass

@@ -318,7 +318,8 @@ def trainer_resume_point(work_dir: Path, config: dict, resume: bool) -> str | No
 
 def _resume_point(work_dir: Path, config: dict, resume: bool, may_write: bool) -> str | None:
     marker = work_dir / "stage_config.json"
-    if not resume or not marker.is_file():
+    if not resume or not marker.is_file() or not latest_complete(work_dir):  # (a run stopped before its first
+        # checkpoint leaves nothing to resume: whatever its config, start over)
         if may_write and latest_complete(work_dir):
             print(f"[resume=false] removing the resumable checkpoints in {work_dir}")
         if may_write:

@@ -29,6 +29,11 @@ from alignment.config import field
 from alignment.store import Store
 
 
+# TRL 1.16's DPO losses (its trainer names an unknown one only at the first training step)
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
 @dataclasses.dataclass
 class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate, ...: the keys every trainer stage has
     epochs: float = field(1.0, "passes over the preference pairs")
@@ -38,8 +43,7 @@ class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate,
                             "alone is that long is dropped (counted)")
     beta: float = field(0.1, "weight of the log-ratio to the reference in the implicit reward: higher keeps the "
                         "policy closer to the reference")
-    loss_type: str = field("sigmoid", "TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, exo_pair, nca_pair, "
-                           "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm")
+    loss_type: str = field("sigmoid", f"TRL's DPO loss: {', '.join(LOSS_TYPES)} (sigmoid: DPO)")
     eval_every: int = field(10, "a held-out point (reward, gold, KL) every N optimizer steps and before the first; "
                             "0: off")
     eval_prompts: int = field(64, "held-out prompts of those points")
@@ -83,6 +87,8 @@ def main(argv: list[str]) -> None:
     # 1. config, store, the run's SFT checkpoint (start and reference) and reward model (judge only)
     cfg = config.cli(Config, argv, default_yaml="configs/dpo.yaml")
     d = cfg.dpo
+    if d.loss_type not in LOSS_TYPES:
+        raise SystemExit(f"dpo.loss_type: {d.loss_type!r} is not one of TRL's DPO losses: {', '.join(LOSS_TYPES)}")
     started = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -123,3 +123,12 @@ def test_trainer_stage_settings_reach_the_trl_config(tmp_path):
         cfg = config.load(sft_stage.Config, None, [f"sft.trainer_args={given}"])
         with pytest.raises(SystemExit, match=re.escape(f"sft.trainer_args: {message}")):
             training.trainer_config(SFTConfig, "sft", cfg.sft, cfg, tmp_path, completion_only_loss=True)
+
+
+def test_a_mapping_is_set_key_by_key_and_a_broken_value_is_one_line():
+    cfg = config.load(sft_stage.Config, None, ["sft.trainer_args.adam_beta2=0.95", "sft.trainer_args.optim=adafactor"])
+    assert cfg.sft.trainer_args == {"adam_beta2": 0.95, "optim": "adafactor"}
+    # what `make sft ARGS="sft.trainer_args={adam_beta2: 0.95}"` passes: make's word splitting cuts the value
+    with pytest.raises(config.ConfigError, match=r"sft.trainer_args: '\{adam_beta2:' is not a YAML value .*"
+                                                 r"sft.trainer_args.<name>=<value>"):
+        config.load(sft_stage.Config, None, ["sft.trainer_args={adam_beta2:", "0.95}"])

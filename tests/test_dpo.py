@@ -147,3 +147,9 @@ def test_lora_dpo_trains_adapters_on_the_sft_model(sft_and_rm, tmp_path):
     merged_sft = loading.load_model(sft.path, AutoModelForCausalLM, spec)
     merged_dpo = loading.load_model(dpo.path, AutoModelForCausalLM, spec)
     assert not torch.allclose(merged_sft(ids).logits, merged_dpo(ids).logits)
+
+
+def test_an_unknown_loss_stops_at_start_up_before_anything_loads(tmp_path):
+    with pytest.raises(SystemExit, match="dpo.loss_type: 'nonsense' is not one of TRL's DPO losses: sigmoid, ipo"):
+        dpo_stage.main([f"store={tmp_path}", "dpo.loss_type=nonsense"])  # the store is empty: nothing was read
+    assert not any(tmp_path.iterdir())

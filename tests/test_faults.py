@@ -256,3 +256,17 @@ def test_precision_rules_the_launch_and_the_processes_of_one_launch_agree(monkey
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: 2.0)  # one process, not launched: it measures
     assert training.use_bf16("auto") is True and "ACCELERATE_MIXED_PRECISION" not in os.environ
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_that_blocks_another_config(tmp_path):
+    work = tmp_path / ".trainer-dpo"  # what a stage that failed in its first step (a bad setting) leaves
+    work.mkdir()
+    (work / "stage_config.json").write_text(json.dumps({"dpo": {"loss_type": "nonsense"}}))
+    assert training._resume_point(work, {"dpo": {"loss_type": "ipo"}}, True, may_write=True) is None
+    assert json.loads((work / "stage_config.json").read_text()) == {"dpo": {"loss_type": "ipo"}}
+    checkpoint = work / "checkpoint-4"  # a complete checkpoint of it is resumable: another config is refused
+    checkpoint.mkdir()
+    (checkpoint / training.COMPLETE).write_text("")
+    with pytest.raises(SystemExit, match=r"different config \(differs in: dpo\)"):
+        training._resume_point(work, {"dpo": {"loss_type": "hinge"}}, True, may_write=True)
+    assert training._resume_point(work, {"dpo": {"loss_type": "ipo"}}, True, may_write=True) == str(checkpoint)
