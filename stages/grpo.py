@@ -11,8 +11,8 @@ each reward less its group's mean, over the group's std (grpo.scale_rewards: non
 the same at each of its tokens; 4. update: the clipped ratio objective plus kl_coef * k3, the KL estimate to the
 reference, in the loss (not in the reward, as PPO has it), on minibatches; 5. log, evaluate, save a resumable
 state. The math is in alignment/ppo.py (group_advantages, grpo_loss); the models, rollout, held-out evaluation,
-optimizer step with its non-finite guard and the resumable state are stages/ppo.py's. At the end the policy is
-compared with the SFT policy on held-out prompts, and saved as <run>/grpo.
+optimizer step with its non-finite guard, the resumable state and the publishing are stages/ppo.py's. At the end
+the policy is compared with the SFT policy on held-out prompts, and saved as <run>/grpo.
 
 Our loop, not TRL's GRPOTrainer. Speed does not decide it: with the same SFT policy, reward model (scored from
 the text for TRL, as its reward functions get it), 16 prompts x 8 responses, 20 new tokens and one optimizer step
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import alignment  # first: quiets third-party noise (alignment/__init__.py)
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from alignment import config, data, distributed, evaluation, forwards, loading, ppo, training
+from alignment import config, data, distributed, evaluation, forwards, ppo, training
 from alignment.config import field
 from alignment.store import Store
 
@@ -222,10 +221,7 @@ def main(argv: list[str]) -> None:
                              disable=not (main_process and alignment.INTERACTIVE),
                              initial=state.step, total=g.steps, dynamic_ncols=True)):
         # 1. rollout: each process samples a group of responses to each prompt of its share of the batch
-        if len(state.queue) < per_step:
-            state.queue += torch.randperm(len(prompts), generator=order).tolist()
-        mine = state.queue[:per_step][accelerator.process_index :: accelerator.num_processes]
-        state.queue = state.queue[per_step:]
+        mine = ppo_stage.next_prompts(state, len(prompts), per_step, order, accelerator)
         t0 = time.time()
         with distributed.whole_model(accelerator, model) as whole, autocast:
             r = ppo_stage.rollout(whole.policy, tokenizer, spec, [prompts[i] for i in mine for _ in range(g.group_size)],
@@ -286,38 +282,13 @@ def main(argv: list[str]) -> None:
     writer.close()
 
     # 7. save: the policy as a causal LM, the per-step log, the manifest
-    publish(store, run, cfg, accelerator, model, tokenizer, spec, sft, rm, weights, state, {
+    ppo_stage.publish(store, run, cfg, accelerator, model, tokenizer, spec, sft, rm, weights, state, {
         **summary, "eval_curve": state.eval_log, "steps": g.steps, "skipped_non_finite": state.skipped,
         "truncated_prompts": state.truncated_prompts, "processes": accelerator.num_processes,
         "deepspeed_zero_stage": zero, "duration_s": round(time.time() - started, 1),
         **ppo_stage.speed(seconds, episodes, bf16),
-    })
+    }, stage="grpo")
     print(evaluation.format_comparison(summary, "grpo"))
-
-
-def publish(store: Store, run: str, cfg: Config, accelerator, model, tokenizer, spec, sft, rm, weights: dict,
-            state: PPOState, metrics: dict) -> None:
-    """The policy as a causal LM in the entry's dtype (bf16 for real models: the size it came in), the per-step
-    log, the manifest."""
-    dtype = loading.DTYPES[spec.dtype]
-    weights = {k.removeprefix("policy."): v.to(dtype) if v.is_floating_point() and not cfg.quantization else v
-               for k, v in weights.items() if k.startswith("policy.")}
-    tmp = store.staging(run, "grpo")
-    accelerator.unwrap_model(model).policy.save_pretrained(tmp, state_dict=weights)
-    loading.save_tokenizer(tokenizer, tmp, spec)
-    with open(tmp / "grpo_log.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in state.log)
-    checkpoint = store.publish(tmp, {
-        "run": run, "stage": "grpo", "model": spec.name, "template": spec.template, "parents": [sft.id, rm.id],
-        "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": loading.base_reference(sft.path),
-        "base_checkpoint": sft.id, "adapter": cfg.lora.enabled,
-        "config": config.to_dict(cfg),
-        "data": {"profile": data.get_profile(cfg.data).name,
-                 "fingerprint": data.fingerprint(cfg.data, ["prompts_train", "prompts_eval"])},
-        "metrics": metrics,
-    })
-    store.clear_state(run, "grpo")  # published: a rerun starts a new training
-    print(f"[grpo] saved {checkpoint.id} -> {checkpoint.path}")
 
 
 if __name__ == "__main__":

@@ -334,6 +334,16 @@ def load_training_state(folder: Path, accelerator, order: torch.Generator) -> PP
     return PPOState(**json.loads((folder / "state.json").read_text()))
 
 
+def next_prompts(state: PPOState, n_prompts: int, per_step: int, order: torch.Generator, accelerator) -> list[int]:
+    """This process's share of the next per_step prompt indices, from a queue of seeded permutations (refilled
+    when it runs low) that is part of the resumable state: a resumed run takes the prompts an uninterrupted one would."""
+    if len(state.queue) < per_step:
+        state.queue += torch.randperm(n_prompts, generator=order).tolist()
+    mine = state.queue[:per_step][accelerator.process_index :: accelerator.num_processes]
+    state.queue = state.queue[per_step:]
+    return mine
+
+
 def resume_training_state(store: Store, run: str, cfg, fresh: PPOState, accelerator, order: torch.Generator,
                           stage: str = "ppo") -> PPOState | None:
     """The state an interrupted run of the same config (its number of steps aside) left, loaded (weights,
@@ -403,10 +413,7 @@ def main(argv: list[str]) -> None:
                              disable=not (main_process and alignment.INTERACTIVE),
                              initial=state.step, total=p.steps, dynamic_ncols=True)):
         # 1. rollout: each process samples responses to its own share of the batch's prompts
-        if len(state.queue) < per_step:
-            state.queue += torch.randperm(len(prompts), generator=order).tolist()
-        mine = state.queue[:per_step][accelerator.process_index :: accelerator.num_processes]
-        state.queue = state.queue[per_step:]
+        mine = next_prompts(state, len(prompts), per_step, order, accelerator)
         t0 = time.time()
         with distributed.whole_model(accelerator, model) as whole, autocast:
             r = rollout(whole.policy, tokenizer, spec, [prompts[i] for i in mine], p, all_done)
@@ -478,29 +485,30 @@ def main(argv: list[str]) -> None:
     print(evaluation.format_comparison(summary))
 
 
-def publish(store: Store, run: str, cfg: Config, accelerator, model, tokenizer, spec, sft, rm, weights: dict,
-            state: PPOState, metrics: dict) -> None:
+def publish(store: Store, run: str, cfg, accelerator, model, tokenizer, spec, sft, rm, weights: dict,
+            state: PPOState, metrics: dict, stage: str = "ppo") -> None:
     """The policy as a causal LM in the entry's dtype (bf16 for real models: the size it came in), the critic
-    beside it as value_model/, the per-step log, the manifest."""
+    (PPO's; GRPO has none) beside it as value_model/, the per-step log <stage>_log.jsonl, the manifest."""
     dtype = loading.DTYPES[spec.dtype]
     weights = {k: v.to(dtype) if v.is_floating_point() and not cfg.quantization else v for k, v in weights.items()}
     unwrapped = accelerator.unwrap_model(model)
-    tmp = store.staging(run, "ppo")
+    tmp = store.staging(run, stage)
     unwrapped.policy.save_pretrained(tmp, state_dict=_part(weights, "policy."))
     loading.save_tokenizer(tokenizer, tmp, spec)
-    unwrapped.critic.save_pretrained(tmp / "value_model", state_dict=_part(weights, "critic."))
-    with open(tmp / "ppo_log.jsonl", "w") as f:
+    if unwrapped.critic is not None:
+        unwrapped.critic.save_pretrained(tmp / "value_model", state_dict=_part(weights, "critic."))
+    with open(tmp / f"{stage}_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in state.log)
     checkpoint = store.publish(tmp, {
-        "run": run, "stage": "ppo", "model": spec.name, "template": spec.template, "parents": [sft.id, rm.id],
+        "run": run, "stage": stage, "model": spec.name, "template": spec.template, "parents": [sft.id, rm.id],
         "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]], "base": loading.base_reference(sft.path),
         "base_checkpoint": sft.id, "adapter": cfg.lora.enabled,
         "config": config.to_dict(cfg),
         "data": {"profile": data.get_profile(cfg.data).name, "fingerprint": data.fingerprint(cfg.data, ["prompts_train", "prompts_eval"])},
         "metrics": metrics,
     })
-    store.clear_state(run, "ppo")  # published: a rerun starts a new training
-    print(f"[ppo] saved {checkpoint.id} -> {checkpoint.path}")
+    store.clear_state(run, stage)  # published: a rerun starts a new training
+    print(f"[{stage}] saved {checkpoint.id} -> {checkpoint.path}")
 
 
 def _untied(weights: dict) -> dict:
