@@ -31,7 +31,7 @@ export TOKENIZERS_PARALLELISM = false
 # one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help sft rm ppo grpo dpo eval test test-slow store export data data-check install clean bench gpu-check
+.PHONY: help sft rm ppo grpo dpo eval test test-slow lint store export data data-check install clean bench gpu-check
 
 help:
 	@echo "Targets:"
@@ -42,13 +42,13 @@ help:
 	@echo "  make store          the checkpoints in the store, with lineage and headline metrics"
 	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo> OUT=<folder> [MERGE=0]: a standalone transformers folder"
 	@echo "  make data-check     read every split of DATA without training: counts, skips, truncation, a first record"
-	@echo "  make test           the test suite (installs what it needs; make test-slow: the slow checks)"
+	@echo "  make test           the test suite (installs what it needs; make test-slow: the slow checks; make lint)"
 	@echo "  make bench          every stage against the peers (bench/README.md); make gpu-check on a CUDA machine"
 	@echo "  make data           rewrite the embedded task from its seed;  make install;  make clean (removes store/)"
 	@echo "Variables:"
 	@echo "  MODEL=<registry name, model folder or hub id>   DATA=<task, hh-rlhf, or a YAML data file>   RUN=<run name>"
 	@echo "  STORE=<store root>   CONFIG=<stage YAML of your own, instead of configs/[DATA/]<stage>.yaml>"
-	@echo "  ARGS=\"key=value ...\"   any config key of the stage (python stages/<stage>.py --help lists them)"
+	@echo "  ARGS=\"key=value ...\"   any config key of the stage (python -m stages.<stage> --help lists them)"
 	@echo "  RESUME=0   start a stage over, removing its resumable state;   CHECKPOINTS=run/stage,... (make eval)"
 	@echo "  NPROC=<processes>   ACCELERATE_CONFIG=configs/accelerate/<ddp|zero2|zero3|zero3_offload>.yaml"
 
@@ -75,13 +75,13 @@ INSTALL ?= $(VENV)/.installed $(USES_DEEPSPEED)
 CONFIGS = configs$(if $(and $(DATA),$(wildcard configs/$(DATA)/sft.yaml)),/$(DATA))
 
 sft rm ppo grpo dpo: $(INSTALL)
-	$(LAUNCH) stages/$@.py --config $(or $(CONFIG),$(CONFIGS)/$@.yaml) $(STAGE_ARGS)
+	$(LAUNCH) -m stages.$@ --config $(or $(CONFIG),$(CONFIGS)/$@.yaml) $(STAGE_ARGS)
 
 # The run: RUN, else the one MODEL and DATA name (as the stages name it), else the latest run in the store.
 DATA_NAME = $(basename $(notdir $(or $(DATA),task)))
 EVAL_RUN = $(notdir $(or $(MODEL),tiny-llama))$(if $(filter-out task,$(DATA_NAME)),-$(DATA_NAME))
 eval: $(VENV)/.installed
-	$(PY) stages/eval.py --config $(or $(CONFIG),$(CONFIGS)/eval.yaml) $(if $(RUN),run=$(RUN),$(if $(MODEL)$(DATA),run=$(EVAL_RUN))) \
+	$(PY) -m stages.eval --config $(or $(CONFIG),$(CONFIGS)/eval.yaml) $(if $(RUN),run=$(RUN),$(if $(MODEL)$(DATA),run=$(EVAL_RUN))) \
 		$(if $(STORE),store=$(STORE)) \
 		$(if $(CHECKPOINTS),eval.checkpoints=[$(CHECKPOINTS)]) $(ARGS)
 
@@ -103,15 +103,19 @@ $(PEER_VENV)/.installed:
 	touch $@
 
 bench: $(VENV)/.installed $(PEER_VENV)/.installed
-	$(PY) bench/run.py $(ARGS)
+	$(PY) -m bench.run $(ARGS)
 
 # On a CUDA machine: the test suite, every stage under ZeRO-2/3 and QLoRA, a 0.5B model through the three stages,
 # against TRL 1.12's PPO (bench/gpu_check.py says how to run it where the packages travel as wheels).
 gpu-check: $(INSTALL)
-	$(PY) bench/gpu_check.py $(ARGS)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 test: $(VENV)/.installed $(VENV)/.deepspeed
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff's default rules, import order and 120 columns (pyproject.toml), on the whole tree; CI runs it before the tests
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
 
 test-slow: $(VENV)/.installed $(VENV)/.deepspeed
 	$(PY) -m pytest -q -m slow $(ARGS)

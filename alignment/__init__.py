@@ -26,7 +26,9 @@ class _ExpectedHeadSwap(logging.Filter):
         message = record.getMessage()
         if "LOAD REPORT" not in message:
             return True
-        keys = [line.split("|")[0].strip() for line in message.splitlines() if "| UNEXPECTED" in line or "| MISSING" in line]
+        keys = [
+            line.split("|")[0].strip() for line in message.splitlines() if "| UNEXPECTED" in line or "| MISSING" in line
+        ]
         return not keys or not all(k.startswith(("lm_head.", "embed_out.", "score.")) for k in keys)
 
 

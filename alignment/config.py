@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import yaml
+
+from alignment import data
+from alignment.registry import RegistryError
+from alignment.store import StoreError
 
 
 class ConfigError(ValueError):
@@ -92,8 +99,10 @@ def parse_overrides(args: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{key}: {raw!r} is not a YAML value ({problem}); make's ARGS splits at spaces, so "
-                              f"give a mapping key by key ({key}.<name>=<value>) or in a --config/CONFIG file") from None
+            raise ConfigError(
+                f"{key}: {raw!r} is not a YAML value ({problem}); make's ARGS splits at spaces, so "
+                f"give a mapping key by key ({key}.<name>=<value>) or in a --config/CONFIG file"
+            ) from None
         *parents, leaf = key.split(".")
         node = tree
         for p in parents:
@@ -117,7 +126,18 @@ def load(cls: type, yaml_path: str | Path | None = None, overrides: list[str] = 
         except ConfigError as e:
             raise ConfigError(f"{yaml_path}: {e}") from None
     _apply(cfg, parse_overrides(list(overrides)))
+    _check(cfg)
     return cfg
+
+
+def _check(obj: Any) -> None:
+    """Calls check() of every section that has one: settings that cannot work together raise ConfigError."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check(value)
+    if callable(getattr(obj, "check", None)):
+        obj.check()
 
 
 def to_dict(cfg: Any) -> dict:
@@ -126,14 +146,17 @@ def to_dict(cfg: Any) -> dict:
 
 def cli(cls: type, argv: list[str], default_yaml: str | Path | None = None) -> Any:
     """`stage.py [--config FILE] key=value ...` -> config. Exits with the error message on bad input."""
-    import sys
-
     yaml_path, rest = default_yaml, []
     it = iter(argv)
     for arg in it:
         if arg == "--config" or arg.startswith("--config="):
             yaml_path = arg.split("=", 1)[1] if "=" in arg else next(it, "")
-            if not yaml_path or yaml_path.startswith("-") or "=" in yaml_path and not yaml_path.endswith((".yaml", ".yml")):
+            if (
+                not yaml_path
+                or yaml_path.startswith("-")
+                or "=" in yaml_path
+                and not yaml_path.endswith((".yaml", ".yml"))
+            ):
                 sys.exit(f"config error: --config needs a YAML file path\n{usage()}")
         elif arg in ("-h", "--help"):
             print(f"{usage()}\n\nKeys (key = default    meaning):\n{help_text(cls)}")
@@ -149,10 +172,10 @@ def cli(cls: type, argv: list[str], default_yaml: str | Path | None = None) -> A
 
 
 def usage() -> str:
-    import sys
-
-    return (f"usage: python {sys.argv[0] if sys.argv and sys.argv[0].endswith('.py') else 'stages/<stage>.py'} "
-            "[--config FILE.yaml] [key=value ...]   (make: ARGS=\"key=value ...\")")
+    script = Path(sys.argv[0]) if sys.argv else Path()
+    stage = script.stem if script.suffix == ".py" and script.parent.name == "stages" else "<stage>"
+    return (f"usage: python -m stages.{stage} [--config FILE.yaml] [key=value ...]   "
+            "(make: ARGS=\"key=value ...\")")
 
 
 def help_text(cls: type, prefix: str = "") -> str:
@@ -218,8 +241,11 @@ class StageConfig:
     model: str = field("tiny-llama", "the base model: a registry name, a local model folder or a hub id (org/name)")
     run: str = field("", "run name in the store; empty: the model name")
     store: str = field("store", "root folder of the checkpoint store")
-    data: str = field("task", "the data: a built-in name (task, hh-rlhf: configs/data/) or the path of a YAML data file "
-                      "(alignment/data.py says what it holds)")
+    data: str = field(
+        "task",
+        "the data: a built-in name (task, hh-rlhf: configs/data/) or the path of a YAML data file "
+        "(alignment/data.py says what it holds)",
+    )
     on_error: str = field("", "bad records: raise (name file, record, problem) or skip (count); empty: the data file's")
     template: str = field("", "prompt template (see alignment/registry.py) or auto (the tokenizer's own chat "
                           "template); empty: the data file's, else the model's")
@@ -240,8 +266,6 @@ class StageConfig:
 
     def check_combinations(self, trains_weights: bool, lora: bool) -> None:
         """Settings that cannot work together stop here, at start-up, saying what to change."""
-        import os
-
         if self.precision not in ("auto", "bf16", "fp32"):
             raise SystemExit(f"precision: {self.precision!r} is not 'auto', 'bf16' or 'fp32'")
         if self.quantization not in ("", "8bit", "4bit"):
@@ -256,10 +280,8 @@ class StageConfig:
     @property
     def run_name(self) -> str:
         """The run: as given, else the model name, suffixed with the data's name unless it is the default."""
-        from alignment.data import short_name
-
-        name, data = Path(self.model.rstrip("/")).name, short_name(self.data)
-        return self.run or (name if data == "task" else f"{name}-{data}")
+        name, data_name = Path(self.model.rstrip("/")).name, data.short_name(self.data)
+        return self.run or (name if data_name == "task" else f"{name}-{data_name}")
 
 
 # How far the running stage has come, for the one line that Ctrl-C ends with: the stages keep it up to date
@@ -279,31 +301,21 @@ def interrupted_line() -> str:
 def run(main) -> None:
     """Runs a stage's main(argv); a missing input, bad data or an unusable model ends with its message instead of
     a traceback."""
-    import sys
-
-    from alignment.data import DataError
-    from alignment.registry import RegistryError
-    from alignment.store import StoreError
-
     try:
         main(sys.argv[1:])
-    except (StoreError, DataError, RegistryError) as e:
+    except (StoreError, data.DataError, RegistryError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print(interrupted_line(), file=sys.stderr, flush=True)
         sys.exit(130)
     # In a multi-process run only the main process writes the result: the others wait for it here and all
     # leave the process group together (a process exiting alone can abort its peers' gloo/NCCL teardown).
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
         # The run is complete and saved. Left to the interpreter's exit, a communication thread still joinable
         # (DeepSpeed's on gloo) can abort a process ("terminate called without an active exception", 1 run in
         # about 30 here) and fail a finished run: leave now.
-        import os
-
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -125,7 +125,9 @@ def read_profile(path: Path, name: str) -> Profile:
         raise DataError(f"{path}: expected a mapping of settings and splits at the top level")
     for key, value in spec.items():
         if key not in _TOP_KEYS and key not in SPLITS:
-            raise DataError(f"{path}: unknown key {key!r}; splits: {', '.join(SPLITS)}; settings: {', '.join(_TOP_KEYS)}")
+            raise DataError(
+                f"{path}: unknown key {key!r}; splits: {', '.join(SPLITS)}; settings: {', '.join(_TOP_KEYS)}"
+            )
         if key in _TOP_KEYS and not _is(value, _TOP_KEYS[key]):
             raise DataError(f"{path}: {key} should be a {_TOP_KEYS[key].__name__}, got {value!r}")
     if spec.get("on_error", "raise") not in ("raise", "skip"):
@@ -187,8 +189,11 @@ def _source(profile_path: Path, split: str, entry) -> Source:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Objects of a .jsonl(.gz) file this project wrote (logs), each with its line number under '_line'."""
-    return [{**r, "_line": int(r.pop("_where").rsplit(":", 1)[1])} for r in _jsonl_records(Path(path), _read_bytes(Path(path)))
-            if "_error" not in r]
+    return [
+        {**r, "_line": int(r.pop("_where").rsplit(":", 1)[1])}
+        for r in _jsonl_records(Path(path), _read_bytes(Path(path)))
+        if "_error" not in r
+    ]
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -275,7 +280,7 @@ def _parquet(path: Path) -> list[dict]:
         raise DataError(f"{path}: no such file")
     try:
         rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for a damaged file
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     return [{**r, "_where": f"{path}: row {i}"} for i, r in enumerate(rows)]
 
@@ -285,7 +290,7 @@ def _hub(source: Source) -> list[dict]:
 
     try:
         rows = load_dataset(source.path, split=source.hub_split)
-    except Exception as e:  # no network, unknown id, unknown split: one line that says what to do
+    except Exception as e:  # noqa: BLE001 - no network, unknown id, unknown split: one line that says what to do
         raise DataError(f"data set {source.path!r} (split {source.hub_split}) could not be loaded: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. Without network, download it "
                         "elsewhere and give the local file's path (.json, .jsonl, .jsonl.gz, .parquet)") from None
@@ -318,7 +323,9 @@ def read_source(source: Source) -> list[dict]:
 def _text(record: dict, name: str, fields: dict, allow_empty: bool = False) -> str:
     value = record.get(fields.get(name, name))
     if value is None:
-        raise DataError(f"field '{fields.get(name, name)}' is {'null' if fields.get(name, name) in record else 'missing'}")
+        raise DataError(
+            f"field '{fields.get(name, name)}' is {'null' if fields.get(name, name) in record else 'missing'}"
+        )
     if not isinstance(value, str):
         raise DataError(f"field '{fields.get(name, name)}' is {_json_type(value)}, not a string")
     if not allow_empty and not value.strip():
@@ -376,13 +383,20 @@ def parse(record: dict, fmt: str, kind: str, fields: dict) -> dict:
         raise DataError(record["_error"])
     if fmt == "records":
         prompt = record.get(fields.get("prompt", "prompt"))
-        out = {"prompt": _messages(prompt, "field 'prompt'") if isinstance(prompt, list) else _text(record, "prompt", fields)}
+        out = {
+            "prompt": _messages(prompt, "field 'prompt'")
+            if isinstance(prompt, list)
+            else _text(record, "prompt", fields)
+        }
         names = {"sft": ("completion",), "prefs": ("chosen", "rejected"), "prompts": ()}[kind]
         out.update({n: _text(record, n, fields) for n in names})
     elif fmt == "alpaca":
         instruction = _text(record, "instruction", fields)
         extra = _text(record, "input", fields, allow_empty=True) if fields.get("input", "input") in record else ""
-        out = {"prompt": instruction + (f"\n\n{extra}" if extra.strip() else ""), "completion": _text(record, "output", fields)}
+        out = {
+            "prompt": instruction + (f"\n\n{extra}" if extra.strip() else ""),
+            "completion": _text(record, "output", fields),
+        }
     elif fmt == "hh":
         pair = _hh_pair(record, fields)
         out = {"sft": {"prompt": pair["prompt"], "completion": pair["chosen"]}, "prefs": pair,
@@ -430,8 +444,10 @@ def load_split(profile: str, split: str, limit: int = 0, on_error: str = "", whe
     loaded = _split(prof, split, on_error or prof.on_error)
     if not loaded.records and on_error != "collect":
         first = next(iter(loaded.first.items()), None)
-        raise DataError(f"{prof.file}: {split}: no usable records in {loaded.origin}"
-                        + (f"; {sum(loaded.skipped.values())} skipped, the first: {first[1]}: {first[0]}" if first else ""))
+        raise DataError(
+            f"{prof.file}: {split}: no usable records in {loaded.origin}"
+            + (f"; {sum(loaded.skipped.values())} skipped, the first: {first[1]}: {first[0]}" if first else "")
+        )
     if limit:
         loaded.records = loaded.records[:limit]
     if not where:
@@ -494,13 +510,20 @@ def _read(sources: tuple[Source, ...], kind: str, on_error: str) -> Loaded:
 
 
 def _range(source: Source) -> str:
-    return f", records {source.start}:{source.stop if source.stop is not None else ''}" if source.start or source.stop else ""
+    return (
+        f", records {source.start}:{source.stop if source.stop is not None else ''}"
+        if source.start or source.stop
+        else ""
+    )
 
 
 def load(profile: str, split: str, limit: int = 0, on_error: str = "") -> list[dict]:
     loaded = load_split(profile, split, limit, on_error)
     if loaded.skipped:
-        print(f"[data] {short_name(profile)}/{split}: skipped {sum(loaded.skipped.values())} records: {dict(loaded.skipped)}")
+        print(
+            f"[data] {short_name(profile)}/{split}: skipped {sum(loaded.skipped.values())} records: "
+            f"{dict(loaded.skipped)}"
+        )
     return loaded.records
 
 
@@ -515,7 +538,11 @@ def fingerprint(profile: str, splits: list[str]) -> str:
         for name in made_of:
             for source in prof.splits[name]:
                 h.update(f"{split}<-{name}:{source.format}:{source.start}:{source.stop}:{source.fields}".encode())
-                h.update(Path(source.path).read_bytes() if source.is_file and Path(source.path).is_file() else source.path.encode())
+                h.update(
+                    Path(source.path).read_bytes()
+                    if source.is_file and Path(source.path).is_file()
+                    else source.path.encode()
+                )
     return h.hexdigest()
 
 
@@ -524,7 +551,10 @@ def corpus(profile: str, format_prompt) -> list[str]:
     splits the file has."""
     prof, texts = get_profile(profile), []
     if "sft_train" in prof.splits:
-        texts += [format_prompt(r["prompt"]) + r["completion"] for r in load_split(profile, "sft_train", on_error="skip").records]
+        texts += [
+            format_prompt(r["prompt"]) + r["completion"]
+            for r in load_split(profile, "sft_train", on_error="skip").records
+        ]
     if "prefs_train" in prof.splits:
         for r in load_split(profile, "prefs_train", on_error="skip").records:
             texts += [r["chosen"], r["rejected"]]

@@ -11,7 +11,6 @@ record with on_error=raise, a split a stage needs that cannot be made).
 
 from __future__ import annotations
 
-import alignment  # noqa: F401  (first: quiets third-party noise)
 import dataclasses
 import sys
 
@@ -59,7 +58,10 @@ def main(argv: list[str]) -> int:
     for split, got in loaded.items():
         if isinstance(got, data.DataError):
             needed = split in profile.splits or "needs" not in str(got)
-            print(f"{split:14s} {'error' if needed else 'absent'}: " + (f"as {said[str(got)]}, above" if str(got) in said else str(got)))
+            print(
+                f"{split:14s} {'error' if needed else 'absent'}: "
+                + (f"as {said[str(got)]}, above" if str(got) in said else str(got))
+            )
             said.setdefault(str(got), split)
             failed |= needed
             continue
@@ -89,7 +91,7 @@ def _tokenizer(spec, name: str, profile):
         path = registry.resolve(spec, data.corpus(name, spec.format_prompt), profile.tokenizer_vocab) \
             if spec.is_tiny else registry.resolve(spec)
         return loading.load_tokenizer(path, spec)
-    except Exception as e:  # no tokenizer (no network, a corpus with errors): report what can be reported
+    except Exception as e:  # noqa: BLE001 - no tokenizer (no network, a corpus with errors): report what can be reported
         print(f"(no token counts: the tokenizer of {spec.name} could not be loaded: {str(e).splitlines()[0]})")
         return None
 
@@ -112,7 +114,10 @@ def _lengths(split: str, records: list[dict], spec, tokenizer, cfg: Config) -> N
         limit, name, effect = cfg.max_prompt_length, "ppo.max_prompt_length", "the prompt loses its beginning"
     over = [i for i, n in enumerate(sizes) if n > limit]
     longest = max(range(len(sizes)), key=sizes.__getitem__)
-    print(f"    {len(over):,} longer than {name}={limit} tokens ({effect})" + (f"; first: {records[over[0]]['_where']}" if over else ""))
+    print(
+        f"    {len(over):,} longer than {name}={limit} tokens ({effect})"
+        + (f"; first: {records[over[0]]['_where']}" if over else "")
+    )
     print(f"    longest: {sizes[longest]:,} tokens, {records[longest]['_where']}")
 
 

@@ -16,6 +16,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
+from alignment.machine import use_bf16
+
 
 def deepspeed_stage() -> int:
     """The ZeRO stage the launcher configured (accelerate launch sets these variables), 0 without DeepSpeed."""
@@ -30,8 +32,6 @@ def make_accelerator(micro_batch_size: int, max_grad_norm: float, precision: str
     ZeRO-1/2's own check that skips a step whose gradients are not finite. Without DeepSpeed on a machine without
     GPUs, cpu=True: otherwise Accelerate treats a multi-process CPU launch as one process (with DeepSpeed cpu=True
     drops the config)."""
-    from alignment.training import use_bf16
-
     use_bf16(precision)  # decided before the Accelerator reads the launch's mixed precision (see there)
     if not deepspeed_stage():
         return Accelerator(cpu=not torch.cuda.is_available())
@@ -153,3 +153,17 @@ def on_all(accelerator: Accelerator):
 def skipped_by_deepspeed(model) -> int:
     """Steps DeepSpeed itself skipped for non-finite gradients (its overflow check), 0 without DeepSpeed."""
     return int(getattr(model, "skipped_steps", 0) or 0)
+
+
+def assert_in_sync(parameters, where: str) -> None:
+    """Raises if the processes of a distributed run hold different parameters (a silent DDP failure)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    parameters = list(parameters)
+    with gathered(parameters):
+        checksum = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(sums, checksum)
+    if any(not torch.equal(g, sums[0]) for g in sums):
+        raise RuntimeError(f"{where}: processes hold different parameters: {[g.item() for g in sums]}")
+    print(f"[sync] {where}: {len(sums)} processes hold identical parameters (checksum {checksum.item():.6f})")

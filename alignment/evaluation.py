@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,27 +19,64 @@ from alignment import forwards, ppo, scoring, task
 
 METRICS = {
     # name -> one sentence a reader of the report needs to interpret it
-    "cross_entropy": "Mean negative log-likelihood, in nats per token, of the response tokens of held-out demonstrations.",
+    "cross_entropy": (
+        "Mean negative log-likelihood, in nats per token, of the response tokens of held-out demonstrations."
+    ),
     "perplexity": "exp(cross_entropy): the number of equally likely tokens the model hesitates between, on average.",
-    "rm_accuracy": "Share of held-out preference pairs where the reward model scores the chosen response above the rejected one.",
+    "rm_accuracy": (
+        "Share of held-out preference pairs where the reward model scores the chosen response above the rejected one."
+    ),
     "rm_margin": "Mean of r(chosen) - r(rejected) over held-out pairs.",
-    "rm_calibration": "Held-out accuracy within buckets of |margin|, beside sigmoid(|margin|), the accuracy a calibrated Bradley-Terry model would have.",
-    "rm_length_correlation": "Pearson correlation between reward and response length (tokens) over all held-out responses: how much of the reward length alone explains.",
-    "shorter_wins_accuracy": "Accuracy on the same pairs of the rule 'the shorter response wins', a baseline the reward model should beat.",
+    "rm_calibration": (
+        "Held-out accuracy within buckets of |margin|, beside sigmoid(|margin|), the accuracy a calibrated "
+        "Bradley-Terry model would have."
+    ),
+    "rm_length_correlation": (
+        "Pearson correlation between reward and response length (tokens) over all held-out responses: how much of the "
+        "reward length alone explains."
+    ),
+    "shorter_wins_accuracy": (
+        "Accuracy on the same pairs of the rule 'the shorter response wins', a baseline the reward model should beat."
+    ),
     "reward": "Mean reward-model score of the policy's sampled responses to held-out prompts.",
-    "win_rate_vs_sft": "Share of held-out prompts where the policy's response scores higher than the SFT policy's (ties count half), judged by the reward model.",
-    "kl_per_token": "Mean over response tokens of log pi(token) - log pi_ref(token) on the policy's own samples: the per-token KL estimate to the SFT reference.",
+    "win_rate_vs_sft": (
+        "Share of held-out prompts where the policy's response scores higher than the SFT policy's (ties count half), "
+        "judged by the reward model."
+    ),
+    "kl_per_token": (
+        "Mean over response tokens of log pi(token) - log pi_ref(token) on the policy's own samples: the per-token KL "
+        "estimate to the SFT reference."
+    ),
     "kl_per_response": "The same summed over each response: nats of KL per response.",
     "response_length": "Mean response length in tokens, EOS included.",
     "distinct_1": "Distinct unigrams over all unigrams of all responses: lexical diversity.",
     "distinct_2": "Distinct bigrams over all bigrams of all responses.",
     "ended_with_eos": "Share of responses that end with EOS within the length limit.",
-    "gold": "Mean gold-judge score (embedded task only): share of right answer positions, minus 0.4 if anything follows the answer.",
-    "gold_win_rate_vs_sft": "Share of held-out prompts where the policy's response beats the SFT policy's by the gold judge (ties count half).",
-    "difference_vs_sft": "Per held-out prompt, the policy's score minus the SFT policy's on the same prompt, averaged over prompts (greedy: one deterministic response each; sampled: the mean of eval.samples responses each, drawn with the same random numbers); the interval is a paired bootstrap over prompts.",
-    "kl_to_sft": "KL to the SFT policy in nats per response: sum over the response's tokens of log pi - log pi_sft on the policy's own sampled responses, averaged per prompt; the interval is over prompts.",
-    "duration_s": "Wall time of the stage that produced the checkpoint, as its manifest records it (all of it: loading, training, its own evaluations, saving).",
-    "trained_on": "Episodes (PPO, GRPO: prompts with a sampled response trained on) or preference pairs seen (DPO), as the stage's manifest records them.",
+    "gold": (
+        "Mean gold-judge score (embedded task only): share of right answer positions, minus 0.4 if anything follows "
+        "the answer."
+    ),
+    "gold_win_rate_vs_sft": (
+        "Share of held-out prompts where the policy's response beats the SFT policy's by the gold judge (ties count "
+        "half)."
+    ),
+    "difference_vs_sft": (
+        "Per held-out prompt, the policy's score minus the SFT policy's on the same prompt, averaged over prompts "
+        "(greedy: one deterministic response each; sampled: the mean of eval.samples responses each, drawn with the "
+        "same random numbers); the interval is a paired bootstrap over prompts."
+    ),
+    "kl_to_sft": (
+        "KL to the SFT policy in nats per response: sum over the response's tokens of log pi - log pi_sft on the "
+        "policy's own sampled responses, averaged per prompt; the interval is over prompts."
+    ),
+    "duration_s": (
+        "Wall time of the stage that produced the checkpoint, as its manifest records it (all of it: loading, "
+        "training, its own evaluations, saving)."
+    ),
+    "trained_on": (
+        "Episodes (PPO, GRPO: prompts with a sampled response trained on) or preference pairs seen (DPO), as the "
+        "stage's manifest records them."
+    ),
 }
 
 # ---- pure metrics -------------------------------------------------------------------------------------
@@ -226,7 +263,13 @@ def rollout_scores(
         batch = prompts[i : i + batch_size]
         templated = [spec.format_prompt(p) for p in batch]
         query_responses, query_mask, responses = forwards.generate(
-            policy, tokenizer, templated, max_new_tokens, temperature, greedy=greedy, max_prompt_tokens=max_prompt_tokens
+            policy,
+            tokenizer,
+            templated,
+            max_new_tokens,
+            temperature,
+            greedy=greedy,
+            max_prompt_tokens=max_prompt_tokens,
         )
         mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
         attention = torch.cat([query_mask, mask.long()], dim=1)
@@ -317,10 +360,11 @@ def compare_policies(
         repeated = [p for p in prompts for _ in range(reps)]
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, gold=gold,
                       max_prompt_tokens=max_prompt_tokens)
-        before = on_all(lambda xs: rollout_scores(sft_policy, sft_policy, scorer, tokenizer, spec, xs, **kwargs),
+        before = on_all(lambda xs, kw=kwargs: rollout_scores(sft_policy, sft_policy, scorer, tokenizer, spec, xs, **kw),
                         repeated)
-        after = on_all(lambda xs: rollout_scores(policy, sft_policy, scorer, tokenizer, spec, xs, **kwargs), repeated)
-        per_prompt = lambda xs: [mean(xs[i : i + reps]) for i in range(0, len(xs), reps)]  # noqa: E731
+        after = on_all(lambda xs, kw=kwargs: rollout_scores(policy, sft_policy, scorer, tokenizer, spec, xs, **kw),
+                       repeated)
+        per_prompt = lambda xs, n=reps: [mean(xs[i : i + n]) for i in range(0, len(xs), n)]
         section = {}
         for key in ("reward", "gold") if gold else ("reward",):
             b, a = per_prompt(before[key]), per_prompt(after[key])
@@ -338,7 +382,10 @@ def compare_policies(
 
 def format_comparison(summary: dict, method: str = "ppo") -> str:
     """compare_policies' summary as the lines a stage ends with; method names the trained policy."""
-    lines = [f"{method.upper()} vs SFT on {summary['eval_prompts']} held-out prompts (95% paired bootstrap CI of the difference)"]
+    lines = [
+        (f"{method.upper()} vs SFT on {summary['eval_prompts']} held-out prompts "
+        "(95% paired bootstrap CI of the difference)")
+    ]
     for mode in ("greedy", "sampled"):
         s = summary[mode]
         for key in ("gold", "reward"):

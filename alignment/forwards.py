@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -64,7 +65,7 @@ def _logits_kwargs(model: nn.Module, keep: int) -> dict:
 @torch.no_grad()
 def reads_packed_rows(model: nn.Module) -> bool:
     """Whether model keeps sequences packed in one row apart when given restarting position ids and no
-    attention mask (training.PackedRows): the second of two packed sequences must compute as it does alone.
+    attention mask (batching.PackedRows): the second of two packed sequences must compute as it does alone.
     Models that take no position ids (BLOOM's ALiBi reads the mask) cannot."""
     if not _takes(model, "position_ids"):
         return False

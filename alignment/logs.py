@@ -31,7 +31,9 @@ def read_log_history(checkpoint, tensorboard_dir: str | Path) -> tuple[list[dict
     for name in names:
         kept = Path(checkpoint.path) / name
         if kept.is_file():
-            return [json.loads(line) for line in kept.read_text().splitlines() if line.strip()], f"{checkpoint.id}/{name}"
+            return [
+                json.loads(line) for line in kept.read_text().splitlines() if line.strip()
+            ], f"{checkpoint.id}/{name}"
     tensorboard_dir = Path(tensorboard_dir)
     records = _from_tensorboard(tensorboard_dir, checkpoint.manifest.get("created", ""),
                                 checkpoint.metrics.get("steps"))

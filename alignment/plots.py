@@ -13,7 +13,7 @@ import re
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 HIGHER, LOWER = "higher is better", "lower is better"
 # one color per stage in every figure (a method is the same color in the frontier, the curves and the bars);
@@ -53,7 +53,8 @@ def headline(rows: list[dict], panels: list[tuple[str, str, str]]) -> bytes | No
     for ax, (key, title, better) in zip(axes[0], panels):
         values = [r.get(key) for r in rows]
         means = [v["mean"] if v else math.nan for v in values]
-        # a percentile interval may miss the mean by a rounding error (a difference of exactly zero): no negative whisker
+        # a percentile interval may miss the mean by a rounding error (a difference of exactly zero): no negative
+        # whisker
         errs = [[max(0.0, v["mean"] - v["ci95"][0]) if v else 0 for v in values],
                 [max(0.0, v["ci95"][1] - v["mean"]) if v else 0 for v in values]]
         ax.bar(range(len(rows)), means, yerr=errs, capsize=4, alpha=0.8,

@@ -214,7 +214,9 @@ class GroupAdvantages(NamedTuple):
     group_std: torch.Tensor  # [B] the standard deviation of its group's rewards (0: the group teaches nothing)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> GroupAdvantages:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> GroupAdvantages:
     """GRPO's outcome advantages. rewards [B], B = groups * group_size, each group's responses consecutive.
 
     A = r - mean(group), divided by: scale="group" the group's std + eps (DeepSeekMath), "batch" the whole batch's

@@ -22,13 +22,17 @@ import string
 import tempfile
 from pathlib import Path
 
+from alignment import data
+
 # name -> (user turn, assistant turn): a conversation renders as its turns in order and ends with the user
 # turn, whose text ends where the model's answer begins. "{}" is the turn's content.
 TEMPLATES = {
     "alpaca": ("### Instruction:\n{}\n\n### Response:\n", "{}\n\n"),
     "llama2": ("[INST] {} [/INST] ", "{} </s><s>"),
-    "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-               "{}<|eot_id|>"),
+    "llama3": (
+        "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "{}<|eot_id|>",
+    ),
     "chatml": ("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", "{}<|im_end|>\n"),
     "plain": ("{}\n", "{}\n"),
     "human_assistant": ("\n\nHuman: {}\n\nAssistant:", " {}"),  # hh-rlhf; responses start with a space
@@ -275,7 +279,7 @@ def _hub_unreachable() -> str:
     try:
         get_session().head(constants.ENDPOINT, timeout=3)  # the hub's own client (proxies); any answer will do
         return ""
-    except Exception as e:  # no DNS, refused, timed out: the transport's error classes vary between hub versions
+    except Exception as e:  # noqa: BLE001 - no DNS, refused, timed out: the transport's error classes vary between hub versions
         why = f"{constants.ENDPOINT} cannot be reached ({_first_line(e)})"
     constants.HF_HUB_OFFLINE = True  # what huggingface_hub and transformers read (the variable only at import)
     os.environ["HF_HUB_OFFLINE"] = "1"  # and what processes started from this one read
@@ -348,8 +352,6 @@ def resolve(spec: ModelSpec, corpus: list[str] | None = None, vocab_size: int = 
 
 def default_corpus(spec: ModelSpec) -> list[str]:
     """The embedded task's text as the model will see it: templated prompts, responses, fillers."""
-    from alignment import data
-
     return data.corpus("task", spec.format_prompt)
 
 

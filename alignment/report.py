@@ -115,7 +115,7 @@ def warnings(result: dict) -> list[str]:
     out, n_runs = [], len(result["runs"])
     settings = result["settings"]["eval"]
     for run, entry in result["runs"].items():
-        name = lambda stage: label(run, stage, n_runs)  # noqa: E731
+        name = lambda stage, run=run: label(run, stage, n_runs)
         judge = "The reward model" if n_runs == 1 else f"The reward model {run}/rm"
         checkpoints = entry["checkpoints"]
         for c in entry.get("lineage", []):
@@ -140,9 +140,11 @@ def warnings(result: dict) -> list[str]:
                        f"{len(task.OPERATIONS)} operations (limit={result['settings'].get('limit')} keeps the first "
                        "prompts of a sorted file): every number here describes those alone.")
         if not entry.get("gold") and any(s in checkpoints for s in METHODS[1:]):
-            out.append(f"No gold judge for {run}'s data: proxy reward rising while true quality falls cannot be seen in "
-                       "these numbers; read the side-by-side responses, and take reward gains as the reward model's "
-                       "opinion.")
+            out.append(
+                f"No gold judge for {run}'s data: proxy reward rising while true quality falls cannot be seen in "
+                "these numbers; read the side-by-side responses, and take reward gains as the reward model's "
+                "opinion."
+            )
         cut = [f"{name(s)} {1 - m['ended_with_eos']['mean']:.0%}" for s, m in checkpoints.items()
                if m["kind"] == "policy" and m["ended_with_eos"]["mean"] < 0.5]
         if cut:
@@ -194,11 +196,13 @@ def _over_optimisation(name: str, vs: dict, curve: list[dict], prompts) -> list[
     if golds:
         peak, last = max(golds, key=lambda p: p["eval_gold"]), golds[-1]
         if peak["eval_gold"] - last["eval_gold"] > GOLD_FALL and last["eval_reward"] > peak["eval_reward"]:
-            out.append(f"Over-optimisation during {name}'s training: after step {peak['step']} (gold "
-                       f"{peak['eval_gold']:.3f}, reward {peak['eval_reward']:.3f}, KL {peak.get('eval_kl', math.nan):.2f})"
-                       f" the reward-model score rose to {last['eval_reward']:.3f} by step {last['step']} while gold "
-                       f"fell to {last['eval_gold']:.3f} (means over {prompts} prompts; falls under {GOLD_FALL} are "
-                       f"not flagged). The checkpoint at step {peak['step']} was the better one by gold.")
+            out.append(
+                f"Over-optimisation during {name}'s training: after step {peak['step']} (gold "
+                f"{peak['eval_gold']:.3f}, reward {peak['eval_reward']:.3f}, KL {peak.get('eval_kl', math.nan):.2f})"
+                f" the reward-model score rose to {last['eval_reward']:.3f} by step {last['step']} while gold "
+                f"fell to {last['eval_gold']:.3f} (means over {prompts} prompts; falls under {GOLD_FALL} are "
+                f"not flagged). The checkpoint at step {peak['step']} was the better one by gold."
+            )
     return out
 
 
@@ -207,7 +211,9 @@ def _over_budget(name: str, kl: dict, curve: list[dict], budget: float) -> list[
     if not budget:
         return []
     passed = next((p for p in curve if p.get("eval_kl", 0) > budget), None)
-    during = f"during training it passed the budget at step {passed['step']} (KL {passed['eval_kl']:.2f})" if passed else ""
+    during = (
+        f"during training it passed the budget at step {passed['step']} (KL {passed['eval_kl']:.2f})" if passed else ""
+    )
     if kl["mean"] > budget:
         return [f"{name} is {_num(kl, 2)} nats per response from SFT, over the KL budget of {budget:g} "
                 f"(eval.kl_budget)" + (f"; {during}." if during else ".")]
@@ -222,9 +228,15 @@ def figures(result: dict, rows: list[dict]) -> dict[str, bytes]:
     n_runs, budget = len(result["runs"]), result["settings"]["eval"]["kl_budget"]
     gold = any(e.get("gold") for e in result["runs"].values())
     methods = [r for r in rows if not r["reference"]]
-    panels = [(k, t, plots.HIGHER) for k, t in (("gold_greedy", "gold − SFT, greedy"), ("gold_sampled", "gold − SFT, sampled"),
-                                                ("reward_greedy", "RM reward − SFT, greedy"),
-                                                ("reward_sampled", "RM reward − SFT, sampled"))]
+    panels = [
+        (k, t, plots.HIGHER)
+        for k, t in (
+            ("gold_greedy", "gold − SFT, greedy"),
+            ("gold_sampled", "gold − SFT, sampled"),
+            ("reward_greedy", "RM reward − SFT, greedy"),
+            ("reward_sampled", "RM reward − SFT, sampled"),
+        )
+    ]
     panels.append(("kl", "KL to SFT, nats/response (sampled)", plots.LOWER + " (a cost)"))
     out = {"headline": plots.headline(methods, panels)}
 
@@ -259,10 +271,16 @@ def figures(result: dict, rows: list[dict]) -> dict[str, bytes]:
                 found[f"{label(run, stage, n_runs)} ({items(e, records)})"] = points
         return found
 
-    batches = lambda stage: lambda e, _: f"batches of {_setting(e, stage, 'batch_size')}"  # noqa: E731
-    loops = [(t, b, "step", {k: v for stage in ("ppo", "grpo") for k, v in lines(stage, key, batches(stage)).items()})
-             for key, t, b in (("reward", "train reward (raw RM score)", plots.HIGHER), ("kl", "train KL, nats/response", ""),
-                               ("entropy", "policy entropy", ""), ("value_loss", "PPO value loss", plots.LOWER))]
+    batches = lambda stage: lambda e, _: f"batches of {_setting(e, stage, 'batch_size')}"
+    loops = [
+        (t, b, "step", {k: v for stage in ("ppo", "grpo") for k, v in lines(stage, key, batches(stage)).items()})
+        for key, t, b in (
+            ("reward", "train reward (raw RM score)", plots.HIGHER),
+            ("kl", "train KL, nats/response", ""),
+            ("entropy", "policy entropy", ""),
+            ("value_loss", "PPO value loss", plots.LOWER),
+        )
+    ]
     out["rl_training"] = plots.by_step(loops, "PPO and GRPO training, per step (the stages' own logs)")
     trainers = [(t, b, "optimizer step", lines(stage, key, batches(stage) if not key.startswith("eval_") else
                                                    lambda e, records: _evaluated(records)))
@@ -453,13 +471,25 @@ def write(result: dict, run_dir: Path) -> Path:
         json.dump(result, f, indent=2, default=str)
     gold = any(e.get("gold") for e in result["runs"].values())
     page = PAGE.render(
-        r=result, s=result["settings"]["eval"], headline=result["headline"], warnings=result["warnings"], gold=gold,
+        r=result,
+        s=result["settings"]["eval"],
+        headline=result["headline"],
+        warnings=result["warnings"],
+        gold=gold,
         keys=[f"{k}_{m}" for k in (("gold", "reward") if gold else ("reward",)) for m in ("greedy", "sampled")],
         images={k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in images.items()},
-        policies={run: [s for s, m in e["checkpoints"].items() if m["kind"] == "policy"] for run, e in result["runs"].items()},
-        agreement={run: rm_agreement(e["checkpoints"]["rm"])[1] for run, e in result["runs"].items() if "rm" in e["checkpoints"]},
-        columns={run: [k for k in POLICY_COLUMNS if any(k in m for m in e["checkpoints"].values() if m["kind"] == "policy")]
-                 for run, e in result["runs"].items()},
+        policies={
+            run: [s for s, m in e["checkpoints"].items() if m["kind"] == "policy"] for run, e in result["runs"].items()
+        },
+        agreement={
+            run: rm_agreement(e["checkpoints"]["rm"])[1]
+            for run, e in result["runs"].items()
+            if "rm" in e["checkpoints"]
+        },
+        columns={
+            run: [k for k in POLICY_COLUMNS if any(k in m for m in e["checkpoints"].values() if m["kind"] == "policy")]
+            for run, e in result["runs"].items()
+        },
         rm_columns=RM_COLUMNS,
     )
     (run_dir / "report.html").write_text(page)

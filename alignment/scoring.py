@@ -48,7 +48,12 @@ class RewardScorer:
     re-tokenized the way the reward model was trained: its template, its tokenizer, EOS at the end."""
 
     def __init__(self, reward_model, rm_tokenizer, rm_spec: ModelSpec, policy_tokenizer, policy_spec: ModelSpec):
-        self.model, self.rm_tokenizer, self.rm_spec, self.policy_tokenizer = reward_model, rm_tokenizer, rm_spec, policy_tokenizer
+        self.model, self.rm_tokenizer, self.rm_spec, self.policy_tokenizer = (
+            reward_model,
+            rm_tokenizer,
+            rm_spec,
+            policy_tokenizer,
+        )
         self.by_text = (rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab()
                         or (rm_spec.template, rm_spec.chat_template)
                         != (policy_spec.template, policy_spec.chat_template))

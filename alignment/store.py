@@ -12,8 +12,8 @@ time and status. A checkpoint is stale when a parent was replaced or removed sin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import datetime
+import hashlib
 import json
 import os
 import re

@@ -33,7 +33,14 @@ FLAWED_SHARE = 0.8  # share of demonstrations that end with a filler: SFT's most
 LABEL_NOISE = 0.1  # share of preference labels flipped, as disagreeing annotators do
 
 SEED = 1234
-SIZES = {"sft": 4000, "sft_eval": 200, "prefs_train": 3000, "prefs_eval": 400, "prompts_train": 2000, "prompts_eval": 200}
+SIZES = {
+    "sft": 4000,
+    "sft_eval": 200,
+    "prefs_train": 3000,
+    "prefs_eval": 400,
+    "prompts_train": 2000,
+    "prompts_eval": 200,
+}
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "task"
 
 
@@ -148,8 +155,7 @@ def write(out_dir: Path = DATA_DIR, seed: int = SEED) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, records in generate(seed).items():
         with open(out_dir / f"{split}.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The GPU check: on a CUDA machine, what the CPU tests cannot show. One command, about 8 minutes on an H100/H200:
 
-    make gpu-check                                    (here: .venv/bin/python bench/gpu_check.py)
-    PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py --python python3 --peer-site /tmp/trl112
+    make gpu-check                                    (here: .venv/bin/python -m bench.gpu_check)
+    PYTHONPATH=/tmp/site:. python3 -m bench.gpu_check --python python3 --peer-site /tmp/trl112
 
 (the second where the packages travel as wheels: bench/gpu_wheels.sh makes them and says how to install them.)
 
@@ -9,8 +9,8 @@
 ZeRO-2 and ZeRO-3 (one process) and QLoRA 4-bit and 8-bit, on the tiny model; 4. a ~0.5B LLaMA built from
 config (bf16 weights, as a real model's checkpoint) through SFT, RM, PPO, DPO and GRPO: tokens/s and model FLOP
 utilisation against the measured peak, PPO's and GRPO's episodes/s with their time split and skipped updates,
-the reward before and after; 5. TRL 1.12's PPOTrainer in bf16 on the same PPO work (needs --peer-site: a folder where TRL
-1.12 is installed, e.g. `pip install --target`), and the ratio of episodes/s. Prints a summary; writes it as
+the reward before and after; 5. TRL 1.12's PPOTrainer in bf16 on the same PPO work (needs --peer-site: a folder
+where TRL 1.12 is installed, e.g. `pip install --target`), and the ratio of episodes/s. Prints a summary; writes it as
 JSON to --out (default bench/results/gpu_check.json). Nothing is downloaded. --smoke runs every step at a
 toy size (on a CPU too), to check the script itself; --stages picks stage 3's methods (sft and rm always run).
 """
@@ -27,18 +27,20 @@ from pathlib import Path
 
 import torch
 
+from bench.run import model_flops_per_token
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from bench.run import model_flops_per_token  # noqa: E402
-
-TINY = {"sft": "limit=64 sft.epochs=1 sft.batch_size=16", "rm": "limit=64 rm.epochs=1 rm.batch_size=16",
-        "ppo": "limit=64 ppo.steps=2 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 ppo.max_new_tokens=8 "
-               "ppo.eval_samples=1 ppo.eval_every=0",
-        "dpo": "limit=64 dpo.epochs=1 dpo.batch_size=8 dpo.eval_every=4 dpo.eval_prompts=8 dpo.eval_samples=1 "
-               "dpo.max_new_tokens=8",
-        "grpo": "limit=64 grpo.steps=2 grpo.batch_size=4 grpo.group_size=4 grpo.mini_batch_size=8 grpo.max_new_tokens=8 "
-                "grpo.eval_every=1 grpo.eval_prompts=8 grpo.eval_samples=1"}
+TINY = {
+    "sft": "limit=64 sft.epochs=1 sft.batch_size=16",
+    "rm": "limit=64 rm.epochs=1 rm.batch_size=16",
+    "ppo": "limit=64 ppo.steps=2 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 ppo.max_new_tokens=8 "
+    "ppo.eval_samples=1 ppo.eval_every=0",
+    "dpo": "limit=64 dpo.epochs=1 dpo.batch_size=8 dpo.eval_every=4 dpo.eval_prompts=8 dpo.eval_samples=1 "
+    "dpo.max_new_tokens=8",
+    "grpo": "limit=64 grpo.steps=2 grpo.batch_size=4 grpo.group_size=4 grpo.mini_batch_size=8 grpo.max_new_tokens=8 "
+    "grpo.eval_every=1 grpo.eval_prompts=8 grpo.eval_samples=1",
+}
 
 
 def cuda_peak(dtype=torch.bfloat16, n: int = 8192) -> float:
@@ -124,12 +126,22 @@ def main() -> None:
     modes = a.modes.split(",") if a.modes else []
     for zero in [m for m in modes if m.startswith("zero")]:
         for stage in stages:
-            step(f"{stage}-{zero}", [*make, stage, f"RUN=tiny-{zero}", f"ACCELERATE_CONFIG=configs/accelerate/{zero}.yaml",
-                                     f"ARGS={TINY[stage]}"], results, work)
+            step(
+                f"{stage}-{zero}",
+                [
+                    *make,
+                    stage,
+                    f"RUN=tiny-{zero}",
+                    f"ACCELERATE_CONFIG=configs/accelerate/{zero}.yaml",
+                    f"ARGS={TINY[stage]}",
+                ],
+                results,
+                work,
+            )
     for bits in [m for m in modes if m.endswith("bit")]:
         for stage in stages:
-            step(f"{stage}-qlora-{bits}", [*make, stage, f"RUN=tiny-{bits}", f"ARGS={TINY[stage]} quantization={bits} "
-                                           "lora.enabled=true compute_dtype=bfloat16"], results, work)
+            args = f"ARGS={TINY[stage]} quantization={bits} lora.enabled=true compute_dtype=bfloat16"
+            step(f"{stage}-qlora-{bits}", [*make, stage, f"RUN=tiny-{bits}", args], results, work)
 
     # 4. a ~0.5B LLaMA, bf16 weights, through SFT, RM and each method of stage 3
     from alignment import registry
@@ -139,8 +151,11 @@ def main() -> None:
     big = "limit=256" if a.smoke else "limit=4096"
     sft = f"{big} sft.epochs=1 sft.batch_size=64 sft.learning_rate=2e-5 sft.max_length=512 precision=bf16"
     rm = f"{big} rm.epochs=1 rm.batch_size=32 rm.learning_rate=1e-5 precision=bf16"
-    ppo = (f"{big} ppo.steps={2 if a.smoke else 12} ppo.batch_size=64 ppo.mini_batch_size=16 ppo.ppo_epochs=4 "
-           "ppo.max_new_tokens=32 ppo.learning_rate=1e-6 ppo.kl_coef=0.1 ppo.eval_every=0 ppo.eval_samples=1 precision=bf16")
+    ppo = (
+        f"{big} ppo.steps={2 if a.smoke else 12} ppo.batch_size=64 ppo.mini_batch_size=16 ppo.ppo_epochs=4 "
+        "ppo.max_new_tokens=32 ppo.learning_rate=1e-6 ppo.kl_coef=0.1 ppo.eval_every=0 ppo.eval_samples=1 "
+        "precision=bf16"
+    )
     dpo = (f"{big} dpo.epochs=1 dpo.batch_size=16 dpo.learning_rate=5e-7 dpo.max_length=512 dpo.eval_every=0 "
            "dpo.eval_samples=1 dpo.max_new_tokens=32 precision=bf16")
     grpo = (f"{big} grpo.steps={2 if a.smoke else 12} grpo.batch_size=16 grpo.group_size=8 grpo.mini_batch_size=32 "
@@ -148,7 +163,9 @@ def main() -> None:
     settings = {"sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo, "grpo": grpo}
     for stage in stages:
         args = settings[stage]
-        if not step(f"0.5b-{stage}", [*make, stage, f"MODEL={folder}", "RUN=llama-0.5b", f"ARGS={args}"], results, work):
+        if not step(
+            f"0.5b-{stage}", [*make, stage, f"MODEL={folder}", "RUN=llama-0.5b", f"ARGS={args}"], results, work
+        ):
             break
     from alignment.store import Store
 
@@ -175,7 +192,7 @@ def main() -> None:
                 results[f"0.5b_{method}"] = {k: m[k] for k in ("episodes_per_s", "time_s", "skipped_non_finite",
                                                                "peak_memory_mb")}
                 results[f"0.5b_{method}"]["reward"] = m["sampled"]["reward"]
-    except Exception as e:  # a failed stage was reported above
+    except Exception as e:  # noqa: BLE001 - a failed stage was reported above
         print(f"[gpu-check] no 0.5B figures: {e}")
 
     # 5. TRL 1.12's PPOTrainer in bf16 on the same work
@@ -187,12 +204,41 @@ def main() -> None:
         prompts = [spec.format_prompt(r["prompt"]) for r in data.load("task", "prompts_train", 4096)]
         (work / "prompts.json").write_text(json.dumps(tokenizer(prompts).input_ids))
         steps = 2 if a.smoke else 12
-        if step("0.5b-ppo-trl112", [a.python, "bench/peers/trl112_ppo.py", "--sft", str(s.get("llama-0.5b", "sft").path),
-                                    "--rm", str(s.get("llama-0.5b", "rm").path), "--prompts", str(work / "prompts.json"),
-                                    "--out", str(work / "trl112"), "--steps", str(steps), "--batch", "64",
-                                    "--mini-batch", "16", "--epochs", "4", "--response-length", "32", "--lr", "1e-6",
-                                    "--kl-coef", "0.1", "--seed", "0", "--bf16"], results, work,
-                env={"PYTHONPATH": os.pathsep.join([a.peer_site, str(ROOT), os.environ.get("PYTHONPATH", "")])}):
+        if step(
+            "0.5b-ppo-trl112",
+            [
+                a.python,
+                "bench/peers/trl112_ppo.py",
+                "--sft",
+                str(s.get("llama-0.5b", "sft").path),
+                "--rm",
+                str(s.get("llama-0.5b", "rm").path),
+                "--prompts",
+                str(work / "prompts.json"),
+                "--out",
+                str(work / "trl112"),
+                "--steps",
+                str(steps),
+                "--batch",
+                "64",
+                "--mini-batch",
+                "16",
+                "--epochs",
+                "4",
+                "--response-length",
+                "32",
+                "--lr",
+                "1e-6",
+                "--kl-coef",
+                "0.1",
+                "--seed",
+                "0",
+                "--bf16",
+            ],
+            results,
+            work,
+            env={"PYTHONPATH": os.pathsep.join([a.peer_site, str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        ):
             peer = json.loads((work / "trl112" / "bench.json").read_text())
             results["0.5b_ppo_trl112"] = peer
             results["0.5b_ppo"]["vs_trl112"] = round(results["0.5b_ppo"]["episodes_per_s"] / peer["episodes_per_s"], 2)

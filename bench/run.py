@@ -1,10 +1,10 @@
 """Benchmark of every stage against the peers, on the same model, data, batch sizes and lengths.
 
-    make bench                      (= .venv/bin/python bench/run.py)
-    python bench/run.py --only sft,rm --sft-records 512
+    make bench                      (= .venv/bin/python -m bench.run)
+    python -m bench.run --only sft,rm --sft-records 512
 
 Each measurement runs in its own process (its peak memory is its own); ours are the real stages
-(stages/*.py) writing to a bench store, the peers are the scripts in bench/peers/. The PPO peer is
+(python -m stages.<stage>) writing to a bench store, the peers are the scripts in bench/peers/. The PPO peer is
 TRL 1.12's PPOTrainer, the last TRL release with PPO, in a virtual environment of its own
 (bench/.venv-trl112, made by `make bench`); the DPO and GRPO peers are plain scripts on TRL 1.16's DPOTrainer and
 GRPOTrainer, run in the precision ours chose. Prints one table; writes it as JSON to bench/results/.
@@ -13,7 +13,6 @@ Speed figures are what this machine measured in this run; nothing here is a test
 
 from __future__ import annotations
 
-import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import argparse
 import json
 import os
@@ -26,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from alignment import data, evaluation, loading, registry, scoring
+from alignment.store import Store
 
-from alignment import data, evaluation, loading, registry, scoring  # noqa: E402
-from alignment.store import Store  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "bench" / "results"
 PEER_PYTHON = ROOT / "bench" / ".venv-trl112" / "bin" / "python"
@@ -154,7 +152,7 @@ def main() -> None:
                    for r in data.load("hh-rlhf", "sft_train", a.sft_records)]
         (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         settings = dict(batch=a.sft_batch, max_length=a.sft_max_length, lr=2e-3)
-        run_process("sft-ours", [py, "stages/sft.py", "--config", "configs/hh-rlhf/sft.yaml", *common,
+        run_process("sft-ours", [py, "-m", "stages.sft", "--config", "configs/hh-rlhf/sft.yaml", *common,
                                  f"limit={a.sft_records}", "sft.epochs=1", f"sft.batch_size={a.sft_batch}",
                                  f"sft.max_length={a.sft_max_length}", "sft.learning_rate=2e-3"], work)
         ours = store.get(RUN, "sft").manifest["metrics"]
@@ -170,7 +168,7 @@ def main() -> None:
         if not store.path(RUN, "sft").exists():
             raise SystemExit("[bench] rm needs the sft measurement's checkpoint: run with --only sft,rm")
         sft_path = store.get(RUN, "sft").path
-        run_process("rm-ours", [py, "stages/rm.py", "--config", "configs/hh-rlhf/rm.yaml", *common,
+        run_process("rm-ours", [py, "-m", "stages.rm", "--config", "configs/hh-rlhf/rm.yaml", *common,
                                 f"limit={a.rm_pairs}", "rm.epochs=1", f"rm.batch_size={a.rm_batch}",
                                 f"rm.max_length={a.rm_max_length}"], work)
         rm = store.get(RUN, "rm")
@@ -215,7 +213,7 @@ def main() -> None:
                    f"ppo.mini_batch_size={a.ppo_mini_batch}", f"ppo.ppo_epochs={epochs}",
                    f"ppo.max_new_tokens={a.ppo_response_length}", f"ppo.max_prompt_length={a.ppo_prompt_length}",
                    "ppo.eval_every=0", "ppo.eval_samples=1", "resume=false"]
-            run_process(f"{key}-ours", [py, "stages/ppo.py", "--config", "configs/hh-rlhf/ppo.yaml", *common, *ppo],
+            run_process(f"{key}-ours", [py, "-m", "stages.ppo", "--config", "configs/hh-rlhf/ppo.yaml", *common, *ppo],
                         work)
             ours = store.get(RUN, "ppo")
             cfg = ours.manifest["config"]["ppo"]
@@ -233,7 +231,7 @@ def main() -> None:
 
 
     if "dpo" in stages:  # on the reward model's training pairs, with its batch size and lengths
-        run_process("dpo-ours", [py, "stages/dpo.py", "--config", "configs/hh-rlhf/dpo.yaml", *common,
+        run_process("dpo-ours", [py, "-m", "stages.dpo", "--config", "configs/hh-rlhf/dpo.yaml", *common,
                                  f"limit={a.rm_pairs}", "dpo.epochs=1", f"dpo.batch_size={a.rm_batch}",
                                  f"dpo.max_length={a.rm_max_length}", f"dpo.beta={a.dpo_beta}", "dpo.eval_every=0",
                                  "dpo.eval_samples=1", "resume=false"], work)
@@ -241,10 +239,29 @@ def main() -> None:
         pairs = [{"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
                  for r in data.load("hh-rlhf", "prefs_train", a.rm_pairs)]
         (work / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-        run_process("dpo-trl", [py, "bench/peers/trl_dpo.py", "--model", str(sft.path), "--data", str(work / "dpo.jsonl"),
-                                "--out", str(work / "dpo-trl.json"), "--batch", str(a.rm_batch), "--max-length",
-                                str(a.rm_max_length), "--lr", str(ours_lr(store, "dpo")), "--beta", str(a.dpo_beta),
-                                *(["--fp32"] if ours["precision"] == "fp32" else [])], work)
+        run_process(
+            "dpo-trl",
+            [
+                py,
+                "bench/peers/trl_dpo.py",
+                "--model",
+                str(sft.path),
+                "--data",
+                str(work / "dpo.jsonl"),
+                "--out",
+                str(work / "dpo-trl.json"),
+                "--batch",
+                str(a.rm_batch),
+                "--max-length",
+                str(a.rm_max_length),
+                "--lr",
+                str(ours_lr(store, "dpo")),
+                "--beta",
+                str(a.dpo_beta),
+                *(["--fp32"] if ours["precision"] == "fp32" else []),
+            ],
+            work,
+        )
         peers = {"dpo-trl": json.loads((work / "dpo-trl.json").read_text())}
         # a pair is two sequences; the reference's forward adds 2 FLOPs per parameter to training's 6
         report["stages"]["dpo"] = _train_stage(ours, peers, base, peaks, "samples_per_s", per_sample=2, flops=8 / 6)
@@ -252,7 +269,7 @@ def main() -> None:
     if "grpo" in stages:  # on PPO's prompts and lengths
         texts = tokenizer.batch_decode(ids, skip_special_tokens=False)  # the prompts as cut to --ppo-prompt-length
         (work / "grpo_prompts.json").write_text(json.dumps(texts))
-        run_process("grpo-ours", [py, "stages/grpo.py", "--config", "configs/hh-rlhf/grpo.yaml", *common,
+        run_process("grpo-ours", [py, "-m", "stages.grpo", "--config", "configs/hh-rlhf/grpo.yaml", *common,
                                   f"grpo.steps={a.grpo_steps}", f"grpo.batch_size={a.grpo_prompts}",
                                   f"grpo.group_size={a.grpo_group}", f"grpo.mini_batch_size={a.grpo_mini_batch}",
                                   f"grpo.max_new_tokens={a.ppo_response_length}",
@@ -292,10 +309,16 @@ def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str, re
         sequences = m["samples_per_s"] * m["train_runtime_s"] * per_sample
         mean_length = m["train_tokens"] / max(1.0, sequences)
         flops_per_s = flops * model_flops_per_token(base, mean_length, reward_model) * m["tokens_per_s"]
-        out[name] = {"precision": m["precision"], "tokens_per_s": m["tokens_per_s"], "samples_per_s": m["samples_per_s"],
-                     "train_runtime_s": m["train_runtime_s"], "train_tokens": m["train_tokens"],
-                     "peak_memory_mb": m["peak_memory_mb"], "model_gflops": round(flops_per_s / 1e9, 1),
-                     "share_of_matmul_peak": round(flops_per_s / 1e9 / peaks[m["precision"]]["gflops"], 3)}
+        out[name] = {
+            "precision": m["precision"],
+            "tokens_per_s": m["tokens_per_s"],
+            "samples_per_s": m["samples_per_s"],
+            "train_runtime_s": m["train_runtime_s"],
+            "train_tokens": m["train_tokens"],
+            "peak_memory_mb": m["peak_memory_mb"],
+            "model_gflops": round(flops_per_s / 1e9, 1),
+            "share_of_matmul_peak": round(flops_per_s / 1e9 / peaks[m["precision"]]["gflops"], 3),
+        }
     for name in peers:
         out[f"ours/{name}"] = round(out["ours"][rate] / out[name][rate], 2)
     return out
@@ -344,8 +367,8 @@ def _rl_stage(ours, peer: dict, peer_name: str, peer_policy: Path, sft, rm, spec
 
 def format_table(report: dict) -> str:
     peaks = report["matmul_peak_gflops"]
-    lines = [f"matmul peak (this run): fp32 {peaks['fp32']['gflops']} GFLOP/s, bf16 {peaks['bf16']['gflops']} GFLOP/s; "
-             f"{report['machine']['threads']} threads, model {report['model']}", ""]
+    lines = [(f"matmul peak (this run): fp32 {peaks['fp32']['gflops']} GFLOP/s, bf16 {peaks['bf16']['gflops']} "
+              f"GFLOP/s; {report['machine']['threads']} threads, model {report['model']}"), ""]
     head = f"{'stage':5} {'who':12} {'prec':5} {'rate':>16} {'model GFLOP/s':>14} {'% peak':>7} {'peak MB':>8}  ratio"
     lines += [head, "-" * len(head)]
     for stage, unit in (("sft", "tokens_per_s"), ("rm", "samples_per_s"), ("dpo", "samples_per_s")):
@@ -357,8 +380,10 @@ def format_table(report: dict) -> str:
                 continue
             ratio = "" if name == "ours" else f"ours/{name.split('-', 1)[1]} = {rows[f'ours/{name}']:.2f}x"
             label = "tokens/s" if unit == "tokens_per_s" else "pairs/s"
-            lines.append(f"{stage:5} {name:12} {r['precision']:5} {r[unit]:>9.1f} {label:>6} {r['model_gflops']:>14.1f} "
-                         f"{100 * r['share_of_matmul_peak']:>6.1f}% {r['peak_memory_mb']:>8.0f}  {ratio}")
+            lines.append(
+                f"{stage:5} {name:12} {r['precision']:5} {r[unit]:>9.1f} {label:>6} {r['model_gflops']:>14.1f} "
+                f"{100 * r['share_of_matmul_peak']:>6.1f}% {r['peak_memory_mb']:>8.0f}  {ratio}"
+            )
     for key, rows in report["stages"].items():
         if not key.startswith(("ppo", "grpo")):
             continue
@@ -373,9 +398,11 @@ def format_table(report: dict) -> str:
                          f"{r['peak_memory_mb']:>8.0f}  {ratio}")
             lines.append(f"{'':18} time: {split}")
             lo, hi = r["reward_gain_ci95"]
-            lines.append(f"{'':18} held-out RM reward {r['held_out_reward']:+.3f} vs SFT {rows['sft_held_out_reward']:+.3f}: "
-                         f"gain {r['reward_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] over {r['episodes']} episodes "
-                         f"({r['reward_gain_per_1k_episodes']:+.3f} per 1k), KL {r['held_out_kl']:.2f}")
+            lines.append(
+                f"{'':18} held-out RM reward {r['held_out_reward']:+.3f} vs SFT {rows['sft_held_out_reward']:+.3f}: "
+                f"gain {r['reward_gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] over {r['episodes']} episodes "
+                f"({r['reward_gain_per_1k_episodes']:+.3f} per 1k), KL {r['held_out_kl']:.2f}"
+            )
         d = rows.get("ours_minus_peer_reward") or rows["ours_minus_trl112_reward"]
         lines.append(f"{'':18} ours - {peer}, paired on the same {d['prompts']} prompts: {d['mean']:+.3f} "
                      f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")

@@ -1,7 +1,7 @@
 """Stage 3 beside PPO, DPO: the SFT policy trained straight on the preference pairs, no reward model in the loop.
 
     make dpo [MODEL=tiny-llama] [ARGS="dpo.beta=0.2 dpo.loss_type=ipo"]
-    python stages/dpo.py --config configs/dpo.yaml key=value ...
+    python -m stages.dpo --config configs/dpo.yaml key=value ...
 
 TRL's DPOTrainer minimises -log sigmoid(beta * [(log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))]) over the
 pairs the reward model was trained on (prompts in the model's template, as there); pi_ref is the SFT policy, frozen
@@ -12,7 +12,6 @@ held-out prompts that PPO ends with, under the same keys. The result lands in th
 
 from __future__ import annotations
 
-import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import dataclasses
 import os
 import time
@@ -24,10 +23,23 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import DPOConfig
 from trl import DPOTrainer as TRLDPOTrainer
 
-from alignment import config, data, distributed, evaluation, forwards, loading, registry, scoring, training
+from alignment import (
+    batching,
+    callbacks,
+    config,
+    data,
+    distributed,
+    evaluation,
+    forwards,
+    loading,
+    publish,
+    registry,
+    resume,
+    scoring,
+    training,
+)
 from alignment.config import field
 from alignment.store import Store
-
 
 # TRL 1.16's DPO losses (its trainer names an unknown one only at the first training step)
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -56,7 +68,7 @@ class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate,
                               "the run's")
 
 
-class DPOTrainer(training.LengthGrouping, TRLDPOTrainer):
+class DPOTrainer(batching.LengthGrouping, TRLDPOTrainer):
     """TRL's DPOTrainer; with dpo.group_by_length its batches hold pairs of similar length."""
 
     def example_lengths(self, dataset) -> list[int]:  # a pair pads to its prompt and its longer response
@@ -72,7 +84,7 @@ class Config(config.StageConfig):
 
 
 def load_scorer(rm, spec, tokenizer, cfg: Config) -> scoring.RewardScorer:
-    """The reward model as PPO's judge (stages/ppo.py:load_models): frozen, any tokenizer (scored from the text
+    """The reward model as PPO's judge (alignment/rl/models.py): frozen, any tokenizer (scored from the text
     when it is not the policy's)."""
     rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"], tokenizer=rm.path)
     rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
@@ -119,8 +131,9 @@ def main(argv: list[str]) -> None:
     scorer = load_scorer(rm, spec, tokenizer, cfg)
     # the store is written to only now: a model that fails to load leaves no folder behind
     work_dir = store.run_dir(run) / ".trainer-dpo"  # the trainer's resumable checkpoints
-    # the parents' uids belong to the state: one trained (or its curve judged) on checkpoints since replaced is not resumed
-    resume_from = training.trainer_resume_point(
+    # the parents' uids belong to the state: one trained (or its curve judged) on checkpoints since replaced is not
+    # resumed
+    resume_from = resume.trainer_resume_point(
         work_dir, {**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"], rm.manifest["uid"]]}, cfg.resume)
 
     # 3. preference pairs, prompts in the model's template (as the reward model read them); held-out prompts
@@ -144,7 +157,7 @@ def main(argv: list[str]) -> None:
                                    eval_strategy="no")  # held-out pairs once at the end
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs,
-        processing_class=tokenizer, peft_config=peft_config, callbacks=training.guarded("dpo", work_dir, cfg),
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks.guarded("dpo", work_dir, cfg),
     )
     scorer.model.to(trainer.accelerator.device)
     if eval_ref is not None and eval_ref is not ref_model:  # (ZeRO-3's second copy: TRL moves only its own)
@@ -161,7 +174,7 @@ def main(argv: list[str]) -> None:
                 max_prompt_tokens=d.max_prompt_length, seed=cfg.seed)
 
     writer = SummaryWriter(str(tensorboard)) if trainer.is_world_process_zero() else None
-    trainer.add_callback(training.HeldOutCurve(d.eval_every, curve_point, writer))
+    trainer.add_callback(callbacks.HeldOutCurve(d.eval_every, curve_point, writer))
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[dpo] {dropped} training pairs whose prompt fills dpo.max_length={d.max_length} tokens were dropped")
@@ -185,7 +198,7 @@ def main(argv: list[str]) -> None:
     # weights do not depend on it (a retrained one leaves them valid), only the evaluation does, which names it.
     metrics = {
         **summary,  # eval_prompts, greedy, sampled: PPO's keys
-        "eval_curve": training.HeldOutCurve.points(trainer.state),
+        "eval_curve": callbacks.HeldOutCurve.points(trainer.state),
         "train_loss": result.training_loss,
         "eval_loss": held_out["eval_loss"],
         "eval_reward_accuracy": held_out.get("eval_rewards/accuracies"),
@@ -194,7 +207,7 @@ def main(argv: list[str]) -> None:
         "pairs_seen": round(trainer.state.epoch * len(trainer.train_dataset)),  # over all processes
         "dropped_too_long": dropped,
     }
-    training.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="dpo", started=started, parent=sft,
+    publish.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="dpo", started=started, parent=sft,
                      splits=["prefs_train", "prefs_eval", "prompts_eval"],
                      skipped={"prefs_train": train_skipped, "prefs_eval": eval_skipped}, metrics=metrics,
                      evaluated_with={"reward_model": rm.id, "uid": rm.manifest["uid"]})

@@ -2,7 +2,7 @@
 can read.
 
     make eval [RUN=tiny-llama] [CHECKPOINTS="tiny-llama/sft,tiny-llama/ppo"] [ARGS="eval.runs=[tiny-bloom]"]
-    python stages/eval.py --config configs/eval.yaml key=value ...
+    python -m stages.eval --config configs/eval.yaml key=value ...
 
 By default every checkpoint the latest run holds is measured: the base model, SFT, the reward model, and each of
 PPO, DPO and GRPO that exists. Every policy is judged by its run's reward model (and, on the embedded task, the
@@ -13,7 +13,6 @@ files in <store>/<run>/plots/.
 
 from __future__ import annotations
 
-import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import collections
 import dataclasses
 import sys
@@ -85,7 +84,9 @@ def load_reference(store: Store, run: str, cfg: Config) -> Reference:
     reward_model = loading.on_device(loading.load_model(rm.path, AutoModelForSequenceClassification, spec,
                                                         tokenizer=tokenizer)).eval()
     scorer = scoring.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
-    held_out = [data.load(profile, split, cfg.limit, cfg.on_error) for split in ("sft_eval", "prefs_eval", "prompts_eval")]
+    held_out = [
+        data.load(profile, split, cfg.limit, cfg.on_error) for split in ("sft_eval", "prefs_eval", "prompts_eval")
+    ]
     return Reference(tokenizer, spec, sft_policy, reward_model, scorer, data.get_profile(profile).gold,
                      held_out[0], held_out[1], [x["prompt"] for x in held_out[2]])
 
@@ -128,10 +129,15 @@ def recorded(checkpoint: Checkpoint, stage: str, prompts: int) -> dict:
     """What a trained policy's stage measured itself: its held-out curve (eval_every points; n prompts each),
     wall time, what it trained on."""
     m, settings = checkpoint.metrics, (checkpoint.manifest.get("config") or {}).get(stage, {})
-    return {"eval_curve": m.get("eval_curve", []), "curve_prompts": min(settings.get("eval_prompts") or prompts, prompts),
-            "duration_s": m.get("duration_s"), "episodes": m.get("episodes"), "pairs_seen": m.get("pairs_seen"),
-            "skipped_non_finite": m.get("skipped_non_finite"),
-            "reward_model": settings.get("reward_model") or None}  # a judge other than the run's, if it had one
+    return {
+        "eval_curve": m.get("eval_curve", []),
+        "curve_prompts": min(settings.get("eval_prompts") or prompts, prompts),
+        "duration_s": m.get("duration_s"),
+        "episodes": m.get("episodes"),
+        "pairs_seen": m.get("pairs_seen"),
+        "skipped_non_finite": m.get("skipped_non_finite"),
+        "reward_model": settings.get("reward_model") or None,
+    }  # a judge other than the run's, if it had one
 
 
 def reward_model_entry(store: Store, run: str, ref: Reference, cfg: Config) -> dict:
@@ -139,14 +145,24 @@ def reward_model_entry(store: Store, run: str, ref: Reference, cfg: Config) -> d
     says whether the two accuracies agree, and why not)."""
     rm = store.get(run, "rm")
     profile = rm.manifest["data"]["profile"]
-    return {"kind": "reward_model", "path": str(rm.path),
-            **evaluation.reward_model_metrics(ref.reward_model, ref.tokenizer, ref.spec, ref.pairs),
-            "stage_recorded": {"accuracy": rm.metrics.get("eval_accuracy"), "ci95": rm.metrics.get("eval_accuracy_ci95"),
-                               "pairs": rm.metrics.get("eval_pairs"), "limit": (rm.manifest.get("config") or {}).get("limit"),
-                               "fingerprint": (rm.manifest.get("data") or {}).get("fingerprint"),
-                               "references": rm.metrics.get("references", {})},
-            "now": {"limit": cfg.limit, "fingerprint": data.fingerprint(profile, ["prefs_train", "prefs_eval"]),
-                    "dtype": ref.spec.dtype}}
+    return {
+        "kind": "reward_model",
+        "path": str(rm.path),
+        **evaluation.reward_model_metrics(ref.reward_model, ref.tokenizer, ref.spec, ref.pairs),
+        "stage_recorded": {
+            "accuracy": rm.metrics.get("eval_accuracy"),
+            "ci95": rm.metrics.get("eval_accuracy_ci95"),
+            "pairs": rm.metrics.get("eval_pairs"),
+            "limit": (rm.manifest.get("config") or {}).get("limit"),
+            "fingerprint": (rm.manifest.get("data") or {}).get("fingerprint"),
+            "references": rm.metrics.get("references", {}),
+        },
+        "now": {
+            "limit": cfg.limit,
+            "fingerprint": data.fingerprint(profile, ["prefs_train", "prefs_eval"]),
+            "dtype": ref.spec.dtype,
+        },
+    }
 
 
 def main(argv: list[str]) -> None:

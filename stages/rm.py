@@ -1,7 +1,7 @@
 """Stage 2, reward model: a scalar head on the SFT model, trained on pairwise preferences.
 
     make rm [MODEL=tiny-llama] [ARGS="rm.epochs=2"]
-    python stages/rm.py --config configs/rm.yaml key=value ...
+    python -m stages.rm --config configs/rm.yaml key=value ...
 
 The model is AutoModelForSequenceClassification with one label, initialised from the run's SFT
 checkpoint; TRL's RewardTrainer minimises -log sigmoid(r_chosen - r_rejected). Held-out pairwise
@@ -10,7 +10,6 @@ accuracy, with its bootstrap interval, goes into the manifest.
 
 from __future__ import annotations
 
-import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import dataclasses
 import os
 import time
@@ -21,7 +20,19 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig
 from trl import RewardTrainer as TRLRewardTrainer
 
-from alignment import config, data, distributed, evaluation, loading, registry, training
+from alignment import (
+    batching,
+    callbacks,
+    config,
+    data,
+    distributed,
+    evaluation,
+    loading,
+    publish,
+    registry,
+    resume,
+    training,
+)
 from alignment.config import field
 from alignment.store import Store
 
@@ -36,7 +47,7 @@ class RMSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate, 
     validation: int = field(200, "pairs carved from the end of the training pairs to choose the checkpoint on")
 
 
-class RewardTrainer(training.LengthGrouping, TRLRewardTrainer):
+class RewardTrainer(batching.LengthGrouping, TRLRewardTrainer):
     """TRL's RewardTrainer; with rm.group_by_length its batches hold pairs of similar length (the trainer's own
     length grouping looks for an input_ids column, which tokenized pairs do not have)."""
 
@@ -74,12 +85,15 @@ def main(argv: list[str]) -> None:
     # the store is written to only now: a model that fails to load leaves no folder behind
     work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
     # the parent's uid belongs to the state: a state trained on an SFT since replaced is not resumed
-    resume_from = training.trainer_resume_point(work_dir, {**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"]]},
+    resume_from = resume.trainer_resume_point(work_dir, {**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"]]},
                                                 cfg.resume)
 
     # 3. preference pairs; prompts carry the model's template, so the RM reads what the policy writes
     def templated(records: list[dict]) -> list[dict]:
-        return [{"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
+        return [
+            {"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in records
+        ]
 
     # the checkpoint is chosen on a validation split carved from the training pairs, never on the held-out ones
     loaded = data.load_split(cfg.data, "prefs_train", cfg.limit, cfg.on_error)
@@ -87,7 +101,10 @@ def main(argv: list[str]) -> None:
     if skipped:
         print(f"[rm] prefs_train: skipped {sum(skipped.values())} pairs: {skipped}")
     n_val = min(cfg.rm.validation, len(loaded.records) // 5)
-    train_pairs, val_pairs = templated(loaded.records[: len(loaded.records) - n_val]), templated(loaded.records[-n_val:])
+    train_pairs, val_pairs = (
+        templated(loaded.records[: len(loaded.records) - n_val]),
+        templated(loaded.records[-n_val:]),
+    )
     held_out = data.load_split(cfg.data, "prefs_eval", cfg.limit, cfg.on_error)
     raw_eval = held_out.records
 
@@ -106,7 +123,7 @@ def main(argv: list[str]) -> None:
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
         eval_dataset=Dataset.from_list(val_pairs), processing_class=tokenizer, peft_config=peft_config,
-        callbacks=training.guarded("rm", work_dir, cfg),
+        callbacks=callbacks.guarded("rm", work_dir, cfg),
     )
     if cfg.quantization:
         # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's recipe) while k-bit preparation
@@ -141,11 +158,14 @@ def main(argv: list[str]) -> None:
         "eval_pairs": len(raw_eval),
         "dropped_too_long": dropped,
     }
-    training.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="rm", started=started, parent=sft,
+    publish.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="rm", started=started, parent=sft,
                      splits=["prefs_train", "prefs_eval"],
                      skipped={"prefs_train": skipped, "prefs_eval": dict(held_out.skipped)}, metrics=metrics)
     lo, hi = accuracy["accuracy_ci95"]
-    print(f"[rm] held-out pairwise accuracy {accuracy['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {len(raw_eval)} pairs")
+    print(
+        f"[rm] held-out pairwise accuracy {accuracy['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) "
+        f"on {len(raw_eval)} pairs"
+    )
     for name, value in data.get_profile(cfg.data).rm_references:
         print(f"[rm]   reference on the same split: {name}: {value:.3f}")
 

@@ -1,7 +1,7 @@
 """Stage 1, supervised fine-tuning: teach the base model to answer instructions from demonstrations.
 
     make sft [MODEL=tiny-llama] [ARGS="sft.epochs=2 lora.enabled=true"]
-    python stages/sft.py --config configs/sft.yaml key=value ...
+    python -m stages.sft --config configs/sft.yaml key=value ...
 
 TRL's SFTTrainer runs the loop; the loss covers response tokens only (prompt-completion records).
 The result lands in the store as <run>/sft: a full model, or with LoRA only the adapter.
@@ -9,7 +9,6 @@ The result lands in the store as <run>/sft: a full model, or with LoRA only the 
 
 from __future__ import annotations
 
-import alignment  # noqa: F401  (first: quiets third-party noise, see alignment/__init__.py)
 import dataclasses
 import os
 import time
@@ -20,7 +19,7 @@ from transformers import AutoModelForCausalLM, Trainer
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer as TRLSFTTrainer
 
-from alignment import config, data, forwards, loading, registry, training
+from alignment import batching, callbacks, config, data, forwards, loading, publish, registry, resume, training
 from alignment.config import field
 from alignment.store import Store
 
@@ -31,13 +30,16 @@ class SFTSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate,
     batch_size: int = field(32, "sequences per device per forward")
     learning_rate: float = field(2e-3, "peak AdamW learning rate (tiny models want high rates; 7B wants ~2e-5)")
     max_length: int = field(512, "longest sequence in tokens; a longer one loses the beginning of its prompt (counted)")
-    group_by_length: bool = field(False, "batch sequences of similar length together: less padding (off by default: "
-                                  "on the embedded task, length-sorted batches of alike examples trained a worse model)")
+    group_by_length: bool = field(
+        False,
+        "batch sequences of similar length together: less padding (off by default: "
+        "on the embedded task, length-sorted batches of alike examples trained a worse model)",
+    )
     packed: bool = field(True, "pack each batch's sequences into rows as wide as its longest instead of padding "
                          "each: the same sequences and loss, far less padding computed")
 
 
-class SFTTrainer(training.LengthGrouping, TRLSFTTrainer):
+class SFTTrainer(batching.LengthGrouping, TRLSFTTrainer):
     """TRL's SFTTrainer, but the loss is the model's own (one LM-head matmul, then cross-entropy over the
     completion tokens) instead of TRL's fused LM head, which tiles the vocabulary to also compute entropy and
     top-1 accuracy on every step: on CPU that kernel took half of each step (bench/README.md)."""
@@ -82,7 +84,7 @@ def main(argv: list[str]) -> None:
         print(f"[sft] {spec.name} cannot keep sequences packed in one row apart: batches are padded instead")
     # the store is written to only now: a model that fails to load leaves no folder behind
     work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
-    resume_from = training.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
+    resume_from = resume.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
 
     # 3. demonstrations as prompt-completion records: TRL masks the prompt out of the loss
     skipped = {}
@@ -114,8 +116,8 @@ def main(argv: list[str]) -> None:
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config,
-        data_collator=training.PackedRows(tokenizer.pad_token_id) if packed else None,
-        callbacks=training.guarded("sft", work_dir, cfg),
+        data_collator=batching.PackedRows(tokenizer.pad_token_id) if packed else None,
+        callbacks=callbacks.guarded("sft", work_dir, cfg),
     )
     result = training.train(trainer, "sft", resume_from)
     eval_metrics = trainer.evaluate()
@@ -131,7 +133,7 @@ def main(argv: list[str]) -> None:
         "truncated": truncated,
         "packed": packed,
     }
-    training.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="sft", started=started,
+    publish.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="sft", started=started,
                      base=base_path, splits=["sft_train", "sft_eval"], skipped=skipped, metrics=metrics)
     print(f"[sft] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}")
 

@@ -1,14 +1,12 @@
 import os
-import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # `stages` is importable as a package in tests
 os.chdir(ROOT)  # stages read their default YAML from configs/
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest
 
 
 @pytest.fixture(scope="session")

@@ -97,8 +97,9 @@ def test_help_starts_with_a_usage_line(capsys):
 
 def test_the_line_ctrl_c_ends_with(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "PROGRESS", {"stage": "ppo", "step": 7, "state": lambda: tmp_path})
-    assert config.interrupted_line() == (f"[ppo] stopped by Ctrl-C after step 7; the last resumable state is {tmp_path}: "
-                                         "the same command resumes it")
+    assert config.interrupted_line() == (
+        f"[ppo] stopped by Ctrl-C after step 7; the last resumable state is {tmp_path}: the same command resumes it"
+    )
     monkeypatch.setattr(config, "PROGRESS", {"stage": "sft", "step": None, "state": lambda: None})
     assert "before its first step; no resumable state was saved yet" in config.interrupted_line()
 

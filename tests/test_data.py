@@ -78,47 +78,165 @@ HH_OK = '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: x", "rejected": "\\n\\nHuma
 # (format, split, file name, content, the one line expected: file, line or record, problem)
 MALFORMED = [
     ("records", "sft_train", "bad.jsonl", '{"prompt": "p"}', "bad.jsonl:1: field 'completion' is missing"),
-    ("records", "sft_train", "bad.jsonl", '{"prompt": "p", "completion": null}', "bad.jsonl:1: field 'completion' is null"),
-    ("records", "sft_train", "bad.jsonl", '{"prompt": "p", "completion": 5}', "bad.jsonl:1: field 'completion' is a number, not a string"),
-    ("records", "sft_train", "bad.jsonl", '{"prompt": "p", "completion": "  "}', "bad.jsonl:1: field 'completion' is empty"),
-    ("records", "prefs_train", "bad.jsonl", '{"prompt": "p", "chosen": "a", "rejected": "a"}', "bad.jsonl:1: chosen and rejected are identical"),
-    ("records", "prefs_train", "bad.jsonl", '[1, 2]', "bad.jsonl:1: expected a JSON object, got a list"),
+    (
+        "records",
+        "sft_train",
+        "bad.jsonl",
+        '{"prompt": "p", "completion": null}',
+        "bad.jsonl:1: field 'completion' is null",
+    ),
+    (
+        "records",
+        "sft_train",
+        "bad.jsonl",
+        '{"prompt": "p", "completion": 5}',
+        "bad.jsonl:1: field 'completion' is a number, not a string",
+    ),
+    (
+        "records",
+        "sft_train",
+        "bad.jsonl",
+        '{"prompt": "p", "completion": "  "}',
+        "bad.jsonl:1: field 'completion' is empty",
+    ),
+    (
+        "records",
+        "prefs_train",
+        "bad.jsonl",
+        '{"prompt": "p", "chosen": "a", "rejected": "a"}',
+        "bad.jsonl:1: chosen and rejected are identical",
+    ),
+    ("records", "prefs_train", "bad.jsonl", "[1, 2]", "bad.jsonl:1: expected a JSON object, got a list"),
     ("records", "sft_train", "bad.jsonl", '{"prompt": "p", "completion": "c"', "bad.jsonl:1: not valid JSON"),
-    ("hh", "prefs_train", "bad.jsonl", '{"chosen": "\\n\\nHuman: hi", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: yo"}',
-     "bad.jsonl:1: the chosen dialogue has no final Assistant turn"),
-    ("hh", "prefs_train", "bad.jsonl", '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant:", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: yo"}',
-     "bad.jsonl:1: the final Assistant turn of chosen is empty"),
-    ("hh", "prefs_train", "bad.jsonl", '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: x", "rejected": "\\n\\nHuman: b\\n\\nAssistant: y"}',
-     "bad.jsonl:1: chosen and rejected differ before the final Assistant turn"),
-    ("hh", "prefs_train", "bad.jsonl", '{"chosen": "\\n\\nAssistant: x", "rejected": "\\n\\nAssistant: y"}', "bad.jsonl:1: no prompt before the response"),
-    ("alpaca", "sft_train", "bad.jsonl", '{"instruction": "do", "input": "", "output": ""}', "bad.jsonl:1: field 'output' is empty"),
+    (
+        "hh",
+        "prefs_train",
+        "bad.jsonl",
+        '{"chosen": "\\n\\nHuman: hi", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: yo"}',
+        "bad.jsonl:1: the chosen dialogue has no final Assistant turn",
+    ),
+    (
+        "hh",
+        "prefs_train",
+        "bad.jsonl",
+        '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant:", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: yo"}',
+        "bad.jsonl:1: the final Assistant turn of chosen is empty",
+    ),
+    (
+        "hh",
+        "prefs_train",
+        "bad.jsonl",
+        '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: x", "rejected": "\\n\\nHuman: b\\n\\nAssistant: y"}',
+        "bad.jsonl:1: chosen and rejected differ before the final Assistant turn",
+    ),
+    (
+        "hh",
+        "prefs_train",
+        "bad.jsonl",
+        '{"chosen": "\\n\\nAssistant: x", "rejected": "\\n\\nAssistant: y"}',
+        "bad.jsonl:1: no prompt before the response",
+    ),
+    (
+        "alpaca",
+        "sft_train",
+        "bad.jsonl",
+        '{"instruction": "do", "input": "", "output": ""}',
+        "bad.jsonl:1: field 'output' is empty",
+    ),
     ("alpaca", "sft_train", "bad.jsonl", '{"input": "", "output": "x"}', "bad.jsonl:1: field 'instruction' is missing"),
-    ("messages", "sft_train", "bad.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}',
-     "bad.jsonl:1: the conversation does not end with an assistant message"),
-    ("messages", "sft_train", "bad.jsonl", '{"messages": [{"role": "user"}]}', "bad.jsonl:1: field 'messages' holds a message without"),
-    ("messages", "sft_train", "bad.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}',
-     "bad.jsonl:1: field 'messages': message 1 has role 'bot'; roles are system, user, assistant"),
-    ("messages", "prefs_train", "bad.jsonl", '{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], '
-     '"rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}',
-     "bad.jsonl:1: chosen and rejected differ before the final assistant message"),
-    ("records", "prefs_train", "bad.json", '{"data": [1]}', "bad.json: expected a JSON list of records, got an object with keys data"),
-    ("records", "prefs_train", "bad.json", '[' + PAIR.strip() + '] trailing', "bad.json:1: unexpected data after the end of the JSON document"),
-    ("records", "prefs_train", "bad.json", PAIR + PAIR, "bad.json:2: unexpected data after the end of the JSON document (one JSON object per line? name the file .jsonl)"),
-    ("records", "prefs_train", "bad.json", '[1, ' + PAIR.strip() + ']', "bad.json: record 0: expected a JSON object, got a number"),
+    (
+        "messages",
+        "sft_train",
+        "bad.jsonl",
+        '{"messages": [{"role": "user", "content": "hi"}]}',
+        "bad.jsonl:1: the conversation does not end with an assistant message",
+    ),
+    (
+        "messages",
+        "sft_train",
+        "bad.jsonl",
+        '{"messages": [{"role": "user"}]}',
+        "bad.jsonl:1: field 'messages' holds a message without",
+    ),
+    (
+        "messages",
+        "sft_train",
+        "bad.jsonl",
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}',
+        "bad.jsonl:1: field 'messages': message 1 has role 'bot'; roles are system, user, assistant",
+    ),
+    (
+        "messages",
+        "prefs_train",
+        "bad.jsonl",
+        ('{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], '
+        '"rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}'),
+        "bad.jsonl:1: chosen and rejected differ before the final assistant message",
+    ),
+    (
+        "records",
+        "prefs_train",
+        "bad.json",
+        '{"data": [1]}',
+        "bad.json: expected a JSON list of records, got an object with keys data",
+    ),
+    (
+        "records",
+        "prefs_train",
+        "bad.json",
+        "[" + PAIR.strip() + "] trailing",
+        "bad.json:1: unexpected data after the end of the JSON document",
+    ),
+    (
+        "records",
+        "prefs_train",
+        "bad.json",
+        PAIR + PAIR,
+        ("bad.json:2: unexpected data after the end of the JSON document (one JSON object per line? name the file "
+        ".jsonl)"),
+    ),
+    (
+        "records",
+        "prefs_train",
+        "bad.json",
+        "[1, " + PAIR.strip() + "]",
+        "bad.json: record 0: expected a JSON object, got a number",
+    ),
     ("records", "prefs_train", "bad.jsonl", "", "bad.jsonl: empty file (no records)"),
     ("records", "prefs_train", "bad.jsonl", "\n\n  \n", "bad.jsonl: empty file (no records)"),
     ("records", "prefs_train", "bad.json", "", "bad.json: empty file"),
-    ("records", "prefs_train", "bad.jsonl", PAIR.encode() + b'{"prompt": "p\xff", "chosen": "a", "rejected": "b"}\n',
-     f"bad.jsonl:2: invalid UTF-8 at byte offset {len(PAIR) + 13} of the file"),
-    ("records", "prefs_train", "bad.json", b'[{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}]', "bad.json:1: invalid UTF-8 at byte offset 16 of the file"),
+    (
+        "records",
+        "prefs_train",
+        "bad.jsonl",
+        PAIR.encode() + b'{"prompt": "p\xff", "chosen": "a", "rejected": "b"}\n',
+        f"bad.jsonl:2: invalid UTF-8 at byte offset {len(PAIR) + 13} of the file",
+    ),
+    (
+        "records",
+        "prefs_train",
+        "bad.json",
+        b'[{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}]',
+        "bad.json:1: invalid UTF-8 at byte offset 16 of the file",
+    ),
     ("records", "prefs_train", "bad.jsonl.gz", gz(PAIR * 200)[:-30], "bad.jsonl.gz: truncated gzip file"),
-    ("records", "prefs_train", "bad.jsonl.gz", PAIR.encode(), "bad.jsonl.gz: not a gzip file, though its name ends in .gz"),
+    (
+        "records",
+        "prefs_train",
+        "bad.jsonl.gz",
+        PAIR.encode(),
+        "bad.jsonl.gz: not a gzip file, though its name ends in .gz",
+    ),
     ("records", "prefs_train", "bad.csv", "prompt,chosen,rejected\n", "bad.csv: unknown file type"),
 ]
 
 
-@pytest.mark.parametrize("fmt, split, name, content, message", MALFORMED, ids=[m[-1].split(": ", 1)[1][:40] for m in MALFORMED])
-def test_malformed_file_is_one_line_naming_file_record_and_problem(tmp_path, fmt, split, name, content, message, capsys):
+@pytest.mark.parametrize(
+    "fmt, split, name, content, message", MALFORMED, ids=[m[-1].split(": ", 1)[1][:40] for m in MALFORMED]
+)
+def test_malformed_file_is_one_line_naming_file_record_and_problem(
+    tmp_path, fmt, split, name, content, message, capsys
+):
     yaml_path = data_file(tmp_path, content, fmt, split, name)
     with pytest.raises(DataError) as e:
         data.load(yaml_path, split)
@@ -138,14 +256,22 @@ def test_data_check_reports_a_huge_response_and_odd_but_valid_files_load(tmp_pat
     assert len(data.load(yaml_path, "sft_train")) == 3  # a byte-order mark, CRLF and blank lines are fine
     assert data_check.main([yaml_path, "model=tiny-llama"]) == 0
     out = capsys.readouterr().out
-    assert f"1 longer than sft.max_length=512 tokens (the prompt loses its beginning); first: {tmp_path}/odd.jsonl:4" in out
+    assert (
+        f"1 longer than sft.max_length=512 tokens (the prompt loses its beginning); first: {tmp_path}/odd.jsonl:4"
+        in out
+    )
     assert "first record" in out and "### Instruction:" in out
     assert "data-check: ok" in out
 
 
 def test_skip_mode_counts_each_problem_and_data_check_passes(tmp_path, capsys):
-    lines = [PAIR.strip(), '{"prompt": "p", "chosen": "a", "rejected": "a"}', '{"prompt": "p", "chosen": "", "rejected": "b"}',
-             '{"prompt": "p", "chosen": "a", "rejected": "a"}', "not json"]
+    lines = [
+        PAIR.strip(),
+        '{"prompt": "p", "chosen": "a", "rejected": "a"}',
+        '{"prompt": "p", "chosen": "", "rejected": "b"}',
+        '{"prompt": "p", "chosen": "a", "rejected": "a"}',
+        "not json",
+    ]
     yaml_path = data_file(tmp_path, "\n".join(lines) + "\n", on_error="skip", extra="prefs_eval: bad.jsonl\n")
     loaded = data.load_split(yaml_path, "prefs_train")
     assert len(loaded.records) == 1
@@ -163,12 +289,19 @@ def test_formats_and_field_mapping(tmp_path):
     other = tmp_path / "o.jsonl.gz"
     other.write_bytes(gz(json.dumps({"question": "q", "good": "g", "bad": "b"}) + "\n"))
     conv = tmp_path / "c.jsonl"
-    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    conv.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}) + "\n"
+    )
     (tmp_path / "d.yaml").write_text(
         "sft_train: {path: a.json, format: alpaca}\nsft_eval: {path: c.jsonl, format: messages}\n"
-        "prefs_train: {path: o.jsonl.gz, fields: {prompt: question, chosen: good, rejected: bad}}\nprefs_eval: o.jsonl.gz\n")
+        "prefs_train: {path: o.jsonl.gz, fields: {prompt: question, chosen: good, rejected: bad}}\n"
+        "prefs_eval: o.jsonl.gz\n"
+    )
     d = str(tmp_path / "d.yaml")
-    assert data.load(d, "sft_train") == [{"prompt": "Add\n\n1 and 2", "completion": "3"}, {"prompt": "Say hi", "completion": "hi"}]
+    assert data.load(d, "sft_train") == [
+        {"prompt": "Add\n\n1 and 2", "completion": "3"},
+        {"prompt": "Say hi", "completion": "hi"},
+    ]
     assert data.load(d, "prefs_train") == [{"prompt": "q", "chosen": "g", "rejected": "b"}]
     assert data.load(d, "sft_eval") == [{"prompt": [{"role": "user", "content": "u"}], "completion": "a"}]
     assert data.load(d, "prompts_train") == [{"prompt": "q"}]  # prompts_* come from prefs_*
@@ -183,7 +316,10 @@ def test_parquet_source(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": "d"}]),
                    tmp_path / "s.parquet")
     (tmp_path / "d.yaml").write_text("sft_train: s.parquet\nsft_eval: s.parquet\n")
-    assert data.load(str(tmp_path / "d.yaml"), "sft_eval") == [{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": "d"}]
+    assert data.load(str(tmp_path / "d.yaml"), "sft_eval") == [
+        {"prompt": "p", "completion": "c"},
+        {"prompt": "q", "completion": "d"},
+    ]
 
 
 def test_absent_eval_splits_are_carved_from_train_seeded_and_disjoint(tmp_path):
@@ -222,7 +358,9 @@ def test_data_file_mistakes_are_one_line(tmp_path, text, message):
 
 
 def test_unknown_data_names_the_built_in_ones_and_what_to_do(tmp_path):
-    with pytest.raises(DataError, match=r"unknown data 'alpaca': give a built-in name \(hh-rlhf, task\) or the path of a YAML"):
+    with pytest.raises(
+        DataError, match=r"unknown data 'alpaca': give a built-in name \(hh-rlhf, task\) or the path of a YAML"
+    ):
         data.get_profile("alpaca")
     with pytest.raises(DataError, match="data file nothere.yaml not found"):
         data.get_profile("nothere.yaml")
@@ -230,7 +368,9 @@ def test_unknown_data_names_the_built_in_ones_and_what_to_do(tmp_path):
 
 def test_paths_are_relative_to_the_data_file_whatever_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "s.jsonl").write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "q", "completion": "d"}\n')
+    (tmp_path / "sub" / "s.jsonl").write_text(
+        '{"prompt": "p", "completion": "c"}\n{"prompt": "q", "completion": "d"}\n'
+    )
     (tmp_path / "sub" / "d.yaml").write_text("sft_train: s.jsonl\n")
     monkeypatch.chdir(tmp_path)
     profile = data.get_profile("sub/d.yaml")
@@ -245,7 +385,9 @@ def test_built_in_data_files_read_as_before():
     assert task.gold and set(task.splits) == set(data.SPLITS)
     assert len(data.load("task", "prompts_eval")) == 200
     hh = data.get_profile("hh-rlhf")
-    assert not hh.gold and hh.template == "human_assistant" and hh.on_error == "skip" and "prompts_train" not in hh.splits
+    assert (
+        not hh.gold and hh.template == "human_assistant" and hh.on_error == "skip" and "prompts_train" not in hh.splits
+    )
     assert dict(hh.rm_references)["shorter final answer wins"] == 0.571
 
 
@@ -259,7 +401,9 @@ def test_hub_ids_go_through_datasets(monkeypatch, tmp_path):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    (tmp_path / "d.yaml").write_text("sft_train: someone/some-dataset\nsft_eval: {path: someone/some-dataset, hub_split: test}\n")
+    (tmp_path / "d.yaml").write_text(
+        "sft_train: someone/some-dataset\nsft_eval: {path: someone/some-dataset, hub_split: test}\n"
+    )
     assert data.load(str(tmp_path / "d.yaml"), "sft_eval") == [{"prompt": "p", "completion": "c"}]
     assert calls == [("someone/some-dataset", "test")]
 
@@ -267,5 +411,7 @@ def test_hub_ids_go_through_datasets(monkeypatch, tmp_path):
         raise ConnectionError("Couldn't reach 'someone/some-dataset' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"data set 'someone/some-dataset' \(split train\) could not be loaded: .*Without network"):
+    with pytest.raises(
+        DataError, match=r"data set 'someone/some-dataset' \(split train\) could not be loaded: .*Without network"
+    ):
         data.load(str(tmp_path / "d.yaml"), "sft_train")

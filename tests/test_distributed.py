@@ -28,9 +28,9 @@ ARGS = {
     "sft": "limit=64 threads=1 sft.epochs=1 sft.batch_size=8 check_sync=true",  # 64 / (2 x 8) = 4 steps
     "rm": "limit=64 threads=1 rm.epochs=1 rm.batch_size=8 check_sync=true",
     "ppo": "limit=64 threads=1 ppo.steps=2 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 "
-           "ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=1 ppo.eval_prompts=8 check_sync=true",  # 2 x 2 updates
+    "ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=1 ppo.eval_prompts=8 check_sync=true",  # 2 x 2 updates
     "dpo": "limit=64 threads=1 dpo.epochs=1 dpo.batch_size=8 dpo.eval_every=2 dpo.eval_prompts=8 dpo.eval_samples=1 "
-           "dpo.max_new_tokens=8 check_sync=true",  # 64 / (2 x 8) = 4 steps
+    "dpo.max_new_tokens=8 check_sync=true",  # 64 / (2 x 8) = 4 steps
 }
 UPDATES = {"sft": 4, "rm": 4, "ppo": 4, "dpo": 4}
 MODES = {"ddp": (0, []), "zero2": (2, ["ACCELERATE_CONFIG=configs/accelerate/zero2.yaml"]),

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from test_pipeline import RM, SFT, changed, weights
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig
 
@@ -14,7 +15,6 @@ from alignment.store import Store
 from stages import dpo as dpo_stage
 from stages import rm as rm_stage
 from stages import sft as sft_stage
-from test_pipeline import RM, SFT, changed, weights
 
 TINY = ["limit=32", "threads=2"]  # 32 pairs in batches of 16: two optimizer steps
 DPO = ["dpo.batch_size=16", "dpo.logging_steps=1", "dpo.eval_every=1", "dpo.eval_prompts=8", "dpo.eval_samples=1",

@@ -45,7 +45,9 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_cache):
 def test_token_nll_of_a_known_distribution():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
     labels = torch.tensor([[0, 1]])
-    assert evaluation.token_nll(logits, labels, torch.ones(1, 2)).item() == pytest.approx(-math.log(0.5) - math.log(0.8))
+    assert evaluation.token_nll(logits, labels, torch.ones(1, 2)).item() == pytest.approx(
+        -math.log(0.5) - math.log(0.8)
+    )
     assert evaluation.token_nll(logits, labels, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(-math.log(0.8))
 
 
@@ -67,7 +69,9 @@ def test_bootstrap_interval_on_a_known_sample():
     # 100 coin flips, 50 heads: the mean's standard error is 0.05, so the 95% interval is about 0.5 +- 0.098
     lo, hi = evaluation.bootstrap_ci([0.0] * 50 + [1.0] * 50, n_resamples=4000)
     assert lo == pytest.approx(0.402, abs=0.015) and hi == pytest.approx(0.598, abs=0.015)
-    assert evaluation.bootstrap_ci([0.0] * 50 + [1.0] * 50, seed=1) == evaluation.bootstrap_ci([0.0] * 50 + [1.0] * 50, seed=1)
+    assert evaluation.bootstrap_ci([0.0] * 50 + [1.0] * 50, seed=1) == evaluation.bootstrap_ci(
+        [0.0] * 50 + [1.0] * 50, seed=1
+    )
 
 
 def test_paired_difference_and_pearson():
@@ -95,7 +99,7 @@ def test_bootstrap_of_the_mean_matches_item_by_item_resampling():
 
 def test_side_by_side_prompts_spread_over_the_instruction_kinds():
     prompts = [r["prompt"] for r in data.load("task", "prompts_eval")]
-    kind = lambda p: task.parse_prompt(p)[0]  # noqa: E731
+    kind = lambda p: task.parse_prompt(p)[0]
     assert {kind(p) for p in prompts[:8]} == {"copy"}  # the held-out prompts are sorted: the first 8 are one kind
     shown = evaluation.spread_sample(prompts, 8, seed=0, kind=kind)
     assert [kind(prompts[i]) for i in shown] == ["copy"] * 2 + ["drop first"] * 2 + ["reverse"] * 2 + ["sort"] * 2
@@ -116,7 +120,9 @@ def test_versus_sft_pairs_each_prompt_with_sfts():
     assert vs["greedy"]["gold"]["difference"]["mean"] == pytest.approx(0.25)
     # per prompt: policy (1.5, 3.0) against sft (0.5, 2.0): +1 each
     assert vs["sampled"]["reward"]["difference"] == {"mean": pytest.approx(1.0), "ci95": [pytest.approx(1.0)] * 2}
-    assert vs["sampled"]["reward"]["policy"] == pytest.approx(2.25) and vs["sampled"]["reward"]["sft"] == pytest.approx(1.25)
+    assert vs["sampled"]["reward"]["policy"] == pytest.approx(2.25) and vs["sampled"]["reward"]["sft"] == pytest.approx(
+        1.25
+    )
     assert vs["kl"]["mean"] == pytest.approx(2.0)  # the sampled responses' KL, never the greedy ones'
 
 
@@ -139,7 +145,9 @@ def test_training_log_kept_in_the_checkpoint_or_read_from_tensorboard(tmp_path):
     (tmp / "weights.bin").write_text("w")
     checkpoint = store.publish(tmp, {"run": "r", "stage": "sft", "parents": [], "metrics": {"steps": 20}})
     records, source = logs.read_log_history(checkpoint, tensorboard)
-    assert records == [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0, "eval_loss": 1.5}] and "TensorBoard" in source
+    assert (
+        records == [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0, "eval_loss": 1.5}] and "TensorBoard" in source
+    )
     # what the stages keep once they call logs.save_log_history(trainer, folder) before publishing
     tmp = store.staging("r", "sft")
     logs.save_log_history(SimpleNamespace(state=SimpleNamespace(log_history=[{"loss": 0.5, "step": 5}])), tmp)
@@ -155,11 +163,17 @@ def _est(mean: float, half: float = 0.05) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half]}
 
 
-def _policy(reward: float = 0.0, gold: float | None = 0.0, kl: float = 0.0, ended: float = 1.0, curve=(), **recorded) -> dict:
+def _policy(
+    reward: float = 0.0, gold: float | None = 0.0, kl: float = 0.0, ended: float = 1.0, curve=(), **recorded
+) -> dict:
     """A policy entry of report.json as stages/eval.py writes it, its differences to SFT given (+-0.05)."""
-    modes = {mode: {"reward": {"policy": 1.0 + reward, "sft": 1.0, "difference": _est(reward)},
-                    **({"gold": {"policy": 0.5 + gold, "sft": 0.5, "difference": _est(gold)}} if gold is not None else {})}
-             for mode in ("greedy", "sampled")}
+    modes = {
+        mode: {
+            "reward": {"policy": 1.0 + reward, "sft": 1.0, "difference": _est(reward)},
+            **({"gold": {"policy": 0.5 + gold, "sft": 0.5, "difference": _est(gold)}} if gold is not None else {}),
+        }
+        for mode in ("greedy", "sampled")
+    }
     out = {"kind": "policy", "reward": _est(1.0 + reward), "kl_per_response": _est(kl), "ended_with_eos": _est(ended),
            "vs_sft": {"prompts": 40, "samples": 1, **modes, "kl": _est(kl, 0.5)}}
     if curve or recorded:
@@ -176,35 +190,85 @@ def _run(gold: bool) -> dict:
              {"step": 20, "eval_reward": 0.9, "eval_gold": 0.4, "eval_kl": 11.0}]
     curve = [{k: v for k, v in p.items() if gold or k != "eval_gold"} for p in curve]
     return {
-        "model": "tiny-llama", "data": "task" if gold else "mine", "gold": gold, "prompts": 40, "pairs": 100,
-        "demonstrations": 30, "base": "/cache/tiny-llama",
+        "model": "tiny-llama",
+        "data": "task" if gold else "mine",
+        "gold": gold,
+        "prompts": 40,
+        "pairs": 100,
+        "demonstrations": 30,
+        "base": "/cache/tiny-llama",
         "checkpoints": {
             "base": _policy(reward=0.3, gold=-0.2 if gold else None, kl=20.0),
             "sft": _policy(gold=g),
-            "rm": {"kind": "reward_model", "rm_accuracy": _est(0.55, 0.1), "rm_margin": _est(0.1), "pairs": 100,
-                   "rm_calibration": [{"abs_margin_min": 0.0, "abs_margin_max": 1.0, "pairs": 100, "accuracy": 0.55,
-                                       "predicted": 0.6}],
-                   "rm_length_correlation": 0.2, "shorter_wins_accuracy": 0.6,
-                   "stage_recorded": {"accuracy": 0.56, "pairs": 100, "limit": 0, "fingerprint": "f"},
-                   "now": {"limit": 0, "fingerprint": "f", "dtype": "bfloat16"}},
-            "ppo": _policy(reward=0.5, gold=-0.1 if gold else None, kl=12.0, ended=0.3, curve=curve, duration_s=95.0,
-                           episodes=3840),
-            "dpo": _policy(reward=0.1, gold=0.1 if gold else None, kl=2.0, curve=curve[:2], duration_s=40.0, pairs_seen=3000),
+            "rm": {
+                "kind": "reward_model",
+                "rm_accuracy": _est(0.55, 0.1),
+                "rm_margin": _est(0.1),
+                "pairs": 100,
+                "rm_calibration": [
+                    {"abs_margin_min": 0.0, "abs_margin_max": 1.0, "pairs": 100, "accuracy": 0.55, "predicted": 0.6}
+                ],
+                "rm_length_correlation": 0.2,
+                "shorter_wins_accuracy": 0.6,
+                "stage_recorded": {"accuracy": 0.56, "pairs": 100, "limit": 0, "fingerprint": "f"},
+                "now": {"limit": 0, "fingerprint": "f", "dtype": "bfloat16"},
+            },
+            "ppo": _policy(
+                reward=0.5, gold=-0.1 if gold else None, kl=12.0, ended=0.3, curve=curve, duration_s=95.0, episodes=3840
+            ),
+            "dpo": _policy(
+                reward=0.1, gold=0.1 if gold else None, kl=2.0, curve=curve[:2], duration_s=40.0, pairs_seen=3000
+            ),
         },
-        "lineage": [{"id": "r/sft", "uid": "u1", "stage": "sft", "parents": [], "stale": None, "created": "t",
-                     "duration_s": 60.0, "adapter": False, "data": {"profile": "task", "fingerprint": "abc"},
-                     "config": {"sft": {"batch_size": 32}}},
-                    {"id": "r/ppo", "uid": "u3", "stage": "ppo", "parents": [{"id": "r/sft", "uid": "u0"}],
-                     "stale": "parent r/sft was replaced (uid u0 -> u1)", "created": "t", "duration_s": 95.0,
-                     "adapter": False, "data": None, "config": {"ppo": {"batch_size": 64}}}],
-        "training_logs": {"sft": {"records": [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0},
-                                              {"step": 20, "eval_loss": 1.2, "eval_runtime": 0.5, "eval_samples_per_second": 60.0}],
-                                  "source": "r/sft/train_log.jsonl"},
-                          "rm": {"records": [], "source": "none kept"},
-                          "ppo": {"records": [{"step": 1, "reward": 0.1, "kl": 0.0}, {"step": 2, "reward": 0.3, "kl": 0.5}],
-                                  "source": "r/ppo/ppo_log.jsonl"}},
-        "side_by_side": [{"prompt": HOSTILE, "kind": None, "sft": {"response": HOSTILE, "reward": 0.1},
-                          "ppo": {"response": "a b", "reward": 0.2}}],
+        "lineage": [
+            {
+                "id": "r/sft",
+                "uid": "u1",
+                "stage": "sft",
+                "parents": [],
+                "stale": None,
+                "created": "t",
+                "duration_s": 60.0,
+                "adapter": False,
+                "data": {"profile": "task", "fingerprint": "abc"},
+                "config": {"sft": {"batch_size": 32}},
+            },
+            {
+                "id": "r/ppo",
+                "uid": "u3",
+                "stage": "ppo",
+                "parents": [{"id": "r/sft", "uid": "u0"}],
+                "stale": "parent r/sft was replaced (uid u0 -> u1)",
+                "created": "t",
+                "duration_s": 95.0,
+                "adapter": False,
+                "data": None,
+                "config": {"ppo": {"batch_size": 64}},
+            },
+        ],
+        "training_logs": {
+            "sft": {
+                "records": [
+                    {"step": 10, "loss": 2.0},
+                    {"step": 20, "loss": 1.0},
+                    {"step": 20, "eval_loss": 1.2, "eval_runtime": 0.5, "eval_samples_per_second": 60.0},
+                ],
+                "source": "r/sft/train_log.jsonl",
+            },
+            "rm": {"records": [], "source": "none kept"},
+            "ppo": {
+                "records": [{"step": 1, "reward": 0.1, "kl": 0.0}, {"step": 2, "reward": 0.3, "kl": 0.5}],
+                "source": "r/ppo/ppo_log.jsonl",
+            },
+        },
+        "side_by_side": [
+            {
+                "prompt": HOSTILE,
+                "kind": None,
+                "sft": {"response": HOSTILE, "reward": 0.1},
+                "ppo": {"response": "a b", "reward": 0.2},
+            }
+        ],
     }
 
 
@@ -215,13 +279,20 @@ def _result(runs: dict) -> dict:
 
 def test_report_warns_in_words_where_the_numbers_say_so():
     said = "\n".join(report.warnings(_result({"r": _run(gold=True)})))
-    for expected in ("r/ppo is stale: parent r/sft was replaced", "prefers the untrained base model to SFT",
-                     "by the gold judge the base is -0.200", "Over-optimisation: ppo scores higher than SFT",
-                     "every interval excludes zero", "Over-optimisation during ppo's training: after step 10",
-                     "over the KL budget of 8 (eval.kl_budget); during training it passed the budget at step 20",
-                     "Most sampled responses reach eval.max_new_tokens=20 without ending (ppo 70%)", "not clearly better than chance",
-                     "no better than the rule 'the shorter response wins'", "Two reward-model accuracies: 0.550",
-                     "rounding flips pairs"):
+    for expected in (
+        "r/ppo is stale: parent r/sft was replaced",
+        "prefers the untrained base model to SFT",
+        "by the gold judge the base is -0.200",
+        "Over-optimisation: ppo scores higher than SFT",
+        "every interval excludes zero",
+        "Over-optimisation during ppo's training: after step 10",
+        "over the KL budget of 8 (eval.kl_budget); during training it passed the budget at step 20",
+        "Most sampled responses reach eval.max_new_tokens=20 without ending (ppo 70%)",
+        "not clearly better than chance",
+        "no better than the rule 'the shorter response wins'",
+        "Two reward-model accuracies: 0.550",
+        "rounding flips pairs",
+    ):
         assert expected in said, expected
     assert "dpo" not in said  # within budget, gold and reward up together
     assert "No gold judge" not in said
@@ -232,8 +303,8 @@ def test_report_warns_in_words_where_the_numbers_say_so():
 def test_report_agrees_with_the_reward_models_manifest_or_says_why():
     rm = _run(gold=True)["checkpoints"]["rm"]
     rm["stage_recorded"]["accuracy"] = 0.55
-    assert report.rm_agreement(rm) == (True, "Reward-model accuracy 0.550 on 100 held-out pairs (prefs_eval): the same "
-                                             "number the rm stage recorded in its manifest after training.")
+    assert report.rm_agreement(rm) == (True, ("Reward-model accuracy 0.550 on 100 held-out pairs (prefs_eval): the "
+                                             "same number the rm stage recorded in its manifest after training."))
     rm["stage_recorded"].update(pairs=48, limit=48)
     agree, words = report.rm_agreement(rm)
     assert not agree and "the stage scored 48 pairs (limit=48), this report 100 (limit=0)" in words
@@ -301,7 +372,9 @@ def test_report_json_holds_every_metric_for_every_checkpoint(evaluated_store):
     ppo = run["checkpoints"]["ppo"]["recorded"]
     assert [p["step"] for p in ppo["eval_curve"]] == [0, 2, 3] and ppo["curve_prompts"] == 8  # PPO's eval_every points
     assert {"eval_reward", "eval_gold", "eval_kl"} <= set(ppo["eval_curve"][-1])
-    assert len(run["side_by_side"]) == 4 and all({"base", "sft", "ppo", "dpo", "grpo"} <= set(row) for row in run["side_by_side"])
+    assert len(run["side_by_side"]) == 4 and all(
+        {"base", "sft", "ppo", "dpo", "grpo"} <= set(row) for row in run["side_by_side"]
+    )
     assert all({"response", "reward", "gold"} == set(row["ppo"]) for row in run["side_by_side"])
     # the headline: every method against SFT, greedy and sampled, gold and reward, with KL, time and what it saw
     rows = {row["stage"]: row for row in result["headline"]}
@@ -311,7 +384,10 @@ def test_report_json_holds_every_metric_for_every_checkpoint(evaluated_store):
             lo, hi = rows[stage][key]["ci95"]
             assert lo <= rows[stage][key]["mean"] <= hi and rows[stage]["prompts"] == 48
     ppo_manifest = Store(evaluated_store.parent).get("tiny-llama", "ppo").metrics
-    assert rows["ppo"]["trained_on"] == f"{ppo_manifest['episodes']} episodes" and rows["ppo"]["duration_s"] == ppo_manifest["duration_s"]
+    assert (
+        rows["ppo"]["trained_on"] == f"{ppo_manifest['episodes']} episodes"
+        and rows["ppo"]["duration_s"] == ppo_manifest["duration_s"]
+    )
     assert rows["dpo"]["trained_on"].endswith(" pairs") and rows["grpo"]["trained_on"] == "32 episodes"  # 2 x 4 x 4
     for stage in ("dpo", "grpo"):  # the per-step logs the report draws (training curves)
         assert run["training_logs"][stage]["records"], run["training_logs"][stage]["source"]
@@ -320,7 +396,9 @@ def test_report_json_holds_every_metric_for_every_checkpoint(evaluated_store):
     assert run["training_logs"]["grpo"]["source"] == "tiny-llama/grpo/grpo_log.jsonl"
     assert any("ppo is" in w and "over the KL budget of 0.001" in w for w in result["warnings"])
     # limit=48 keeps the first prompts of the sorted file: one operation, which the report says
-    assert run["prompt_kinds"] == {"copy": 48} and any("hold only copy (48) of the task's 4" in w for w in result["warnings"])
+    assert run["prompt_kinds"] == {"copy": 48} and any(
+        "hold only copy (48) of the task's 4" in w for w in result["warnings"]
+    )
     # lineage, config and run time of every checkpoint; training curves from the trainers' logs (TensorBoard here)
     assert [c["id"] for c in run["lineage"]] == [f"tiny-llama/{s}" for s in ("sft", "rm", "ppo", "dpo", "grpo")]
     assert all(c["uid"] and c["config"] and c["duration_s"] is not None and c["stale"] is None for c in run["lineage"])
@@ -332,7 +410,9 @@ def test_report_json_holds_every_metric_for_every_checkpoint(evaluated_store):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
+)
 def test_report_renders_in_headless_chromium(evaluated_store, tmp_path):
     alone = tmp_path / "alone.html"  # the page without its folder: every figure travels inside it
     shutil.copy(evaluated_store / "report.html", alone)
@@ -365,7 +445,9 @@ def test_generate_and_chat_commands(evaluated_store):
     from alignment.__main__ import load_policy, respond  # the same greedy response, computed in-process
 
     model, tokenizer, spec = load_policy("tiny-llama/ppo", store_root)
-    expected = respond(model, tokenizer, spec, "sort: b a", SimpleNamespace(max_new_tokens=6, temperature=1.0, sample=False))
+    expected = respond(
+        model, tokenizer, spec, "sort: b a", SimpleNamespace(max_new_tokens=6, temperature=1.0, sample=False)
+    )
     assert out.stdout == expected + "\n"
     chat = subprocess.run([sys.executable, "-m", "alignment", "chat", str(evaluated_store / "sft"), "--max-new-tokens",
                            "6"], input="copy: a b\nsort: c a\n\n", capture_output=True, text=True, env=env)
@@ -375,7 +457,9 @@ def test_generate_and_chat_commands(evaluated_store):
     refused = subprocess.run([sys.executable, "-m", "alignment", "generate", "tiny-llama/rm", "sort: b a", "--root",
                               store_root], capture_output=True, text=True, env=env)
     assert refused.returncode == 1 and refused.stderr.strip().endswith(
-        "tiny-llama/rm is a 'rm' checkpoint, not a policy: generate and chat take one of sft, ppo, dpo, grpo (e.g. tiny-llama/ppo)")
+        "tiny-llama/rm is a 'rm' checkpoint, not a policy: generate and chat take one of sft, ppo, dpo, grpo "
+        "(e.g. tiny-llama/ppo)"
+    )
     listing = subprocess.run(f"{sys.executable} -m alignment store list --json --root {store_root} | head -1",
                              shell=True, capture_output=True, text=True, env=env)
     assert listing.stdout == "[\n" and "Error" not in listing.stderr  # the reader stopped early: no BrokenPipeError

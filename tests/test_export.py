@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_pipeline import PPO, RM, SFT  # (pytest puts tests/ on sys.path)
 from tokenizers import Tokenizer, models
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -22,7 +23,6 @@ from alignment.store import MANIFEST, Store
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage
 from stages import sft as sft_stage
-from test_pipeline import PPO, RM, SFT  # (pytest puts tests/ on sys.path)
 
 RUN = "tiny-llama"
 CONVERSATIONS = [

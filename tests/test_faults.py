@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alignment import loading, registry, training
+from alignment import guard, loading, machine, registry, resume, training
 from alignment.store import Store
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage
@@ -35,7 +35,7 @@ RESUMABLE = {"sft": ".trainer-sft/checkpoint-*/COMPLETE", "rm": ".trainer-rm/che
 
 
 def stage_command(stage, store):
-    return [sys.executable, str(ROOT / "stages" / f"{stage}.py"), f"store={store}", *COMMON, *STAGE_ARGS[stage]]
+    return [sys.executable, "-m", f"stages.{stage}", f"store={store}", *COMMON, *STAGE_ARGS[stage]]
 
 
 def run_to_end(stage, store):
@@ -96,19 +96,26 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(prepared, s
         log_b = [json.loads(x) for x in open(b.path / "ppo_log.jsonl")]
         assert [r["step"] for r in log_b] == list(range(1, 9))  # no step lost or repeated
         assert log_b[-1]["reward"] == pytest.approx(log_a[-1]["reward"], abs=1e-3)
-        assert b.metrics["greedy"]["reward"]["policy"] == pytest.approx(a.metrics["greedy"]["reward"]["policy"], abs=1e-3)
+        assert b.metrics["greedy"]["reward"]["policy"] == pytest.approx(
+            a.metrics["greedy"]["reward"]["policy"], abs=1e-3
+        )
     else:
         key = "eval_accuracy" if stage == "rm" else "eval_loss"
         assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-3)  # same data order, same result
     if stage == "dpo":  # the held-out points from before the kill are kept, none repeated
         assert [p["step"] for p in b.metrics["eval_curve"]] == [0, 4, 8, 12]
-        assert b.metrics["eval_curve"][-1]["eval_gold"] == pytest.approx(a.metrics["eval_curve"][-1]["eval_gold"], abs=1e-3)
+        assert b.metrics["eval_curve"][-1]["eval_gold"] == pytest.approx(
+            a.metrics["eval_curve"][-1]["eval_gold"], abs=1e-3
+        )
     AutoModelForCausalLM.from_pretrained(b.path) if stage != "rm" else None
-    assert not (killed / "tiny-llama" / f".trainer-{stage}").exists() and not (killed / "tiny-llama" / ".state" / stage).exists()
+    assert (
+        not (killed / "tiny-llama" / f".trainer-{stage}").exists()
+        and not (killed / "tiny-llama" / ".state" / stage).exists()
+    )
 
 
 def test_resume_refuses_a_state_from_another_config(prepared):
-    root, base = prepared
+    root, _ = prepared
     store = root / "refuse"
     kill_after_first_state("sft", store)
     with pytest.raises(SystemExit, match=r"different config \(differs in: sft\).*resume=false"):
@@ -153,7 +160,7 @@ def test_sft_stops_after_a_run_of_nan_losses_keeping_the_last_checkpoint(prepare
     store = root / "nan-run"
     # calls 1-4 train steps 1-4 (a checkpoint at step 4), 5-8 evaluate epoch 1, 9 on train steps 5, 6, ...
     monkeypatch.setattr(SFTTrainer, "compute_loss", nan_on_calls(SFTTrainer.compute_loss, set(range(6, 100))))
-    with pytest.raises(training.NonFiniteError, match="stopping at step 8: 4 updates in a row"):
+    with pytest.raises(guard.NonFiniteError, match="stopping at step 8: 4 updates in a row"):
         sft_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["sft"], "max_bad_steps=4"])
     kept = sorted((store / "tiny-llama" / ".trainer-sft").glob("checkpoint-*/COMPLETE"))
     assert [p.parent.name for p in kept] == ["checkpoint-4"]  # the last good state, ready to resume from
@@ -170,7 +177,7 @@ def test_ppo_skips_nan_losses_and_stops_after_a_run(prepared, monkeypatch):
     ckpt = Store(store).get("tiny-llama", "ppo")
     assert ckpt.metrics["skipped_non_finite"] == 2
     monkeypatch.setattr(ppo, "policy_loss", nan_on_calls(ppo.policy_loss, set(range(5, 100))))
-    with pytest.raises(training.NonFiniteError, match=r"stopping at PPO step 4: 3 updates in a row"):
+    with pytest.raises(guard.NonFiniteError, match=r"stopping at PPO step 4: 3 updates in a row"):
         ppo_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["ppo"], "max_bad_steps=3"])
     state = json.loads((store / "tiny-llama" / ".state" / "ppo" / "state.json").read_text())
     assert state["step"] == 2  # two minibatches a step: calls 5-7 are steps 3-4; step 2 is the last saved
@@ -203,7 +210,7 @@ def test_ctrl_c_ends_with_one_line_naming_the_step_and_the_state(prepared):
     copy_inputs(base, store, ["sft", "rm"])
     proc = subprocess.Popen([*stage_command("ppo", store)[:-1], "save_every=1", "ppo.steps=40"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 (no threads here)
     deadline = time.time() + 300
     while not (store / "tiny-llama" / ".state" / "ppo" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline
@@ -249,24 +256,24 @@ def test_precision_rules_the_launch_and_the_processes_of_one_launch_agree(monkey
     monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: pytest.fail("a launch of 2 processes must not time"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert training.use_bf16("auto") is True and os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    assert training.use_bf16("fp32") is False and os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
-    assert training.use_bf16("auto") is False  # the launch now says fp32: every later call agrees
+    assert machine.use_bf16("auto") is True and os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert machine.use_bf16("fp32") is False and os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert machine.use_bf16("auto") is False  # the launch now says fp32: every later call agrees
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: 2.0)  # one process, not launched: it measures
-    assert training.use_bf16("auto") is True and "ACCELERATE_MIXED_PRECISION" not in os.environ
+    assert machine.use_bf16("auto") is True and "ACCELERATE_MIXED_PRECISION" not in os.environ
 
 
 def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_that_blocks_another_config(tmp_path):
     work = tmp_path / ".trainer-dpo"  # what a stage that failed in its first step (a bad setting) leaves
     work.mkdir()
     (work / "stage_config.json").write_text(json.dumps({"dpo": {"loss_type": "nonsense"}}))
-    assert training._resume_point(work, {"dpo": {"loss_type": "ipo"}}, True, may_write=True) is None
+    assert resume._resume_point(work, {"dpo": {"loss_type": "ipo"}}, True, may_write=True) is None
     assert json.loads((work / "stage_config.json").read_text()) == {"dpo": {"loss_type": "ipo"}}
     checkpoint = work / "checkpoint-4"  # a complete checkpoint of it is resumable: another config is refused
     checkpoint.mkdir()
-    (checkpoint / training.COMPLETE).write_text("")
+    (checkpoint / resume.COMPLETE).write_text("")
     with pytest.raises(SystemExit, match=r"different config \(differs in: dpo\)"):
-        training._resume_point(work, {"dpo": {"loss_type": "hinge"}}, True, may_write=True)
-    assert training._resume_point(work, {"dpo": {"loss_type": "ipo"}}, True, may_write=True) == str(checkpoint)
+        resume._resume_point(work, {"dpo": {"loss_type": "hinge"}}, True, may_write=True)
+    assert resume._resume_point(work, {"dpo": {"loss_type": "ipo"}}, True, may_write=True) == str(checkpoint)

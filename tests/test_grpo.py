@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from alignment import config, loading, ppo, registry, training
+from alignment import config, guard, loading, ppo, registry
 from alignment.store import Store
 from stages import grpo as grpo_stage
 from stages import rm as rm_stage
@@ -120,7 +120,7 @@ def test_grpo_skips_nan_losses_and_stops_after_a_run(inputs, tmp_path, monkeypat
     assert ckpt.metrics["skipped_non_finite"] == 1
     assert all(torch.isfinite(p).all() for p in AutoModelForCausalLM.from_pretrained(ckpt.path).parameters())
     monkeypatch.setattr(ppo, "grpo_loss", nan_on_calls(ppo.grpo_loss, set(range(2, 100))))
-    with pytest.raises(training.NonFiniteError, match=r"stopping at GRPO step 3: 2 updates in a row"):
+    with pytest.raises(guard.NonFiniteError, match=r"stopping at GRPO step 3: 2 updates in a row"):
         grpo_stage.main([f"store={root}", *COMMON, *one_minibatch, "grpo.steps=5", "max_bad_steps=2"])
     state = json.loads((root / "tiny-llama" / ".state" / "grpo" / "state.json").read_text())
     assert state["step"] == 2  # step 2's update was skipped, yet the step ended and was saved; step 3 stopped
@@ -132,7 +132,7 @@ def test_killed_grpo_resumes_and_ends_where_an_uninterrupted_one_does(inputs, tm
     args = [*COMMON, *GRPO, "grpo.steps=6", "grpo.eval_every=0", "save_every=2", "threads=1", "precision=fp32"]
 
     def command(store):
-        return [sys.executable, str(ROOT / "stages" / "grpo.py"), f"store={store}", *args]
+        return [sys.executable, "-m", "stages.grpo", f"store={store}", *args]
 
     straight, killed = (store_with_inputs(inputs, tmp_path / name) for name in ("straight", "killed"))
     errors = open(tmp_path / "straight.err", "w")
@@ -161,7 +161,7 @@ def test_killed_grpo_resumes_and_ends_where_an_uninterrupted_one_does(inputs, tm
 
 def test_shipped_yaml_loads_and_impossible_settings_stop_at_start(tmp_path):
     cfg = config.load(grpo_stage.Config, "configs/grpo.yaml")
-    grpo_stage.check(cfg.grpo)
+    cfg.grpo.check()  # config.load calls it too
     assert open("configs/grpo.yaml").readline().startswith("# make grpo ")
     for override, message in (("grpo.group_size=1", "a group needs 2 responses"),
                               ("grpo.scale_rewards=std", "is not 'group', 'batch' or 'none'"),

@@ -11,7 +11,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import forwards, loading, ppo, registry, scoring, training
+from alignment import batching, forwards, loading, ppo, registry, scoring
+from alignment.rl import steps as rl_steps
+from alignment.rl.types import Rollout
 from alignment.store import Store
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage
@@ -161,13 +163,18 @@ def test_retrained_sft_makes_rm_and_ppo_stale_and_ppo_refuses_them(tmp_path, tin
                             capture_output=True, text=True)
     replaced = f"parent tiny-llama/sft was replaced (uid {old_sft.manifest['uid']} -> {new_sft.manifest['uid']})"
     assert verify.returncode == 1
-    assert f"tiny-llama/rm: stale: {replaced}" in verify.stdout and f"tiny-llama/ppo: stale: {replaced}" in verify.stdout
+    assert (
+        f"tiny-llama/rm: stale: {replaced}" in verify.stdout and f"tiny-llama/ppo: stale: {replaced}" in verify.stdout
+    )
 
     with pytest.raises(StoreError, match=r"^tiny-llama/rm is stale: parent tiny-llama/sft was replaced .*make rm"):
         ppo_stage.main([f"store={tmp_path}", "model=tiny-llama", *tiny, *one_step])
     refused = subprocess.run(["make", "-s", "ppo", f"PY={sys.executable}", "INSTALL=", f"STORE={tmp_path}",
                               f"ARGS={' '.join([*tiny, *one_step])}"], capture_output=True, text=True)
-    assert refused.returncode != 0 and "error: tiny-llama/rm is stale: parent tiny-llama/sft was replaced" in refused.stderr
+    assert (
+        refused.returncode != 0
+        and "error: tiny-llama/rm is stale: parent tiny-llama/sft was replaced" in refused.stderr
+    )
     assert "Traceback" not in refused.stderr
     ppo_stage.main([f"store={tmp_path}", "model=tiny-llama", *tiny, *one_step, "allow_stale=true"])
     assert "warning: tiny-llama/rm is stale" in capsys.readouterr().out
@@ -200,7 +207,10 @@ def test_reward_model_with_another_tokenizer_scores_from_text(tmp_path, tiny_cac
         policy, policy_tokenizer, [llama.format_prompt(p) for p in prompts], 8, 1.0, greedy=True)
     mask, _ = __import__("alignment.ppo", fromlist=["x"]).response_mask(responses, policy_tokenizer.eos_token_id)
     scores = scorer(prompts, query_responses, torch.cat([query_mask, mask.long()], 1), responses)
-    texts = [bloom.format_prompt(p) + t for p, t in zip(prompts, policy_tokenizer.batch_decode(responses, skip_special_tokens=True))]
+    texts = [
+        bloom.format_prompt(p) + t
+        for p, t in zip(prompts, policy_tokenizer.batch_decode(responses, skip_special_tokens=True))
+    ]
     expected, _ = scoring.score_texts(reward_model, rm_tokenizer, texts)
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
 
@@ -237,7 +247,7 @@ def test_greedy_decoding_gives_the_tokens_transformers_generate_gives(tiny_cache
     tokenizer = loading.load_tokenizer(path, spec)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     prompts = [spec.format_prompt(p) for p in ["sort: d a c b", "reverse: a b c d e f g h i j", "copy: x"]]
-    query_responses, query_mask, responses = forwards.generate(model, tokenizer, prompts, 10, 1.0, greedy=True)
+    query_responses, _, responses = forwards.generate(model, tokenizer, prompts, 10, 1.0, greedy=True)
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     assert torch.equal(query_responses[:, : enc.input_ids.shape[1]], enc.input_ids)
@@ -278,12 +288,12 @@ def test_old_logprobs_are_those_of_the_training_forward_in_bf16(tiny_cache):
     torch.manual_seed(0)
     prompts = ["sort: d a c b", "reverse: a b c d e f g h i j", "count: x y", "sort: q w e r t y u i o p a s"]
     qr, attention, context, mask = rollout_batch(policy, tokenizer, spec, prompts, temperature=0.7)
-    r = ppo_stage.Rollout(prompts, qr, attention, qr[:, context:], mask, mask.bool().any(1))
+    r = Rollout(prompts, qr, attention, qr[:, context:], mask, mask.bool().any(1))
     minibatches = [torch.tensor([0, 2]), torch.tensor([3, 1])]
     p = ppo_stage.PPOSettings(temperature=0.7)
     scorer = scoring.RewardScorer(model.critic, tokenizer, spec, tokenizer, spec)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        old = ppo_stage.score(model, policy, scorer, r, p, minibatches)
+        old = rl_steps.score(model, policy, scorer, r, p, minibatches)
         for rows in minibatches:
             new = forwards.actor_critic_forward(model, qr[rows], attention[rows], context, 0.7)
             m = mask[rows].bool()
@@ -322,7 +332,16 @@ def test_packed_layout_computes_each_row_as_alone(tiny_cache):
     packed = forwards.pack(ids, attention, 6)
     assert packed.input_ids.shape == (3, 8)  # the longest row (8 tokens), not 6 + 4
     assert packed.attention_mask.tolist() == [[1] * 6 + [0, 0], [1] * 8, [1] * 8]  # padding on the right only
-    assert packed.input_ids[0, :6].tolist() == [5, 6, 7, 8, 9, 1] and packed.input_ids[2].tolist() == [3, 4, 5, 6, 7, 8, 9, 1]
+    assert packed.input_ids[0, :6].tolist() == [5, 6, 7, 8, 9, 1] and packed.input_ids[2].tolist() == [
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        1,
+    ]
     assert packed.last.tolist() == [5, 7, 7]
     with torch.no_grad():
         scored = forwards.actor_critic_forward(model, ids, attention, 6, 1.0)
@@ -388,7 +407,7 @@ def test_no_training_forward_holds_a_fully_masked_attention_row(tiny_cache, monk
 
 
 def test_packed_rows_train_on_the_same_loss_as_padded_batches(tiny_cache):
-    """SFT batches packed into rows (training.PackedRows) hold each sequence once, within max_length, and give
+    """SFT batches packed into rows (batching.PackedRows) hold each sequence once, within max_length, and give
     the loss and gradients of the same batch padded; models that cannot keep packed sequences apart are found."""
     spec = registry.get("tiny-llama")
     model = AutoModelForCausalLM.from_pretrained(registry.resolve(spec)).eval()
@@ -402,7 +421,7 @@ def test_packed_rows_train_on_the_same_loss_as_padded_batches(tiny_cache):
     for n in lengths:
         ids = torch.randint(3, 200, (n,), generator=generator).tolist()
         examples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})  # prompt masked out
-    batch = training.PackedRows(pad_token_id=0)(examples)
+    batch = batching.PackedRows(pad_token_id=0)(examples)
     rows = batch["input_ids"]
     assert rows.shape[0] < len(examples) and rows.shape[1] == max(lengths)
     assert (rows != 0).sum() == sum(lengths)  # every token once, padding apart

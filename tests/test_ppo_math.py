@@ -161,7 +161,9 @@ def test_group_advantages_by_hand():
     assert out.advantages.tolist() == pytest.approx([-1, 0, 1, -1 / r3, -1 / r3, 2 / r3])
     assert out.group_std.tolist() == pytest.approx([1, 1, 1, 4 / r3, 4 / r3, 4 / r3])
     # Dr. GRPO: the centred rewards as they are
-    assert ppo.group_advantages(rewards, 3, "none").advantages.tolist() == pytest.approx([-1, 0, 1, -4 / 3, -4 / 3, 8 / 3])
+    assert ppo.group_advantages(rewards, 3, "none").advantages.tolist() == pytest.approx(
+        [-1, 0, 1, -4 / 3, -4 / 3, 8 / 3]
+    )
     # batch: centred in the group, divided by the whole batch's std: mean 5/3, squared deviations
     # (4 + 1 + 16 + 25 + 25 + 49) / 9 = 120/9, unbiased var 120/9/5 = 8/3
     batch_std = math.sqrt(8 / 3)

@@ -240,7 +240,9 @@ def test_unknown_family_lists_the_families_and_takes_settings(tmp_path):
     with pytest.raises(registry.RegistryError) as failed:
         registry.get(str(folder))
     message = str(failed.value)
-    assert "'phi3'" in message and "bloom, gpt2, gpt_neox, llama, mistral, opt, qwen2" in message and "\n" not in message
+    assert (
+        "'phi3'" in message and "bloom, gpt2, gpt_neox, llama, mistral, opt, qwen2" in message and "\n" not in message
+    )
     assert "template=<" in message and "lora.target_modules" in message and "alignment/registry.py" in message
     spec = registry.get(str(folder), template="chatml")  # the settings given: usable
     assert (spec.family, spec.template, spec.lora_targets, spec.dtype) == ("phi3", "chatml", (), "bfloat16")
@@ -300,7 +302,9 @@ def test_the_expected_head_swap_report_is_quiet_and_any_other_shows(tiny_cache, 
 
     AutoModelForSequenceClassification.from_pretrained(registry.resolve(registry.get("tiny-llama")), num_labels=1)
     assert "LOAD REPORT" not in capfd.readouterr().err  # lm_head unused, score new: by design, every time
-    swap = next(f for f in logging.getLogger("transformers.modeling_utils").filters if type(f).__name__ == "_ExpectedHeadSwap")
+    swap = next(
+        f for f in logging.getLogger("transformers.modeling_utils").filters if type(f).__name__ == "_ExpectedHeadSwap"
+    )
     report = "X LOAD REPORT from: m\nKey | Status\nlm_head.weight | UNEXPECTED\n{} | MISSING\n"
 
     def passes(missing: str) -> bool:

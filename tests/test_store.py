@@ -52,7 +52,7 @@ def test_republish_replaces_and_keeps_the_old_checkpoint_in_history(tmp_path):
 def test_resumable_state_is_replaced_without_history(tmp_path):
     store = Store(tmp_path)
     for step in ("1", "2"):
-        store.save_state("r1", "ppo", lambda folder: (folder / "step").write_text(step))
+        store.save_state("r1", "ppo", lambda folder, step=step: (folder / "step").write_text(step))
     assert (store.load_state_path("r1", "ppo") / "step").read_text() == "2"
     assert [p.name for p in (tmp_path / "r1").iterdir()] == [".state"]
     assert [p.name for p in (tmp_path / "r1" / ".state").iterdir()] == ["ppo"]

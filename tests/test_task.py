@@ -49,7 +49,9 @@ def test_demonstrations_carry_the_flaw_and_preferences_correct_it():
 
 def test_loader_names_file_line_and_field(tmp_path, monkeypatch):
     bad = tmp_path / "prefs.jsonl"
-    bad.write_text('{"prompt": "copy: a", "chosen": "a", "rejected": "b"}\n{"prompt": "copy: a", "chosen": 3, "rejected": "b"}\n')
+    bad.write_text(
+        '{"prompt": "copy: a", "chosen": "a", "rejected": "b"}\n{"prompt": "copy: a", "chosen": 3, "rejected": "b"}\n'
+    )
     (tmp_path / "bad.yaml").write_text("prefs_train: prefs.jsonl\nprefs_eval: prefs.jsonl\n")
     with pytest.raises(data.DataError, match=r"prefs.jsonl:2: field 'chosen' is a number, not a string"):
         data.load(str(tmp_path / "bad.yaml"), "prefs_train")

@@ -4,7 +4,8 @@ environment (bench/.venv-trl112) with the same SFT policy, reward model, prompts
 Settings are matched to ours: rollout batch --batch, an optimizer step per --mini-batch sequences
 (per_device_train_batch_size=batch with num_mini_batches=batch/mini, so each minibatch is one forward),
 --epochs PPO epochs, --response-length sampled tokens at temperature 1 with EOS as the stop token, k1 KL at
---kl-coef, constant learning rate, fp32 (--bf16: bf16 mixed precision). Generation time is measured by wrapping its batch_generation.
+--kl-coef, constant learning rate, fp32 (--bf16: bf16 mixed precision). Generation time is measured by wrapping its
+batch_generation.
 Writes <out>/bench.json (episodes/s, time split, peak memory) and the trained policy to <out>/policy.
 """
 

@@ -2,10 +2,9 @@
 (SFT model, pairs, batch size, max length, learning rate, beta, one epoch) is set. TRL loads the reference
 itself (a second copy of the model, as ours). Writes its speed as JSON."""
 
+from common import arguments, dataset, settings, write_speed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
-
-from common import arguments, dataset, settings, write_speed
 
 a = arguments("prompt/chosen/rejected", beta=(float, "DPO beta"))
 tokenizer = AutoTokenizer.from_pretrained(a.model)

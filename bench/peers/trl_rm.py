@@ -1,10 +1,9 @@
 """Peer: a plain reward-model script on TRL 1.16's RewardTrainer with its default settings; only what the
 comparison fixes (model, pairs, batch size, max length, learning rate, one epoch) is set. Writes its speed."""
 
+from common import arguments, dataset, settings, write_speed
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
-
-from common import arguments, dataset, settings, write_speed
 
 a = arguments("prompt/chosen/rejected")
 tokenizer = AutoTokenizer.from_pretrained(a.model)

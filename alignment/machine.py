@@ -1,0 +1,57 @@
+"""What this machine can do, measured: whether bf16 arithmetic pays here, and how much memory a process has used."""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import time
+
+import torch
+
+
+def use_bf16(precision: str) -> bool:
+    """Whether a stage trains in bf16. 'auto' measures: on a CPU without bf16 units bf16 matmuls run through a
+    slow emulation (here 50-100x slower than fp32), on one with them several times faster. Under `accelerate
+    launch` the answer also becomes the launch's mixed precision (ACCELERATE_MIXED_PRECISION, which Accelerate
+    and the DeepSpeed config read when they start): the stage's precision rules, not the launch file's
+    mixed_precision (with which DeepSpeed's trainers refused to start, with a traceback, when the two differed).
+    The processes of one launch must agree, and their timings may not: there 'auto' on a CPU takes the launch's
+    mixed precision instead of measuring."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision != "auto":
+        bf16 = precision == "bf16"
+    elif torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+    elif launched is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        bf16 = launched == "bf16"
+    else:
+        bf16 = _cpu_bf16_speedup() > 1.5
+    if launched is not None:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
+    return bf16
+
+
+@functools.cache
+def _cpu_bf16_speedup(n: int = 384, rounds: int = 5) -> float:
+    """fp32 matmul time / bf16 matmul time on this CPU (about 0.15 s where bf16 is slow, 5 ms where fast). The two
+    are timed in turns and the best of each kept: on a CPU shared with other jobs one pair of timings once gave
+    0.08 where the ratio is 2 (bf16 units), so a resumed run could train in another precision than its start."""
+    g = torch.Generator().manual_seed(0)  # not the global RNG: a stage's sampling must not depend on this probe
+    a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a16, b16 = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
+    a32 @ b32, a16 @ b16  # warm-up: library start-up, kernel choice
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for _ in range(rounds):
+        for a, b in ((a32, b32), (a16, b16)):
+            t = time.perf_counter()
+            a @ b
+            best[a.dtype] = min(best[a.dtype], time.perf_counter() - t)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: max allocated on the GPU, else the peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

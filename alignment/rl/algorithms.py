@@ -1,0 +1,130 @@
+"""What PPO and GRPO do differently in the one loop (loop.py): whether a critic trains beside the policy, how a
+scored rollout becomes advantages (3), the loss of a minibatch (4), and what each adds to a step's log line.
+The math itself is in alignment/ppo.py, as pure functions with hand-worked tests.
+
+An algorithm is a small object: name (the stage, its config section and log), method (its name in messages),
+critic, group_size (responses sampled per prompt), epochs; fresh_moments(), restore(state), keep(state),
+advantages(accelerator, r, s, state) -> advantages or None (a score not finite in some process),
+loss(new, r, s, adv, idx, state) -> (loss, the values of its stats), record(accelerator, r, s, adv, state) -> log
+fields, after_step(state, record, per_step), final(state) -> manifest metrics of its own.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from alignment import ppo
+from alignment.rl.types import RLState, Rollout, Scores
+
+
+class PPOAdvantages(NamedTuple):
+    rewards: ppo.TokenRewards  # per-token rewards: the KL penalty, the score at the last token
+    gae: ppo.Advantages  # GAE advantages and returns (the critic's targets)
+    whitened: torch.Tensor  # [B, T] the advantages the policy loss reads
+
+
+class PPO:
+    """Per-token rewards (KL penalty against the reference, the normalised and clipped score at the last token),
+    GAE over the critic's values, clipped policy and value losses (Ziegler et al., 2019; Ouyang et al., 2022)."""
+
+    name, method, critic, group_size = "ppo", "PPO", True, 1
+    stats = ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")
+
+    def __init__(self, settings):
+        self.s = settings
+        self.epochs = settings.ppo_epochs
+        self.moments = ppo.RunningMoments()  # of the reward model's scores, over all processes
+
+    def fresh_moments(self) -> dict:
+        return self.moments.state_dict()
+
+    def restore(self, state: RLState) -> None:
+        self.moments.load_state_dict(state.moments)
+
+    def keep(self, state: RLState) -> None:
+        state.moments = self.moments.state_dict()
+
+    def advantages(self, accelerator, r: Rollout, s: Scores, state: RLState) -> PPOAdvantages | None:
+        p = self.s
+        all_scores = accelerator.gather(s.rewards)
+        if not torch.isfinite(all_scores).all():
+            return None
+        scores = s.rewards
+        if p.normalize_reward:
+            self.moments.update(all_scores)
+            scores = (scores - self.moments.mean) / self.moments.std
+        rewards = ppo.token_rewards(scores.clamp(-p.reward_clip, p.reward_clip), s.logprobs, s.ref_logprobs, r.mask,
+                                    state.kl_coef)
+        adv = ppo.gae(rewards.rewards, s.values, r.mask, p.gamma, p.lam)
+        whitened = ppo.masked_whiten(adv.advantages, r.mask) if p.whiten_advantages else adv.advantages
+        return PPOAdvantages(rewards, adv, whitened)
+
+    def loss(self, new, r: Rollout, s: Scores, adv: PPOAdvantages, idx: torch.Tensor, state: RLState):
+        p = self.s
+        pl = ppo.policy_loss(new.logprobs, s.logprobs[idx], adv.whitened[idx], r.mask[idx], p.clip_range)
+        vl = ppo.value_loss(new.values, s.values[idx], adv.gae.returns[idx], r.mask[idx], p.value_clip)
+        return pl.loss + p.vf_coef * vl.loss, (pl.loss, vl.loss, pl.clip_frac, vl.clip_frac, pl.approx_kl)
+
+    def record(self, accelerator, r: Rollout, s: Scores, adv: PPOAdvantages, state: RLState) -> dict:
+        return {"kl": accelerator.gather(adv.rewards.kl.sum(1)).mean().item(), "kl_coef": state.kl_coef}
+
+    def final(self, state: RLState) -> dict:
+        return {"final_kl_coef": state.kl_coef}
+
+    def after_step(self, state: RLState, record: dict, per_step: int) -> None:
+        if self.s.adaptive_kl:
+            state.kl_coef = ppo.adaptive_kl_coef(state.kl_coef, record["kl"], self.s.kl_target, self.s.kl_horizon,
+                                                 per_step)
+
+
+class GRPO:
+    """Group-relative advantages (each reward less its group's mean, over a std or none: Dr. GRPO), one per
+    response at each of its tokens; the clipped ratio objective plus kl_coef * k3, the KL estimate to the reference,
+    in the loss (Shao et al., 2024). No critic."""
+
+    name, method, critic = "grpo", "GRPO", False
+    stats = ("loss", "kl_k3", "clip_frac", "approx_kl")
+
+    def __init__(self, settings):
+        self.s = settings
+        self.epochs, self.group_size = settings.epochs, settings.group_size
+
+    def fresh_moments(self) -> dict:
+        return {}
+
+    def restore(self, state: RLState) -> None:
+        pass
+
+    def keep(self, state: RLState) -> None:
+        pass
+
+    def advantages(self, accelerator, r: Rollout, s: Scores, state: RLState) -> ppo.GroupAdvantages | None:
+        """Computed over the whole batch (a batch std needs every process's rewards); a group never straddles
+        processes."""
+        everyone = accelerator.gather(s.rewards)
+        if not torch.isfinite(everyone).all():
+            return None
+        adv = ppo.group_advantages(everyone, self.group_size, self.s.scale_rewards)
+        mine = lambda x: x.view(accelerator.num_processes, -1)[accelerator.process_index]
+        return ppo.GroupAdvantages(mine(adv.advantages), mine(adv.group_std))
+
+    def loss(self, new, r: Rollout, s: Scores, adv: ppo.GroupAdvantages, idx: torch.Tensor, state: RLState):
+        g = self.s
+        out = ppo.grpo_loss(new.logprobs, s.logprobs[idx], s.ref_logprobs[idx], adv.advantages[idx], r.mask[idx],
+                            g.clip_range, g.kl_coef, g.loss_aggregation, g.max_new_tokens)
+        return out.loss, (out.loss, out.kl, out.clip_frac, out.approx_kl)
+
+    def record(self, accelerator, r: Rollout, s: Scores, adv: ppo.GroupAdvantages, state: RLState) -> dict:
+        """kl is PPO's per-response sum of log pi - log pi_ref on the samples, for comparison; kl_k3 the loss's
+        term; groups_alike the share of groups whose responses all scored the same (no signal)."""
+        alike = accelerator.gather((adv.group_std == 0).float()).mean()
+        return {"kl": accelerator.gather(ppo.masked(s.logprobs - s.ref_logprobs, r.mask).sum(1)).mean().item(),
+                "reward_std": accelerator.gather(adv.group_std).mean().item(), "groups_alike": alike.item()}
+
+    def final(self, state: RLState) -> dict:
+        return {}
+
+    def after_step(self, state: RLState, record: dict, per_step: int) -> None:
+        pass

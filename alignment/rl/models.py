@@ -1,0 +1,65 @@
+"""The models of an RL stage: the policy that trains (with PPO's critic, one module: forwards.ActorCritic), the
+frozen reference it is kept close to, and the reward model behind a scoring.RewardScorer. Trained weights load in
+fp32 (loading.py), frozen ones in the entry's dtype."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from alignment import distributed, forwards, loading, registry, scoring
+
+
+class Models(NamedTuple):
+    tokenizer: object
+    spec: registry.ModelSpec
+    model: forwards.ActorCritic  # the trained policy, and the critic where there is one
+    reference: object  # the frozen SFT policy (with LoRA: the policy with its adapters off)
+    scorer: scoring.RewardScorer
+
+
+def load(cfg, accelerator, sft, rm, stage: str, critic: bool) -> Models:
+    """The policy from the SFT checkpoint (LoRA: with new adapters), the reference, the reward model; with critic,
+    a critic that starts as the reward model or, if that reads other tokens, as the SFT body."""
+    spec = registry.get(cfg.model, template=sft.manifest["template"], tokenizer=sft.path)
+    rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"], tokenizer=rm.path)
+    tokenizer = loading.load_tokenizer(sft.path, spec)
+    rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
+    quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
+    policy = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer, trained=True)
+    with distributed.outside_zero3_init(accelerator):
+        if cfg.lora.enabled:
+            policy = get_peft_model(policy, loading.lora_config(cfg.lora, policy, spec, "CAUSAL_LM"))
+            reference = forwards.AdapterDisabled(policy)
+        else:
+            reference = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer)
+            reference.requires_grad_(False).to(accelerator.device)
+        reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized,
+                                          tokenizer=rm_tokenizer)
+    scorer = scoring.RewardScorer(reward_model, rm_tokenizer, rm_spec, tokenizer, spec)
+    for name, m in (("policy", policy), ("reference", reference), ("reward model", reward_model)):
+        shared = " (the policy's weights, adapters off)" if name == "reference" and cfg.lora.enabled else ""
+        print(f"[{stage}] {loading.footprint(name, m)}{shared}")
+    for m in (policy, reference, reward_model):
+        loading.disable_dropout(m)
+        m.eval()  # no dropout anywhere; gradients still flow in eval mode
+    reward_model.requires_grad_(False).to(accelerator.device)
+    value_model = load_critic(cfg, sft if scorer.by_text else rm, spec, tokenizer, stage) if critic else None
+    return Models(tokenizer, spec, forwards.ActorCritic(policy, value_model), reference, scorer)
+
+
+def load_critic(cfg, source, spec, tokenizer, stage: str):
+    """A one-label sequence-classification model from source (a checkpoint); quantized weights train through
+    adapters only, so a quantized critic gets LoRA adapters of its own and a trained score head."""
+    quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
+    critic = loading.load_model(source.path, AutoModelForSequenceClassification, spec, **quantized,
+                                tokenizer=tokenizer, trained=True)
+    if cfg.quantization:
+        critic = get_peft_model(critic, loading.lora_config(cfg.lora, critic, spec, "SEQ_CLS",
+                                                            modules_to_save=["score"]))
+    print(f"[{stage}] {loading.footprint('critic', critic)}")
+    loading.disable_dropout(critic)
+    critic.eval()
+    return critic

@@ -1,0 +1,29 @@
+"""The settings every RL stage has; stages/ppo.py and stages/grpo.py extend them with their algorithm's own keys
+and may redeclare one with another default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from alignment.config import field
+
+
+@dataclasses.dataclass
+class RLSettings:
+    steps: int = field(60, "iterations: rollout batches sampled, scored and trained on")
+    batch_size: int = field(64, "prompts per rollout batch, per process")
+    mini_batch_size: int = field(16, "sequences per optimizer step, per process (DeepSpeed's micro batch)")
+    learning_rate: float = field(1e-4, "AdamW learning rate")
+    max_new_tokens: int = field(20, "longest response sampled")
+    max_prompt_length: int = field(512, "longest prompt in tokens; longer ones lose their beginning (counted)")
+    temperature: float = field(1.0, "sampling temperature; log-probs are computed at the same temperature")
+    clip_range: float = field(0.2, "policy ratio clip epsilon")
+    missing_eos_penalty: float = field(1.0, "subtracted from the score of a response that never ends; 0: off")
+    max_grad_norm: float = field(1.0, "gradient clipping")
+    group_by_length: bool = field(True, "minibatches of sequences of similar length (in a random order each "
+                                  "epoch): each pads less; false: uniformly random minibatches")
+    eval_samples: int = field(4, "sampled responses per held-out prompt in the final comparison")
+    reward_model: str = field("", "store id run/rm of the reward model; empty: the run's. Any tokenizer: "
+                              "when it differs from the policy's, responses are scored from their text")
+    eval_every: int = field(10, "evaluate on held-out prompts every N steps (and before the first); 0: off")
+    eval_prompts: int = field(64, "held-out prompts used by the evaluation during training")
