@@ -1,6 +1,6 @@
 # RLHF pipeline. Quick start:  make sft rm ppo      Tests:  make test
 # Variables: MODEL=<registry name>  DATA=<task, hh-rlhf, or a YAML data file>  RUN=<run name>  STORE=<store root>
-#            ARGS="key=value ..."  CONFIG=<a stage YAML of your own>
+#            ARGS="key=value ..." (every stage named)  ARGS_<stage>="key=value ..." (that one)  CONFIG=<a stage YAML>
 #            CHECKPOINTS=<run/stage,...> (make eval)   RESUME=0 (start a stage over instead of resuming)
 #            NPROC=<processes>  ACCELERATE_CONFIG=<configs/accelerate/*.yaml> (multi-process / DeepSpeed)
 PYTHON ?= python3
@@ -16,8 +16,9 @@ CONFIG ?=
 RESUME ?= 1
 NPROC  ?= 1
 ACCELERATE_CONFIG ?=
+# ARGS goes to every stage named; ARGS_<stage> to that one only, after ARGS (make sft rm ARGS_sft="sft.epochs=1")
 STAGE_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(DATA),data=$(DATA)) $(if $(RUN),run=$(RUN)) $(if $(STORE),store=$(STORE)) \
-             $(if $(filter 0,$(RESUME)),resume=false) $(ARGS)
+             $(if $(filter 0,$(RESUME)),resume=false) $(ARGS) $(ARGS_$@)
 # One process: plain python. Several: `accelerate launch --multi_gpu`, which really starts NPROC processes
 # (NCCL on GPUs, gloo on CPUs); plain --num_processes or --cpu would quietly start one.
 ifeq ($(NPROC)$(ACCELERATE_CONFIG),1)
@@ -31,7 +32,7 @@ export TOKENIZERS_PARALLELISM = false
 # one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help sft rm ppo grpo dpo eval test test-slow lint store export data data-check install clean bench gpu-check
+.PHONY: help sft rm ppo grpo dpo eval test test-slow test-docs lint store export data data-check install clean bench gpu-check
 
 help:
 	@echo "Targets:"
@@ -49,6 +50,7 @@ help:
 	@echo "  MODEL=<registry name, model folder or hub id>   DATA=<task, hh-rlhf, or a YAML data file>   RUN=<run name>"
 	@echo "  STORE=<store root>   CONFIG=<stage YAML of your own, instead of configs/[DATA/]<stage>.yaml>"
 	@echo "  ARGS=\"key=value ...\"   any config key of the stage (python -m stages.<stage> --help lists them)"
+	@echo "  ARGS_<stage>=\"key=value ...\"   for that stage only, after ARGS: make sft rm ppo ARGS_ppo=\"ppo.steps=10\""
 	@echo "  RESUME=0   start a stage over, removing its resumable state;   CHECKPOINTS=run/stage,... (make eval)"
 	@echo "  NPROC=<processes>   ACCELERATE_CONFIG=configs/accelerate/<ddp|zero2|zero3|zero3_offload>.yaml"
 
@@ -83,7 +85,7 @@ EVAL_RUN = $(notdir $(or $(MODEL),tiny-llama))$(if $(filter-out task,$(DATA_NAME
 eval: $(VENV)/.installed
 	$(PY) -m stages.eval --config $(or $(CONFIG),$(CONFIGS)/eval.yaml) $(if $(RUN),run=$(RUN),$(if $(MODEL)$(DATA),run=$(EVAL_RUN))) \
 		$(if $(STORE),store=$(STORE)) \
-		$(if $(CHECKPOINTS),eval.checkpoints=[$(CHECKPOINTS)]) $(ARGS)
+		$(if $(CHECKPOINTS),eval.checkpoints=[$(CHECKPOINTS)]) $(ARGS) $(ARGS_eval)
 
 store: $(VENV)/.installed
 	$(PY) -m alignment store list $(if $(STORE),--root $(STORE))
@@ -111,6 +113,7 @@ gpu-check: $(INSTALL)
 	$(PY) -m bench.gpu_check $(ARGS)
 
 test: $(VENV)/.installed $(VENV)/.deepspeed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 # ruff's default rules, import order and 120 columns (pyproject.toml), on the whole tree; CI runs it before the tests
@@ -119,6 +122,10 @@ lint: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed $(VENV)/.deepspeed
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# Every command README.md and docs/ show, run with tiny settings or allowlisted with a reason (tests/test_docs_commands.py)
+test-docs: $(VENV)/.installed $(VENV)/.deepspeed
+	$(PY) -m pytest -q -s -m docs $(ARGS)
 
 # Reads every split DATA names, as the stages would, and reports per split; exit 1 on an error.
 data-check: $(VENV)/.installed

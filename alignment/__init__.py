@@ -1,5 +1,6 @@
-"""An RLHF pipeline: SFT, reward model, PPO. Importing the package first quiets third-party noise that says nothing
-to a user of this pipeline (stages import it before torch, transformers and peft):
+"""An RLHF pipeline: SFT, reward model, PPO. Importing the package quiets third-party noise that says nothing to a
+user of this pipeline. It runs before any third-party import of a stage, whatever the order of the stage's imports:
+`python -m stages.<stage>` imports the stages package first, and stages/__init__.py imports this one.
 - bitsandbytes warns at import, on CPUs with bf16 units, that an optional kernel package is missing, whether or
   not anything is quantized;
 - deprecation notices about arguments this code does not choose (TRL's `keep_end`, which is how prompts lose their

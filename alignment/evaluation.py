@@ -1,21 +1,17 @@
 """Measuring checkpoints honestly: every headline number on held-out data, with a 95% bootstrap interval.
 
-The first half is pure metric functions (tested against hand-computed values); the second half runs
-models: reward-model accuracy on held-out pairs, policy cross-entropy on held-out demonstrations, and
-policy behaviour on held-out prompts scored by the reward model, the reference and (on the embedded
-task) the gold judge.
+The statistics are alignment/stats.py's; here the models run: reward-model accuracy on held-out pairs, policy
+cross-entropy on held-out demonstrations, and policy behaviour on held-out prompts scored by the reward model, the
+reference and (on the embedded task) the gold judge. report.py turns the results into text and HTML.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
-from alignment import forwards, ppo, scoring, task
+from alignment import forwards, ppo, scoring, stats, task
 
 METRICS = {
     # name -> one sentence a reader of the report needs to interpret it
@@ -79,100 +75,6 @@ METRICS = {
     ),
 }
 
-# ---- pure metrics -------------------------------------------------------------------------------------
-
-
-def mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if len(xs) else float("nan")
-
-
-def bootstrap_ci(
-    values: Sequence, statistic: Callable[[list], float] = mean, n_resamples: int = 2000, level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of statistic(values), resampling the items with replacement. The mean, the
-    usual statistic, is taken of all resamples at once (numpy): item by item in Python an interval over 200
-    items took 0.3 s, and a report holds a hundred of them."""
-    rng = np.random.default_rng(seed)
-    k = len(values)
-    picks = rng.integers(0, k, size=(n_resamples, k))
-    if statistic is mean:
-        stats = np.sort(np.asarray(values, dtype=float)[picks].mean(1))
-    else:
-        stats = sorted(statistic([values[i] for i in row]) for row in picks.tolist())
-    lo = stats[int((1 - level) / 2 * n_resamples)]
-    hi = stats[min(n_resamples - 1, int((1 + level) / 2 * n_resamples))]
-    return float(lo), float(hi)
-
-
-def estimate(values: Sequence[float], seed: int = 0) -> dict:
-    """{"mean", "ci95"}: the mean of values with its bootstrap interval. The mean is summed as the resamples' are
-    (numpy): for equal values both are then the same float, and the interval holds the mean."""
-    lo, hi = bootstrap_ci(values, seed=seed)
-    return {"mean": float(np.mean(np.asarray(values, dtype=float))), "ci95": [lo, hi]}
-
-
-def paired_difference(after: list[float], before: list[float], seed: int = 0) -> dict:
-    """Mean of after - before over the same items, with its 95% paired bootstrap interval."""
-    return estimate([a - b for a, b in zip(after, before, strict=True)], seed=seed)
-
-
-def wins(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    """Per item: 1 if a beats b, 0.5 on a tie, 0 otherwise. Their mean is the win rate of a over b."""
-    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct word n-grams over all word n-grams in texts (0 when there are none)."""
-    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def spread_sample(prompts: Sequence, k: int, seed: int = 0, kind: Callable | None = None) -> list[int]:
-    """Indices of k prompts spread evenly over kind(prompt) (e.g. the embedded task's operation), drawn in a
-    seeded order and grouped by kind; without kind, k at random in file order. The first k would not do: the
-    embedded task's held-out prompts are sorted, so they are all of one operation."""
-    order = random.Random(seed).sample(range(len(prompts)), len(prompts))
-    if kind is None:
-        return sorted(order[:k])
-    groups: dict = {}
-    for i in order:
-        groups.setdefault(kind(prompts[i]), []).append(i)
-    queues = [groups[name] for name in sorted(groups)]
-    picked: list[int] = []
-    while len(picked) < min(k, len(prompts)):
-        for queue in queues:  # round robin: no kind gets a second prompt before every kind has had one
-            if queue and len(picked) < k:
-                picked.append(queue.pop(0))
-    rank = {name: n for n, name in enumerate(sorted(groups))}
-    return sorted(picked, key=lambda i: (rank[kind(prompts[i])], order.index(i)))
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    mx, my = mean(x), mean(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
-
-
-def calibration(margins: Sequence[float], buckets: int = 5) -> list[dict]:
-    """Accuracy of a reward model by |margin| bucket (equal-count buckets, smallest margins first).
-
-    margins are r(chosen) - r(rejected); a pair is right when its margin is > 0. Each bucket reports the
-    accuracy and sigmoid of its mean |margin|, which a calibrated model's accuracy should match.
-    """
-    ordered = sorted(margins, key=abs)
-    size = math.ceil(len(ordered) / buckets)
-    out = []
-    for i in range(0, len(ordered), size):
-        chunk = ordered[i : i + size]
-        mean_abs = mean([abs(m) for m in chunk])
-        out.append({
-            "abs_margin_min": abs(chunk[0]), "abs_margin_max": abs(chunk[-1]), "pairs": len(chunk),
-            "accuracy": mean([float(m > 0) for m in chunk]), "predicted": 1 / (1 + math.exp(-mean_abs)),
-        })
-    return out
-
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood per sequence of the masked labels. logits [B, T, V] predict labels [B, T]."""
@@ -212,7 +114,7 @@ def cross_entropy(model, tokenizer, spec, records: list[dict], batch_size: int =
         return sum(n for n, _ in items) / sum(t for _, t in items)
 
     ce = ratio(per_record)
-    lo, hi = bootstrap_ci(per_record, ratio, seed=seed)
+    lo, hi = stats.bootstrap_ci(per_record, ratio, seed=seed)
     return {
         "cross_entropy": {"mean": ce, "ci95": [lo, hi]},
         "perplexity": {"mean": math.exp(ce), "ci95": [math.exp(lo), math.exp(hi)]},
@@ -234,11 +136,11 @@ def reward_model_metrics(reward_model, tokenizer, spec, pairs: list[dict], seed:
     shorter = [1.0 if len(r["chosen"]) < len(r["rejected"]) else 0.5 if len(r["chosen"]) == len(r["rejected"]) else 0.0
                for r in pairs]
     return {
-        "rm_accuracy": estimate([float(m > 0) for m in margins], seed),
-        "rm_margin": estimate(margins, seed),
-        "rm_calibration": calibration(margins),
-        "rm_length_correlation": pearson(chosen + rejected, response_len),
-        "shorter_wins_accuracy": mean(shorter),
+        "rm_accuracy": stats.estimate([float(m > 0) for m in margins], seed),
+        "rm_margin": stats.estimate(margins, seed),
+        "rm_calibration": stats.calibration(margins),
+        "rm_length_correlation": stats.pearson(chosen + rejected, response_len),
+        "shorter_wins_accuracy": stats.mean(shorter),
         "pairs": len(pairs),
     }
 
@@ -301,24 +203,24 @@ def curve_point(policy, ref_policy, scorer, tokenizer, spec, prompts: list, step
         torch.manual_seed(seed)
         r = rollout_scores(policy, ref_policy, scorer, tokenizer, spec, prompts, max_new_tokens=max_new_tokens,
                            temperature=temperature, greedy=False, gold=gold, max_prompt_tokens=max_prompt_tokens)
-    return {"step": step, **{f"eval_{k}": mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
+    return {"step": step, **{f"eval_{k}": stats.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
 
 
 def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) -> dict:
     """Headline figures of one policy's rollout on held-out prompts, against the SFT policy's on the same prompts."""
     out = {
-        "reward": estimate(rollout["reward"], seed),
-        "win_rate_vs_sft": estimate(wins(rollout["reward"], sft_rollout["reward"]), seed),
-        "kl_per_token": estimate(rollout["kl_tokens"], seed),
-        "kl_per_response": estimate(rollout["kl"], seed),
-        "response_length": estimate(rollout["length"], seed),
-        "distinct_1": distinct_n(rollout["responses"], 1),
-        "distinct_2": distinct_n(rollout["responses"], 2),
-        "ended_with_eos": estimate(rollout["ended"], seed),
+        "reward": stats.estimate(rollout["reward"], seed),
+        "win_rate_vs_sft": stats.estimate(stats.wins(rollout["reward"], sft_rollout["reward"]), seed),
+        "kl_per_token": stats.estimate(rollout["kl_tokens"], seed),
+        "kl_per_response": stats.estimate(rollout["kl"], seed),
+        "response_length": stats.estimate(rollout["length"], seed),
+        "distinct_1": stats.distinct_n(rollout["responses"], 1),
+        "distinct_2": stats.distinct_n(rollout["responses"], 2),
+        "ended_with_eos": stats.estimate(rollout["ended"], seed),
     }
     if gold:
-        out["gold"] = estimate(rollout["gold"], seed)
-        out["gold_win_rate_vs_sft"] = estimate(wins(rollout["gold"], sft_rollout["gold"]), seed)
+        out["gold"] = stats.estimate(rollout["gold"], seed)
+        out["gold_win_rate_vs_sft"] = stats.estimate(stats.wins(rollout["gold"], sft_rollout["gold"]), seed)
     return out
 
 
@@ -329,16 +231,17 @@ def versus_sft(greedy: dict, sampled: dict, sft_greedy: dict, sft_sampled: dict,
     defined) the two means and the paired difference with its bootstrap interval over prompts; and the KL to
     SFT per response of the policy's own samples (greedy responses are not draws from the policy: no KL)."""
     def per_prompt(xs: list, n: int) -> list[float]:
-        return [mean(xs[i : i + n]) for i in range(0, len(xs), n)]
+        return [stats.mean(xs[i : i + n]) for i in range(0, len(xs), n)]
 
     out: dict = {"prompts": len(greedy["reward"]), "samples": samples}
     for mode, after, before, n in (("greedy", greedy, sft_greedy, 1), ("sampled", sampled, sft_sampled, samples)):
         section = {}
         for key in ("gold", "reward") if gold else ("reward",):
             a, b = per_prompt(after[key], n), per_prompt(before[key], n)
-            section[key] = {"policy": mean(a), "sft": mean(b), "difference": paired_difference(a, b, seed=seed)}
+            section[key] = {"policy": stats.mean(a), "sft": stats.mean(b),
+                            "difference": stats.paired_difference(a, b, seed=seed)}
         out[mode] = section
-    out["kl"] = estimate(per_prompt(sampled["kl"], samples), seed)
+    out["kl"] = stats.estimate(per_prompt(sampled["kl"], samples), seed)
     return out
 
 
@@ -364,14 +267,15 @@ def compare_policies(
                         repeated)
         after = on_all(lambda xs, kw=kwargs: rollout_scores(policy, sft_policy, scorer, tokenizer, spec, xs, **kw),
                        repeated)
-        per_prompt = lambda xs, n=reps: [mean(xs[i : i + n]) for i in range(0, len(xs), n)]
+        per_prompt = lambda xs, n=reps: [stats.mean(xs[i : i + n]) for i in range(0, len(xs), n)]
         section = {}
         for key in ("reward", "gold") if gold else ("reward",):
             b, a = per_prompt(before[key]), per_prompt(after[key])
-            section[key] = {"sft": mean(b), "policy": mean(a), "difference": paired_difference(a, b, seed=seed)}
-        section["kl"] = mean(after["kl"])
-        section["response_length"] = {"sft": mean(before["length"]), "policy": mean(after["length"])}
-        section["ended_with_eos"] = {"sft": mean(before["ended"]), "policy": mean(after["ended"])}
+            section[key] = {"sft": stats.mean(b), "policy": stats.mean(a),
+                            "difference": stats.paired_difference(a, b, seed=seed)}
+        section["kl"] = stats.mean(after["kl"])
+        section["response_length"] = {"sft": stats.mean(before["length"]), "policy": stats.mean(after["length"])}
+        section["ended_with_eos"] = {"sft": stats.mean(before["ended"]), "policy": stats.mean(after["ended"])}
         section["examples"] = [
             {"prompt": p, "sft": b, "policy": a}
             for p, b, a in list(zip(repeated, before["responses"], after["responses"]))[::reps][:3]
@@ -380,26 +284,3 @@ def compare_policies(
     return out
 
 
-def format_comparison(summary: dict, method: str = "ppo") -> str:
-    """compare_policies' summary as the lines a stage ends with; method names the trained policy."""
-    lines = [
-        (f"{method.upper()} vs SFT on {summary['eval_prompts']} held-out prompts "
-        "(95% paired bootstrap CI of the difference)")
-    ]
-    for mode in ("greedy", "sampled"):
-        s = summary[mode]
-        for key in ("gold", "reward"):
-            if key in s:
-                d = s[key]["difference"]
-                lines.append(
-                    f"  {mode:8s} {key:7s} sft {s[key]['sft']:+.3f} -> {method} {s[key]['policy']:+.3f}   "
-                    f"diff {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                )
-        lines.append(
-            f"  {mode:8s} KL({method}||sft) {s['kl']:.3f} nats/response   length sft {s['response_length']['sft']:.1f}"
-            f" -> {method} {s['response_length']['policy']:.1f}"
-        )
-    for ex in summary["greedy"]["examples"]:
-        prompt = ex["prompt"] if isinstance(ex["prompt"], str) else ex["prompt"][-1]["content"]  # last user turn
-        lines.append(f"  e.g. {prompt!r}: sft {ex['sft']!r} -> {method} {ex['policy']!r}")
-    return "\n".join(lines)

@@ -511,3 +511,28 @@ def text_summary(result: dict) -> str:
                          f"length_corr={m['rm_length_correlation']:.3f} shorter_wins={m['shorter_wins_accuracy']:.3f}")
     lines += [f"  warning: {w}" for w in result.get("warnings", [])]
     return "\n".join(lines)
+
+
+def format_comparison(summary: dict, method: str = "ppo") -> str:
+    """compare_policies' summary as the lines a stage ends with; method names the trained policy."""
+    lines = [
+        (f"{method.upper()} vs SFT on {summary['eval_prompts']} held-out prompts "
+        "(95% paired bootstrap CI of the difference)")
+    ]
+    for mode in ("greedy", "sampled"):
+        s = summary[mode]
+        for key in ("gold", "reward"):
+            if key in s:
+                d = s[key]["difference"]
+                lines.append(
+                    f"  {mode:8s} {key:7s} sft {s[key]['sft']:+.3f} -> {method} {s[key]['policy']:+.3f}   "
+                    f"diff {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                )
+        lines.append(
+            f"  {mode:8s} KL({method}||sft) {s['kl']:.3f} nats/response   length sft {s['response_length']['sft']:.1f}"
+            f" -> {method} {s['response_length']['policy']:.1f}"
+        )
+    for ex in summary["greedy"]["examples"]:
+        prompt = ex["prompt"] if isinstance(ex["prompt"], str) else ex["prompt"][-1]["content"]  # last user turn
+        lines.append(f"  e.g. {prompt!r}: sft {ex['sft']!r} -> {method} {ex['policy']!r}")
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from alignment import data, evaluation, loading, registry, scoring
+from alignment import data, evaluation, loading, registry, scoring, stats
 from alignment.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,13 +342,13 @@ def _rl_stage(ours, peer: dict, peer_name: str, peer_policy: Path, sft, rm, spec
         r = evaluation.rollout_scores(policy, reference, scorer, tokenizer, spec, prompts,
                                       max_new_tokens=a.ppo_response_length, temperature=1.0, greedy=False,
                                       gold=False, max_prompt_tokens=a.ppo_prompt_length)
-        return {"reward": evaluation.mean(r["reward"]), "kl": evaluation.mean(r["kl"]), "rewards": r["reward"]}
+        return {"reward": stats.mean(r["reward"]), "kl": stats.mean(r["kl"]), "rewards": r["reward"]}
 
     base_reward = held_out_reward(sft.path)
     rows = {}
     for name, path, speed in (("ours", ours.path, m), (peer_name, peer_policy, peer)):
         r = held_out_reward(path)
-        diff = evaluation.paired_difference(r["rewards"], base_reward["rewards"])
+        diff = stats.paired_difference(r["rewards"], base_reward["rewards"])
         rows[name] = {"episodes_per_s": speed["episodes_per_s"], "episodes": speed["episodes"],
                       "time_s": speed["time_s"], "peak_memory_mb": speed["peak_memory_mb"],
                       "held_out_reward": round(r["reward"], 4), "held_out_kl": round(r["kl"], 3),
@@ -356,7 +356,7 @@ def _rl_stage(ours, peer: dict, peer_name: str, peer_policy: Path, sft, rm, spec
                       "reward_gain_per_1k_episodes": round(1000 * diff["mean"] / speed["episodes"], 4)}
         rows[name]["rewards"] = r["rewards"]
     # Equal episodes on both sides: the gain per episode compares as the paired difference on the same prompts.
-    diff = evaluation.paired_difference(rows["ours"].pop("rewards"), rows[peer_name].pop("rewards"))
+    diff = stats.paired_difference(rows["ours"].pop("rewards"), rows[peer_name].pop("rewards"))
     rows["peer"] = peer_name
     rows["ours_minus_peer_reward"] = {"mean": round(diff["mean"], 4), "ci95": [round(x, 4) for x in diff["ci95"]],
                                       "prompts": len(prompts)}

@@ -34,6 +34,7 @@ from alignment import (
     loading,
     publish,
     registry,
+    report,
     resume,
     scoring,
     training,
@@ -213,7 +214,7 @@ def main(argv: list[str]) -> None:
                      evaluated_with={"reward_model": rm.id, "uid": rm.manifest["uid"]})
     print(f"[dpo] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}, held-out "
           f"implicit-reward accuracy {metrics['eval_reward_accuracy']:.3f} on {metrics['eval_pairs']} pairs")
-    print(evaluation.format_comparison(summary, "dpo"))
+    print(report.format_comparison(summary, "dpo"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import config, data, evaluation, loading, logs, registry, report, scoring, task
+from alignment import config, data, evaluation, loading, logs, registry, report, scoring, stats, task
 from alignment.config import field
 from alignment.store import Checkpoint, Store, StoreError
 
@@ -194,7 +194,7 @@ def main(argv: list[str]) -> None:
               f"{len(ref.demos)} demonstrations")
         sft_greedy, sft_sampled = rollouts(ref, ref.sft_policy, cfg)
         kind = (lambda p: task.parse_prompt(p)[0]) if ref.gold else None  # the embedded task's operation
-        shown = evaluation.spread_sample(ref.prompts, e.side_by_side, cfg.seed, kind)
+        shown = stats.spread_sample(ref.prompts, e.side_by_side, cfg.seed, kind)
         entry = {"model": ref.spec.name, "data": sft.manifest["data"]["profile"], "gold": ref.gold,
                  "prompts": len(ref.prompts), "pairs": len(ref.pairs), "demonstrations": len(ref.demos),
                  "checkpoints": {},

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from alignment import data, evaluation, logs, registry, report, task
+from alignment import data, evaluation, logs, registry, report, stats, task
 from alignment.loading import load_tokenizer
 from alignment.store import Store
 from stages import dpo as dpo_stage
@@ -52,39 +52,39 @@ def test_token_nll_of_a_known_distribution():
 
 
 def test_win_rate_counts_ties_half():
-    assert evaluation.wins([1, 2, 3, 5], [0, 2, 4, 1]) == [1.0, 0.5, 0.0, 1.0]
-    assert evaluation.mean(evaluation.wins([1, 2, 3, 5], [0, 2, 4, 1])) == 0.625
+    assert stats.wins([1, 2, 3, 5], [0, 2, 4, 1]) == [1.0, 0.5, 0.0, 1.0]
+    assert stats.mean(stats.wins([1, 2, 3, 5], [0, 2, 4, 1])) == 0.625
 
 
 def test_distinct_n():
     texts = ["a b a", "a b c"]
     # unigrams: a b a a b c -> 3 distinct of 6; bigrams: (a b) (b a) (a b) (b c) -> 3 of 4
-    assert evaluation.distinct_n(texts, 1) == pytest.approx(0.5)
-    assert evaluation.distinct_n(texts, 2) == pytest.approx(0.75)
-    assert evaluation.distinct_n(["a"], 2) == 0.0
+    assert stats.distinct_n(texts, 1) == pytest.approx(0.5)
+    assert stats.distinct_n(texts, 2) == pytest.approx(0.75)
+    assert stats.distinct_n(["a"], 2) == 0.0
 
 
 def test_bootstrap_interval_on_a_known_sample():
-    assert evaluation.bootstrap_ci([3.0] * 20) == (3.0, 3.0)
+    assert stats.bootstrap_ci([3.0] * 20) == (3.0, 3.0)
     # 100 coin flips, 50 heads: the mean's standard error is 0.05, so the 95% interval is about 0.5 +- 0.098
-    lo, hi = evaluation.bootstrap_ci([0.0] * 50 + [1.0] * 50, n_resamples=4000)
+    lo, hi = stats.bootstrap_ci([0.0] * 50 + [1.0] * 50, n_resamples=4000)
     assert lo == pytest.approx(0.402, abs=0.015) and hi == pytest.approx(0.598, abs=0.015)
-    assert evaluation.bootstrap_ci([0.0] * 50 + [1.0] * 50, seed=1) == evaluation.bootstrap_ci(
+    assert stats.bootstrap_ci([0.0] * 50 + [1.0] * 50, seed=1) == stats.bootstrap_ci(
         [0.0] * 50 + [1.0] * 50, seed=1
     )
 
 
 def test_paired_difference_and_pearson():
-    d = evaluation.paired_difference([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])
+    d = stats.paired_difference([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])
     assert d["mean"] == pytest.approx(2.0) and 1.0 <= d["ci95"][0] <= d["ci95"][1] <= 3.0
-    assert evaluation.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
-    assert evaluation.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert math.isnan(evaluation.pearson([1, 1, 1], [1, 2, 3]))
+    assert stats.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert stats.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(stats.pearson([1, 1, 1], [1, 2, 3]))
 
 
 def test_calibration_buckets_by_absolute_margin():
     margins = [0.1, -0.2, 0.3, -0.4, 2.0, 3.0]
-    buckets = evaluation.calibration(margins, buckets=3)
+    buckets = stats.calibration(margins, buckets=3)
     assert [b["pairs"] for b in buckets] == [2, 2, 2]
     assert [b["accuracy"] for b in buckets] == [0.5, 0.5, 1.0]
     assert buckets[2]["predicted"] == pytest.approx(1 / (1 + math.exp(-2.5)))
@@ -94,18 +94,18 @@ def test_calibration_buckets_by_absolute_margin():
 def test_bootstrap_of_the_mean_matches_item_by_item_resampling():
     # numpy takes the mean of all resamples at once; the item-by-item path (any other statistic) must agree
     values = [0.0, 1.0, 1.0, 2.0, 5.0, 3.0]
-    assert evaluation.bootstrap_ci(values) == evaluation.bootstrap_ci(values, statistic=lambda xs: sum(xs) / len(xs))
+    assert stats.bootstrap_ci(values) == stats.bootstrap_ci(values, statistic=lambda xs: sum(xs) / len(xs))
 
 
 def test_side_by_side_prompts_spread_over_the_instruction_kinds():
     prompts = [r["prompt"] for r in data.load("task", "prompts_eval")]
     kind = lambda p: task.parse_prompt(p)[0]
     assert {kind(p) for p in prompts[:8]} == {"copy"}  # the held-out prompts are sorted: the first 8 are one kind
-    shown = evaluation.spread_sample(prompts, 8, seed=0, kind=kind)
+    shown = stats.spread_sample(prompts, 8, seed=0, kind=kind)
     assert [kind(prompts[i]) for i in shown] == ["copy"] * 2 + ["drop first"] * 2 + ["reverse"] * 2 + ["sort"] * 2
-    assert shown == evaluation.spread_sample(prompts, 8, seed=0, kind=kind)  # fixed by the seed
-    assert shown != evaluation.spread_sample(prompts, 8, seed=1, kind=kind)
-    plain = evaluation.spread_sample(prompts, 8, seed=0)  # other data: evenly at random, in file order
+    assert shown == stats.spread_sample(prompts, 8, seed=0, kind=kind)  # fixed by the seed
+    assert shown != stats.spread_sample(prompts, 8, seed=1, kind=kind)
+    plain = stats.spread_sample(prompts, 8, seed=0)  # other data: evenly at random, in file order
     assert len(set(plain)) == 8 and plain == sorted(plain) and plain != list(range(8))
 
 

@@ -20,7 +20,19 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import alignment
-from alignment import config, data, distributed, evaluation, forwards, guard, loading, machine, ppo, publish
+from alignment import (
+    config,
+    data,
+    distributed,
+    evaluation,
+    forwards,
+    guard,
+    loading,
+    machine,
+    ppo,
+    publish,
+    report,
+)
 from alignment.rl import state as rl_state
 from alignment.rl import steps
 from alignment.rl.models import Models
@@ -208,7 +220,7 @@ def finish(session: Session, models: Models, trained: Trained) -> None:
     metrics = {**summary, "eval_curve": trained.state.eval_log, **trained.metrics,
                "duration_s": round(time.time() - session.started, 1)}
     save(session, models, accelerator.unwrap_model(trained.model), weights, trained.state, metrics)
-    print(evaluation.format_comparison(summary, stage))
+    print(report.format_comparison(summary, stage))
 
 
 def save(session: Session, models: Models, model, weights: dict, state: RLState, metrics: dict) -> None:
