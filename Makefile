@@ -32,7 +32,7 @@ export TOKENIZERS_PARALLELISM = false
 # one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help sft rm ppo grpo dpo eval test test-slow test-docs lint store export data data-check install clean bench gpu-check
+.PHONY: help sft rm ppo grpo dpo eval test test-slow test-docs lint store export data data-check install clean bench bench-memory gpu-check
 
 help:
 	@echo "Targets:"
@@ -106,6 +106,10 @@ $(PEER_VENV)/.installed:
 
 bench: $(VENV)/.installed $(PEER_VENV)/.installed
 	$(PY) -m bench.run $(ARGS)
+
+# Memory: PPO on an 85M LLaMA with 1 process and with 2 under ZeRO-3, each process's peak (bench/memory.py)
+bench-memory: $(VENV)/.installed $(VENV)/.deepspeed
+	$(PY) -m bench.memory $(ARGS)
 
 # On a CUDA machine: the test suite, every stage under ZeRO-2/3 and QLoRA, a 0.5B model through the three stages,
 # against TRL 1.12's PPO (bench/gpu_check.py says how to run it where the packages travel as wheels).

@@ -67,6 +67,54 @@ def optimizer(accelerator: Accelerator, parameters: list, learning_rate: float) 
     return torch.optim.AdamW(parameters, lr=learning_rate, eps=1e-5, fused=True)
 
 
+def held_share(model) -> float:
+    """The share of model's parameter elements this process holds between uses: under ZeRO-3 its partition (a
+    parameter small enough to persist counts whole), else all of them."""
+    parameters = list(model.parameters())
+    if not any(hasattr(p, "ds_numel") for p in parameters):
+        return 1.0
+    held = sum(p.ds_numel if getattr(p, "ds_persist", False) else p.ds_tensor.numel() for p in parameters)
+    return held / max(1, sum(p.ds_numel for p in parameters))
+
+
+def zero3(accelerator: Accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def frozen(accelerator: Accelerator, model, offload: str = "auto"):
+    """A frozen model (loaded partitioned under ZeRO-3) as a DeepSpeed ZeRO-3 inference engine: its parameters stay
+    spread over the processes and each layer's are gathered while it runs, as the trained model's are (the peers'
+    way: TRL's prepare_deepspeed, OpenRLHF's reference and reward engines, DeepSpeed-Chat's). offload: where the
+    parameters live between uses: auto (as the launch file's offload_param), cpu, or none (the accelerator).
+    Without ZeRO-3 the model as it is. Call after accelerator.prepare: the DeepSpeed config is complete then.
+    Every forward through the engine is a collective: all processes must run the same number of them."""
+    if not zero3(accelerator):
+        return model
+    import copy
+
+    import deepspeed
+
+    from alignment.forwards import Frozen
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for training_only in ("optimizer", "scheduler"):
+        config.pop(training_only, None)
+    # in the dtype it was loaded in (the entry's), as without DeepSpeed: a bf16 engine would cast fp32 weights
+    dtype = next(model.parameters()).dtype
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    config["fp16"] = {"enabled": dtype == torch.float16}
+    zero = config["zero_optimization"]
+    zero.pop("offload_optimizer", None)
+    if offload == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    elif offload == "none":
+        zero.pop("offload_param", None)
+    engine, *_ = deepspeed.initialize(model=Frozen(model), config=config)
+    engine.eval()
+    return engine
+
+
 @contextlib.contextmanager
 def outside_zero3_init(accelerator: Accelerator):
     """Under ZeRO-3 transformers loads every model partitioned over the processes; a frozen model that has no
@@ -90,10 +138,9 @@ def outside_zero3_init(accelerator: Accelerator):
 
 @contextlib.contextmanager
 def whole_model(accelerator: Accelerator, model):
-    """The trained model for inference (generation, scoring, evaluation), each process on its own. Under ZeRO-3
-    its weights are gathered once and its partitioning hooks removed for the duration (every decoding step
-    would otherwise gather every layer again, through collectives that all processes must join)."""
-    if accelerator.state.deepspeed_plugin is None or accelerator.state.deepspeed_plugin.zero_stage != 3:
+    """A trained model (a trainer's) for inference, each process on its own. Under ZeRO-3 its weights are gathered
+    once and its partitioning hooks removed for the duration (see whole_policy)."""
+    if not zero3(accelerator):
         yield accelerator.unwrap_model(model)
         return
     import deepspeed
@@ -105,6 +152,31 @@ def whole_model(accelerator: Accelerator, model):
             yield accelerator.unwrap_model(model)
         finally:
             add_hooks(model)
+
+
+@contextlib.contextmanager
+def whole_policy(accelerator: Accelerator, model):
+    """The trained policy for generation (model: the prepared forwards.ActorCritic), each process on its own. Under
+    ZeRO-3 the policy's weights alone are gathered once, never the critic's, and the partitioning hooks removed
+    for the duration (every decoding step would otherwise gather every layer again, through collectives that all
+    processes must join); the critic is not to be run inside."""
+    policy = accelerator.unwrap_model(model).policy
+    training, _ = policy.training, policy.eval()  # (in training mode only under activation checkpointing)
+    try:
+        if not zero3(accelerator):
+            yield policy
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(list(policy.parameters())):
+            remove_hooks(model)
+            try:
+                yield policy
+            finally:
+                add_hooks(model)
+    finally:
+        policy.train(training)
 
 
 def gathered(parameters: list, modifier_rank: int | None = None):
@@ -129,6 +201,11 @@ def all_processes_done(accelerator: Accelerator):
     return lambda done: not any_process(accelerator, not bool(done.all()))
 
 
+def every_process(accelerator: Accelerator, value) -> list:
+    """value of every process, in process order (a collective: every process calls it)."""
+    return gather_object([value]) if accelerator.num_processes > 1 else [value]
+
+
 def shared_folder(accelerator: Accelerator, make) -> str:
     """A folder the main process makes (make() -> path), known to every process."""
     path = [str(make()) if accelerator.is_main_process else None]
@@ -139,13 +216,19 @@ def shared_folder(accelerator: Accelerator, make) -> str:
 
 def on_all(accelerator: Accelerator):
     """evaluation.compare_policies' on_all for a run of several processes: fn(items) -> {key: list per item} run by
-    every process on its share of the items, the lists gathered back in order."""
+    every process on its share of the items, the lists gathered back in order. The shares are made equal by
+    repeating a share's last item (its results dropped before gathering): with partitioned models every forward
+    is a collective, and a process with one batch more would wait for the others forever."""
     def run(fn, items: list) -> dict:
-        with accelerator.split_between_processes(items) as share:
-            part = fn(share)
-        if accelerator.num_processes == 1:
-            return part
-        parts = gather_object([part])
+        n, count, rank = len(items), accelerator.num_processes, accelerator.process_index
+        if count == 1 or not items:
+            return fn(items)
+        size, extra = divmod(n, count)
+        start = rank * size + min(rank, extra)
+        share = items[start : start + size + (rank < extra)]
+        width = size + (extra > 0)
+        part = fn(share + [(share or items)[-1]] * (width - len(share)))
+        parts = gather_object([{k: v[: len(share)] for k, v in part.items()}])
         return {k: [x for q in parts for x in q[k]] for k in part}
     return run
 

@@ -156,22 +156,18 @@ def pairwise_accuracy(reward_model, tokenizer, spec, pairs: list[dict]) -> dict:
 def rollout_scores(
     policy, ref_policy, scorer, tokenizer, spec, prompts: list, *, max_new_tokens: int,
     temperature: float, greedy: bool, gold: bool, batch_size: int = 100, max_prompt_tokens: int = 512,
-    kl: bool = True,
+    kl: bool = True, all_done=None,
 ) -> dict[str, list]:
     """Responses of policy to prompts, with per-response RM score (scorer: a scoring.RewardScorer), gold score,
-    KL to the reference (unless kl is false: two forwards saved where it is not read) and length."""
+    KL to the reference (unless kl is false: two forwards saved where it is not read) and length. all_done:
+    generate()'s stopping rule, for a policy whose forwards are collectives (a partitioned one)."""
     out = {"reward": [], "gold": [], "kl": [], "kl_tokens": [], "length": [], "ended": [], "responses": []}
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         templated = [spec.format_prompt(p) for p in batch]
         query_responses, query_mask, responses = forwards.generate(
-            policy,
-            tokenizer,
-            templated,
-            max_new_tokens,
-            temperature,
-            greedy=greedy,
-            max_prompt_tokens=max_prompt_tokens,
+            policy, tokenizer, templated, max_new_tokens, temperature, greedy=greedy,
+            max_prompt_tokens=max_prompt_tokens, all_done=all_done,
         )
         mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
         attention = torch.cat([query_mask, mask.long()], dim=1)
@@ -247,14 +243,15 @@ def versus_sft(greedy: dict, sampled: dict, sft_greedy: dict, sft_sampled: dict,
 
 def compare_policies(
     policy, sft_policy, scorer, tokenizer, spec, prompts: list, *, gold: bool, max_new_tokens: int,
-    temperature: float, samples: int, seed: int, max_prompt_tokens: int = 512, on_all=None,
+    temperature: float, samples: int, seed: int, max_prompt_tokens: int = 512, on_all=None, all_done=None,
 ) -> dict:
     """The trained policy against the SFT policy on the same held-out prompts, greedy and sampled.
 
     Sampled figures average `samples` responses per prompt before pairing, so the paired bootstrap
     interval of the difference is over prompts. KL is the per-sequence estimate sum_t log pi - log pi_ref
     on the trained policy's own samples. on_all(fn, prompts), if given, runs fn(prompts) -> {key: list} spread
-    over the processes of a distributed run and gathers the lists in order.
+    over the processes of a distributed run and gathers the lists in order; all_done: generate()'s stopping rule
+    where the SFT policy's forwards are collectives (partitioned under ZeRO-3).
     """
     on_all = on_all or (lambda fn, xs: fn(xs))
     out: dict = {"eval_prompts": len(prompts)}
@@ -263,8 +260,8 @@ def compare_policies(
         repeated = [p for p in prompts for _ in range(reps)]
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, gold=gold,
                       max_prompt_tokens=max_prompt_tokens)
-        before = on_all(lambda xs, kw=kwargs: rollout_scores(sft_policy, sft_policy, scorer, tokenizer, spec, xs, **kw),
-                        repeated)
+        before = on_all(lambda xs, kw=kwargs: rollout_scores(sft_policy, sft_policy, scorer, tokenizer, spec, xs, **kw,
+                                                             all_done=all_done), repeated)
         after = on_all(lambda xs, kw=kwargs: rollout_scores(policy, sft_policy, scorer, tokenizer, spec, xs, **kw),
                        repeated)
         per_prompt = lambda xs, n=reps: [stats.mean(xs[i : i + n]) for i in range(0, len(xs), n)]

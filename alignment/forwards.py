@@ -38,6 +38,30 @@ class AdapterDisabled(nn.Module):
             return self.peft_model(**kwargs)
 
 
+class Frozen(nn.Module):
+    """A frozen model (the reference, the reward model) whose every use is one call of this module's forward:
+    use(model, *args). Under ZeRO-3 a DeepSpeed engine over it (distributed.frozen) then runs its hooks from the top
+    for each use, as for any forward: each layer's parameters gathered when it runs and released after, the
+    engine's step counted. Without DeepSpeed there is no wrapper; the functions here take either."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, use: Callable, *args, **kwargs):
+        return use(self.model, *args, **kwargs)
+
+
+def frozen_engine(model) -> bool:
+    """Whether model is a DeepSpeed engine over a Frozen model (partitioned: every forward is a collective)."""
+    return isinstance(getattr(model, "module", None), Frozen)
+
+
+def _inner(model) -> nn.Module:
+    """The model itself, under a frozen engine or not: for reading its class, config and parameters' device."""
+    return model.module.model if frozen_engine(model) else model
+
+
 @functools.cache
 def _forward_takes(model_class: type, argument: str) -> bool:
     return argument in inspect.signature(model_class.forward).parameters
@@ -138,6 +162,8 @@ def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     index: torch.Tensor) -> torch.Tensor:
     """A causal LM's logits at the positions index [B, t] -> [B, t, V]. The body runs over the whole row,
     the LM head only where it is read (on a prompt position its output would be thrown away)."""
+    if frozen_engine(model):
+        return model(response_logits, input_ids, attention_mask, index)
     if isinstance(model, AdapterDisabled):
         with model.peft_model.disable_adapter():
             return response_logits(model.peft_model, input_ids, attention_mask, index)
@@ -151,6 +177,8 @@ def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 def position_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """A one-label sequence-classification model read at every position: its score head over the body's
     hidden states. [B, W]. The critic's values; the reward model's score at a row's last token."""
+    if frozen_engine(model):
+        return model(position_scores, input_ids, attention_mask)
     model = _unwrapped(model)
     body = model.base_model  # LoRA layers, if any, sit inside it
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -160,12 +188,14 @@ def position_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 def policy_forward(model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                   context_length: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropies of the response tokens under model, at the sampling temperature. -> [B, T] each."""
+                   context_length: int, temperature: float, entropy: bool = False,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens under model, at the sampling temperature, and their entropies if asked
+    (a softmax over the vocabulary: only where it is logged). -> [B, T] each (entropies None unless asked)."""
     packed = pack(query_responses, attention_mask, context_length)
     logits = response_logits(model, packed.input_ids, packed.attention_mask, packed.index)
     return (packed.pad(ppo.logprobs_from_logits(logits, packed.responses, temperature)),
-            packed.pad(ppo.entropy_from_logits(logits, temperature)))
+            packed.pad(ppo.entropy_from_logits(logits, temperature)) if entropy else None)
 
 
 class ActorCritic(nn.Module):
@@ -189,6 +219,17 @@ class ActorCritic(nn.Module):
             return logits, None
         values = at_positions(position_scores(self.critic, input_ids, attention_mask), index)
         return logits, values
+
+
+def checkpoint_activations(model: ActorCritic) -> None:
+    """Activation checkpointing for the trained models: transformers recomputes each layer's activations in the
+    backward pass (non-reentrant, which needs no input gradients under LoRA). It acts in training mode only, so the
+    models go to it (their dropout is off: disable_dropout); generation runs in eval mode (distributed.whole_policy),
+    with its KV cache."""
+    for m in (model.policy, model.critic):
+        if m is not None:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
 
 
 class Scored(NamedTuple):
@@ -246,6 +287,11 @@ def generate(
     limit = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
     enc = tokenizer(prompts, return_tensors="pt", padding=True, **limit)
     tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
+    if frozen_engine(model):  # a partitioned model: each decoding step is a collective (see all_done)
+        engine, model = model, _inner(model)
+        step = lambda **kwargs: engine(lambda m, **kw: m(**kw), **kwargs)
+    else:
+        step = model
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     queries, query_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -255,7 +301,7 @@ def generate(
     mask, tokens = query_mask, []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        out = model(**inputs, attention_mask=mask, use_cache=True)
+        out = step(**inputs, attention_mask=mask, use_cache=True)
         logits = out.logits[:, -1].float()
         if pad != eos and pad < logits.shape[1]:
             logits[:, pad] = float("-inf")

@@ -164,9 +164,15 @@ def lora_targets(model: nn.Module, wanted: list[str], model_name: str) -> list[s
 
 
 def footprint(name: str, model: nn.Module) -> str:
-    """A log line with a model's memory footprint (weights and buffers)."""
+    """A log line with a model's memory footprint (weights and buffers); under ZeRO-3, this process's partition
+    of the parameters beside the whole."""
+    parameters = list(model.parameters())
+    if any(hasattr(p, "ds_tensor") for p in parameters):
+        mine = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in parameters)
+        whole = sum(p.ds_numel * p.ds_tensor.element_size() for p in parameters)
+        return f"{name}: {mine / 2**20:.1f} MiB in this process (partitioned; whole {whole / 2**20:.1f} MiB)"
     size = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else sum(
-        t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        t.numel() * t.element_size() for t in [*parameters, *model.buffers()])
     return f"{name}: {size / 2**20:.1f} MiB in memory"
 
 

@@ -15,21 +15,31 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+ROWS_AT_ONCE = 8  # sequences whose fp32 vocabulary-wide tensors exist at once (see logprobs_from_logits)
+
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at tokens. logits [B, T, V], tokens [B, T] -> [B, T].
 
     Training must score tokens with the same temperature-scaled distribution they were sampled from,
-    or the ratio pi/pi_old is off from the very first step.
+    or the ratio pi/pi_old is off from the very first step. The fp32 log-softmax runs over ROWS_AT_ONCE sequences
+    at a time: its [rows, T, V] temporaries, not the whole minibatch's, exist at once (without gradients; with
+    them autograd keeps each chunk's output for the backward anyway). Each row's values are the same either way.
     """
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+    chunks = []
+    for start in range(0, logits.shape[0], ROWS_AT_ONCE):
+        logp = F.log_softmax(logits[start : start + ROWS_AT_ONCE].float() / temperature, dim=-1)
+        chunks.append(torch.gather(logp, 2, tokens[start : start + ROWS_AT_ONCE].unsqueeze(-1)).squeeze(-1))
+    return torch.cat(chunks) if chunks else logits.new_zeros(tokens.shape, dtype=torch.float32)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position. [B, T, V] -> [B, T]."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy of softmax(logits / temperature) per position, ROWS_AT_ONCE sequences at a time. [B, T, V] -> [B, T]."""
+    chunks = []
+    for start in range(0, logits.shape[0], ROWS_AT_ONCE):
+        logp = F.log_softmax(logits[start : start + ROWS_AT_ONCE].float() / temperature, dim=-1)
+        chunks.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(chunks) if chunks else logits.new_zeros(logits.shape[:2], dtype=torch.float32)
 
 
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

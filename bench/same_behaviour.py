@@ -32,8 +32,8 @@ STAGES = {
 }
 COMMON = "threads=1 precision=fp32 seed=0 save_every=2"
 # keys whose values differ between two runs of the same code: wall-clock times, memory, dates, identities, paths
-VARYING = ("_s", "time_s", "episodes_per_s", "peak_memory_mb", "duration_s", "created", "uid", "samples_per_s",
-           "tokens_per_s", "train_runtime_s", "runtime", "per_second")
+VARYING = ("_s", "time_s", "episodes_per_s", "peak_memory_mb", "_per_process", "duration_s", "created", "uid",
+           "samples_per_s", "tokens_per_s", "train_runtime_s", "runtime", "per_second")
 
 
 def run(out: Path, root: Path, python: str) -> None:
@@ -67,8 +67,9 @@ def strip(value):
 
 
 def differences(a, b, where: str = "") -> list[str]:
+    """Where after differs from before; a key only after is a new figure, not a difference (added() lists them)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{where}.{k}: only in {'before' if k in a else 'after'}" for k in sorted(set(a) ^ set(b))]
+        out = [f"{where}.{k}: only in before" for k in sorted(set(a) - set(b))]
         for k in sorted(set(a) & set(b)):
             out += differences(a[k], b[k], f"{where}.{k}")
         return out
@@ -81,11 +82,20 @@ def differences(a, b, where: str = "") -> list[str]:
     return [] if a == b else [f"{where}: {a!r} before, {b!r} after"]
 
 
+def added(a, b, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [f"{where}.{k}" for k in sorted(set(b) - set(a))] + \
+            [x for k in sorted(set(a) & set(b)) for x in added(a[k], b[k], f"{where}.{k}")]
+    return []
+
+
 def compare(before: Path, after: Path) -> int:
     a, b = strip(json.loads(before.read_text())), strip(json.loads(after.read_text()))
     found = differences(a, b)
     for line in found:
         print(line)
+    for line in added(a, b):
+        print(f"{line}: only in after (a new figure)")
     values = sum(1 for _ in _leaves(a))
     print(f"{values} values compared, {len(found)} differ" + ("" if found else ": the same behaviour"))
     return 1 if found else 0

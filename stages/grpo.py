@@ -44,6 +44,7 @@ class GRPOSettings(RLSettings):
 
     def check(self) -> None:
         """Settings that cannot work stop at start-up (config.load calls this)."""
+        super().check()
         if self.group_size < 2:
             raise ConfigError(f"grpo.group_size={self.group_size}: a group needs 2 responses or more (its mean is "
                               "the baseline)")

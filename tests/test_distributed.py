@@ -84,6 +84,12 @@ def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage)
     if stage == "ppo":
         assert ckpt.metrics["skipped_non_finite"] == 0
         assert len(ckpt.metrics["eval_curve"]) == 3  # evaluated on both processes at steps 0, 1, 2
+        # under ZeRO-3 each process holds about half of every model, the frozen ones too (small parameters that
+        # persist whole, the norms, add a little); otherwise all of each
+        held = ckpt.metrics["parameters_held_per_process"]
+        assert len(held) == 2 and all(set(h) == {"policy", "critic", "reference", "reward_model"} for h in held)
+        for share in (x for h in held for x in h.values()):
+            assert 0.45 <= share <= 0.6 if MODES[mode][0] == 3 else share == 1.0, held
     if stage == "dpo":
         assert ckpt.metrics["skipped_non_finite"] == 0 and ckpt.metrics["pairs_seen"] == 64
         assert [p["step"] for p in ckpt.metrics["eval_curve"]] == [0, 2, 4]
@@ -186,3 +192,37 @@ def test_ppo_with_bf16_weights_skips_no_update_and_raises_the_reward(tmp_path, t
     assert ckpt.metrics["skipped_non_finite"] == 0
     rewards = [json.loads(x)["reward"] for x in open(ckpt.path / "ppo_log.jsonl")]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05, rewards
+
+
+def test_generation_gathers_the_policy_alone(monkeypatch):
+    """Under ZeRO-3 the rollout gathers the policy's parameters for generation, never the critic's (which the
+    scoring forward reads partitioned, layer by layer)."""
+    import types
+
+    import deepspeed
+    import trl.models.utils
+
+    from alignment import distributed, forwards
+
+    policy, critic = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    model = forwards.ActorCritic(policy, critic)
+    gathered = []
+
+    class Gathered:
+        def __init__(self, parameters, modifier_rank=None):
+            gathered.append(list(parameters))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", Gathered)
+    monkeypatch.setattr(trl.models.utils, "remove_hooks", lambda m: None)
+    monkeypatch.setattr(trl.models.utils, "add_hooks", lambda m: None)
+    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(
+        zero_stage=3)), unwrap_model=lambda m: m)
+    with distributed.whole_policy(accelerator, model) as whole:
+        assert whole is policy and not whole.training
+    assert [[id(p) for p in ps] for ps in gathered] == [[id(p) for p in policy.parameters()]]

@@ -40,6 +40,8 @@ ALLOWED = {
     "make test-slow": "the slow checks, run by their own marker; not from inside the suite",
     "make bench": "installs a second environment (TRL 1.12) and runs for tens of minutes; bench/README.md has its runs",
     "make gpu-check": "needs a CUDA GPU",
+    "make bench-memory": "trains an 85M-parameter model through three stages, 1 and 2 processes: many minutes on 2 "
+    "cores; bench/README.md has its runs",
     "make sft rm ppo NPROC=8 ACCELERATE_CONFIG=configs/accelerate/zero3.yaml": "8 processes want 8 GPUs; the "
     "NPROC=2 form of the same command runs here (docs/distributed.md)",
     "make sft rm ppo ACCELERATE_CONFIG=configs/accelerate/ddp.yaml NPROC=8": "8 processes want 8 GPUs; "

@@ -3,14 +3,17 @@ scored rollout becomes advantages (3), the loss of a minibatch (4), and what eac
 The math itself is in alignment/ppo.py, as pure functions with hand-worked tests.
 
 An algorithm is a small object: name (the stage, its config section and log), method (its name in messages),
-critic, group_size (responses sampled per prompt), epochs; fresh_moments(), restore(state), keep(state),
-advantages(accelerator, r, s, state) -> advantages or None (a score not finite in some process),
-loss(new, r, s, adv, idx, state) -> (loss, the values of its stats), record(accelerator, r, s, adv, state) -> log
-fields, after_step(state, record, per_step), final(state) -> manifest metrics of its own.
+critic, group_size (responses sampled per prompt), epochs, needs_reference (whether training reads the
+reference's log-probs: with a KL coefficient of 0 no reference forward runs, and the step's kl is logged as nan);
+fresh_moments(), restore(state), keep(state), advantages(accelerator, r, s, state) -> advantages or None (a score
+not finite in some process), loss(new, r, s, adv, idx, state) -> (loss, the values of its stats),
+record(accelerator, r, s, adv, state) -> log fields, after_step(state, record, per_step), final(state) -> manifest
+metrics of its own.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -37,6 +40,11 @@ class PPO:
         self.epochs = settings.ppo_epochs
         self.moments = ppo.RunningMoments()  # of the reward model's scores, over all processes
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether training reads the reference's log-probs: not with a KL coefficient of 0 that stays 0."""
+        return self.s.kl_coef != 0 or self.s.adaptive_kl
+
     def fresh_moments(self) -> dict:
         return self.moments.state_dict()
 
@@ -55,7 +63,8 @@ class PPO:
         if p.normalize_reward:
             self.moments.update(all_scores)
             scores = (scores - self.moments.mean) / self.moments.std
-        rewards = ppo.token_rewards(scores.clamp(-p.reward_clip, p.reward_clip), s.logprobs, s.ref_logprobs, r.mask,
+        reference = s.logprobs if s.ref_logprobs is None else s.ref_logprobs  # (none: kl_coef is 0)
+        rewards = ppo.token_rewards(scores.clamp(-p.reward_clip, p.reward_clip), s.logprobs, reference, r.mask,
                                     state.kl_coef)
         adv = ppo.gae(rewards.rewards, s.values, r.mask, p.gamma, p.lam)
         whitened = ppo.masked_whiten(adv.advantages, r.mask) if p.whiten_advantages else adv.advantages
@@ -68,7 +77,8 @@ class PPO:
         return pl.loss + p.vf_coef * vl.loss, (pl.loss, vl.loss, pl.clip_frac, vl.clip_frac, pl.approx_kl)
 
     def record(self, accelerator, r: Rollout, s: Scores, adv: PPOAdvantages, state: RLState) -> dict:
-        return {"kl": accelerator.gather(adv.rewards.kl.sum(1)).mean().item(), "kl_coef": state.kl_coef}
+        kl = accelerator.gather(adv.rewards.kl.sum(1)).mean().item() if s.ref_logprobs is not None else math.nan
+        return {"kl": kl, "kl_coef": state.kl_coef}  # (nan: not measured, no reference ran)
 
     def final(self, state: RLState) -> dict:
         return {"final_kl_coef": state.kl_coef}
@@ -91,6 +101,10 @@ class GRPO:
         self.s = settings
         self.epochs, self.group_size = settings.epochs, settings.group_size
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.s.kl_coef != 0
+
     def fresh_moments(self) -> dict:
         return {}
 
@@ -112,7 +126,8 @@ class GRPO:
 
     def loss(self, new, r: Rollout, s: Scores, adv: ppo.GroupAdvantages, idx: torch.Tensor, state: RLState):
         g = self.s
-        out = ppo.grpo_loss(new.logprobs, s.logprobs[idx], s.ref_logprobs[idx], adv.advantages[idx], r.mask[idx],
+        reference = (s.logprobs if s.ref_logprobs is None else s.ref_logprobs)[idx]  # (none: kl_coef is 0)
+        out = ppo.grpo_loss(new.logprobs, s.logprobs[idx], reference, adv.advantages[idx], r.mask[idx],
                             g.clip_range, g.kl_coef, g.loss_aggregation, g.max_new_tokens)
         return out.loss, (out.loss, out.kl, out.clip_frac, out.approx_kl)
 
@@ -120,7 +135,9 @@ class GRPO:
         """kl is PPO's per-response sum of log pi - log pi_ref on the samples, for comparison; kl_k3 the loss's
         term; groups_alike the share of groups whose responses all scored the same (no signal)."""
         alike = accelerator.gather((adv.group_std == 0).float()).mean()
-        return {"kl": accelerator.gather(ppo.masked(s.logprobs - s.ref_logprobs, r.mask).sum(1)).mean().item(),
+        kl = math.nan if s.ref_logprobs is None else \
+            accelerator.gather(ppo.masked(s.logprobs - s.ref_logprobs, r.mask).sum(1)).mean().item()
+        return {"kl": kl,
                 "reward_std": accelerator.gather(adv.group_std).mean().item(), "groups_alike": alike.item()}
 
     def final(self, state: RLState) -> dict:

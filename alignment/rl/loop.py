@@ -61,6 +61,7 @@ class Trained:
     """What train() hands to finish(): the prepared model, the final state, and the loop's figures."""
 
     model: object
+    models: Models  # the frozen ones as they ran (under ZeRO-3, engines)
     state: RLState
     metrics: dict
     eval_prompts: list
@@ -88,9 +89,22 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     store, run = session.store, session.run
     main_process = accelerator.is_main_process
     writer = SummaryWriter(str(store.run_dir(run) / "tensorboard" / stage)) if main_process else None  # once loaded
+    if s.activation_checkpointing:
+        forwards.checkpoint_activations(models.model)
     optimizer = distributed.optimizer(accelerator, [q for q in models.model.parameters() if q.requires_grad],
                                       s.learning_rate)
     model, optimizer = accelerator.prepare(models.model, optimizer)
+    # the frozen models: under ZeRO-3 partitioned engines of their own (distributed.frozen), else as loaded
+    # (with LoRA the reference is the trained policy with its adapters off: nothing of its own to partition)
+    reference, scorer = models.reference, models.scorer
+    if not cfg.lora.enabled:
+        reference = distributed.frozen(accelerator, reference, s.offload_frozen)
+    scorer.model = distributed.frozen(accelerator, scorer.model, s.offload_frozen)
+    models = models._replace(reference=reference)
+    unwrapped = accelerator.unwrap_model(model)
+    held = {name: round(distributed.held_share(m), 4) for name, m in (
+        ("policy", unwrapped.policy), ("critic", unwrapped.critic), ("reference", reference),
+        ("reward_model", scorer.model)) if m is not None}  # (with LoRA the reference is the policy)
     zero = distributed.deepspeed_stage()
     all_done = distributed.all_processes_done(accelerator) if zero == 3 else None
     responses = f" x {algorithm.group_size} responses" if algorithm.group_size > 1 else ""
@@ -101,7 +115,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)]
 
     def evaluate(step: int) -> dict:
-        return steps.evaluate(accelerator, model, models.reference, models.scorer, models.tokenizer, models.spec,
+        return steps.evaluate(accelerator, model, reference, scorer, models.tokenizer, models.spec,
                               eval_prompts, cfg, s, step, writer, stage)
 
     order = torch.Generator().manual_seed(cfg.seed)  # prompt order and minibatches: the same in every process
@@ -129,14 +143,15 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         # 1. rollout: each process samples group_size responses to each prompt of its share of the batch
         mine = steps.next_prompts(state, len(prompts), per_step, order, accelerator)
         t0 = time.time()
-        with distributed.whole_model(accelerator, model) as whole, autocast:
-            r = steps.rollout(whole.policy, tokenizer, spec,
+        with distributed.whole_policy(accelerator, model) as policy, autocast:
+            r = steps.rollout(policy, tokenizer, spec,
                               [prompts[i] for i in mine for _ in range(algorithm.group_size)], s, all_done)
-            t1 = time.time()
-            # 2. score: old log-probs (and values), reference log-probs, reward
-            epochs = [ppo.minibatches(r.attention.sum(1), s.mini_batch_size, order, s.group_by_length)
-                      for _ in range(algorithm.epochs)]
-            scores = steps.score(whole, models.reference, models.scorer, r, s, epochs[0])
+        t1 = time.time()
+        # 2. score: old log-probs (and values) by the training forward, reference log-probs, reward
+        epochs = [ppo.minibatches(r.attention.sum(1), s.mini_batch_size, order, s.group_by_length)
+                  for _ in range(algorithm.epochs)]
+        with autocast:  # (the reference runs only where a KL term reads it: kl_coef 0 needs none)
+            scores = steps.score(model, reference if algorithm.needs_reference else None, scorer, r, s, epochs[0])
         state.truncated_prompts += sum(len(ids) > s.max_prompt_length for ids in
                                        tokenizer([spec.format_prompt(prompts[i]) for i in mine]).input_ids)
         t2 = time.time()
@@ -194,10 +209,11 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     episodes = (s.steps - first_step) * per_step * algorithm.group_size  # sampled and trained on in this session
     if writer:
         writer.close()
-    return Trained(model, state, {
+    return Trained(model, models, state, {
         "steps": s.steps, "skipped_non_finite": state.skipped, "truncated_prompts": state.truncated_prompts,
         "processes": accelerator.num_processes, "deepspeed_zero_stage": zero, **speed(seconds, episodes, bf16),
         **algorithm.final(state),
+        "parameters_held_per_process": distributed.every_process(accelerator, held),
     }, eval_prompts)
 
 
@@ -206,19 +222,22 @@ def finish(session: Session, models: Models, trained: Trained) -> None:
     sampled; 7. published as <run>/<stage>: the policy as a causal LM, the critic beside it, the per-step log, the
     manifest."""
     cfg, s, accelerator, stage = session.cfg, session.settings, session.accelerator, session.stage
-    with distributed.whole_model(accelerator, trained.model) as whole:
+    models = trained.models
+    all_done = distributed.all_processes_done(accelerator) if distributed.zero3(accelerator) else None
+    with distributed.whole_policy(accelerator, trained.model) as policy:
         summary = evaluation.compare_policies(
-            whole.policy, models.reference, models.scorer, models.tokenizer, models.spec, trained.eval_prompts,
+            policy, models.reference, models.scorer, models.tokenizer, models.spec, trained.eval_prompts,
             gold=data.get_profile(cfg.data).gold, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
             samples=s.eval_samples, seed=cfg.seed, max_prompt_tokens=s.max_prompt_length,
-            on_all=distributed.on_all(accelerator),
+            on_all=distributed.on_all(accelerator), all_done=all_done,
         )
     weights = accelerator.get_state_dict(trained.model)  # every process: under ZeRO-3 the main one gets whole tensors
+    peaks = distributed.every_process(accelerator, round(machine.peak_memory_mb(), 1))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     metrics = {**summary, "eval_curve": trained.state.eval_log, **trained.metrics,
-               "duration_s": round(time.time() - session.started, 1)}
+               "peak_memory_mb_per_process": peaks, "duration_s": round(time.time() - session.started, 1)}
     save(session, models, accelerator.unwrap_model(trained.model), weights, trained.state, metrics)
     print(report.format_comparison(summary, stage))
 

@@ -28,16 +28,22 @@ def load(cfg, accelerator, sft, rm, stage: str, critic: bool) -> Models:
     tokenizer = loading.load_tokenizer(sft.path, spec)
     rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
     quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
+    # Under ZeRO-3 every model loads partitioned over the processes (transformers' zero.Init): the frozen ones
+    # become inference engines of their own once the trained model is prepared (distributed.frozen).
+    partitioned = distributed.zero3(accelerator)
     policy = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer, trained=True)
-    with distributed.outside_zero3_init(accelerator):
-        if cfg.lora.enabled:
-            policy = get_peft_model(policy, loading.lora_config(cfg.lora, policy, spec, "CAUSAL_LM"))
-            reference = forwards.AdapterDisabled(policy)
-        else:
-            reference = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer)
-            reference.requires_grad_(False).to(accelerator.device)
-        reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized,
-                                          tokenizer=rm_tokenizer)
+    if cfg.lora.enabled:
+        policy = get_peft_model(policy, loading.lora_config(cfg.lora, policy, spec, "CAUSAL_LM"))
+        reference = forwards.AdapterDisabled(policy)
+    else:
+        reference = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer)
+        reference.requires_grad_(False)
+    reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized,
+                                      tokenizer=rm_tokenizer)
+    reward_model.requires_grad_(False)
+    if not partitioned:
+        for frozen in (reference, reward_model):
+            frozen.to(accelerator.device)
     scorer = scoring.RewardScorer(reward_model, rm_tokenizer, rm_spec, tokenizer, spec)
     for name, m in (("policy", policy), ("reference", reference), ("reward model", reward_model)):
         shared = " (the policy's weights, adapters off)" if name == "reference" and cfg.lora.enabled else ""
@@ -45,7 +51,6 @@ def load(cfg, accelerator, sft, rm, stage: str, critic: bool) -> Models:
     for m in (policy, reference, reward_model):
         loading.disable_dropout(m)
         m.eval()  # no dropout anywhere; gradients still flow in eval mode
-    reward_model.requires_grad_(False).to(accelerator.device)
     value_model = load_critic(cfg, sft if scorer.by_text else rm, spec, tokenizer, stage) if critic else None
     return Models(tokenizer, spec, forwards.ActorCritic(policy, value_model), reference, scorer)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from alignment.config import field
+from alignment.config import ConfigError, field
 
 
 @dataclasses.dataclass
@@ -27,3 +27,12 @@ class RLSettings:
                               "when it differs from the policy's, responses are scored from their text")
     eval_every: int = field(10, "evaluate on held-out prompts every N steps (and before the first); 0: off")
     eval_prompts: int = field(64, "held-out prompts used by the evaluation during training")
+    activation_checkpointing: bool = field(False, "recompute the trained models' activations in the backward pass "
+                                           "instead of keeping them: less memory, more compute (for large models)")
+    offload_frozen: str = field("auto", "under DeepSpeed ZeRO-3, where the reference's and the reward model's "
+                                "partitions live between uses: auto (as the launch file's offload_param), cpu, or "
+                                "none (the accelerator)")
+
+    def check(self) -> None:
+        if self.offload_frozen not in ("auto", "cpu", "none"):
+            raise ConfigError(f"offload_frozen: {self.offload_frozen!r} is not 'auto', 'cpu' or 'none'")

@@ -21,7 +21,7 @@ def next_prompts(state: RLState, n_prompts: int, per_step: int, order: torch.Gen
 
 
 def rollout(policy, tokenizer, spec, prompts: list, settings, all_done) -> Rollout:
-    """1. Responses sampled from the current policy (the whole model, see distributed.whole_model)."""
+    """1. Responses sampled from the current policy (its whole weights, see distributed.whole_policy)."""
     query_responses, query_mask, responses = forwards.generate(
         policy, tokenizer, [spec.format_prompt(x) for x in prompts], settings.max_new_tokens, settings.temperature,
         max_prompt_tokens=settings.max_prompt_length, all_done=all_done,
@@ -34,21 +34,25 @@ def rollout(policy, tokenizer, spec, prompts: list, settings, all_done) -> Rollo
 def score(model, reference, scorer, r: Rollout, settings, minibatches: list[torch.Tensor]) -> Scores:
     """2. Log-probs (and values, with a critic) from the training forward, on the minibatches the first epoch
     trains on: its ratio starts at 1 exactly (other minibatches give other widths, and in bf16 log-probs up to
-    3e-3 nats apart on a tiny model); reference log-probs and reward-model scores alike."""
+    3e-3 nats apart on a tiny model); reference log-probs (unless reference is None: no KL term reads them) and
+    reward-model scores alike."""
     B, T = r.responses.shape
     logprobs, values, ref_logprobs, entropy = (torch.zeros(B, T, device=r.mask.device) for _ in range(4))
     raw = torch.zeros(B, device=r.mask.device)
+    critic = False
     for idx in minibatches:
         idx = idx.to(r.mask.device)
         qr, att = r.query_responses[idx], r.attention[idx]
         scored = forwards.actor_critic_forward(model, qr, att, r.context, settings.temperature, entropy=True)
         logprobs[idx], entropy[idx] = scored.logprobs, scored.entropy
         if scored.values is not None:
-            values[idx] = scored.values
-        ref_logprobs[idx] = forwards.policy_forward(reference, qr, att, r.context, settings.temperature)[0]
+            values[idx], critic = scored.values, True
+        if reference is not None:
+            ref_logprobs[idx] = forwards.policy_forward(reference, qr, att, r.context, settings.temperature)[0]
         raw[idx] = scorer([r.prompts[i] for i in idx.tolist()], qr, att, r.responses[idx])
     rewards = torch.where(r.ended, raw, raw - settings.missing_eos_penalty)
-    return Scores(logprobs, values if model.critic is not None else None, ref_logprobs, entropy, rewards)
+    return Scores(logprobs, values if critic else None, ref_logprobs if reference is not None else None, entropy,
+                  rewards)
 
 
 def optimizer_step(accelerator, model, optimizer, trained: list, loss: torch.Tensor, cfg, state: RLState,
@@ -85,10 +89,10 @@ def evaluate(accelerator, model, reference, scorer, tokenizer, spec, prompts: li
     """5. Sampled responses to held-out prompts (every process its share): RM reward, gold score (the embedded
     task), KL. Leaves the training RNG untouched."""
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
-            distributed.whole_model(accelerator, model) as whole:
+            distributed.whole_policy(accelerator, model) as policy:
         torch.manual_seed(cfg.seed)
         r = distributed.on_all(accelerator)(lambda share: evaluation.rollout_scores(
-            whole.policy, reference, scorer, tokenizer, spec, share, max_new_tokens=settings.max_new_tokens,
+            policy, reference, scorer, tokenizer, spec, share, max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature, greedy=False, gold=data.get_profile(cfg.data).gold,
             max_prompt_tokens=settings.max_prompt_length,
         ), prompts[: settings.eval_prompts])

@@ -26,7 +26,7 @@ class Rollout(NamedTuple):
 class Scores(NamedTuple):
     logprobs: torch.Tensor  # [B, T] the policy's, from the training forward: the update's old log-probs
     values: torch.Tensor | None  # [B, T] the critic's; None without a critic (GRPO)
-    ref_logprobs: torch.Tensor  # [B, T] the frozen reference's
+    ref_logprobs: torch.Tensor | None  # [B, T] the frozen reference's; None where no KL term needs it
     entropy: torch.Tensor  # [B, T] of the policy's distribution
     rewards: torch.Tensor  # [B] the reward model's raw score, less the missing-EOS penalty
 

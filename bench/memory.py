@@ -1,0 +1,105 @@
+"""Memory that scales with the processes: PPO on an 85M-parameter LLaMA built from config (hidden 768, 12 layers,
+fp32), with 1 process and with 2 under DeepSpeed ZeRO-3 (gloo on a CPU, NCCL on GPUs), each process's peak.
+
+    make bench-memory                   (= .venv/bin/python -m bench.memory)
+    python -m bench.memory --nproc 2 --zero configs/accelerate/zero3.yaml --steps 2
+
+A process's peak memory (resident set on a CPU, the allocator's on a GPU) counts its imports too: the fixed cost
+of a process, measured here once (a process that imports a stage and stops), is set aside on both sides, and what
+is left is what the models, optimizer states and activations took. With ZeRO-3 every model is partitioned, so each
+of 2 processes should hold well under what 1 process holds. Prints one table; writes JSON to bench/results/.
+Nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+FIXED_COST = ("import resource, stages.ppo; "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+
+
+def build_llama(folder: Path, hidden: int, layers: int) -> Path:
+    """A LLaMA with random fp32 weights and the tiny model's tokenizer: MODEL=<folder> takes the llama family's
+    settings."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from alignment import registry
+
+    tokenizer = AutoTokenizer.from_pretrained(registry.resolve(registry.get("tiny-llama")))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False, dtype="float32")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"[memory] {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter LLaMA in {folder}", flush=True)
+    return folder
+
+
+def make(target: str, python: str, store: Path, model: Path, args: str, nproc: int = 1, accelerate: str = "") -> None:
+    command = ["make", "-s", target, f"PY={python}", "INSTALL=", f"STORE={store}", f"MODEL={model}", "RUN=memory",
+               f"NPROC={nproc}", f"ARGS={args}", *([f"ACCELERATE_CONFIG={accelerate}"] if accelerate else [])]
+    print("[memory] $", " ".join(command), flush=True)
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"[memory] {target} failed:\n{(out.stdout + out.stderr)[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--zero", default="configs/accelerate/zero3.yaml", help="the launch file of the several processes")
+    ap.add_argument("--steps", type=int, default=2)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    store, model = work / "store", build_llama(work / "llama", a.hidden, a.layers)
+    common = "threads=1 precision=fp32 limit=64"
+    make("sft", a.python, store, model, f"{common} sft.epochs=1 sft.batch_size=8 sft.activation_checkpointing=false")
+    make("rm", a.python, store, model, f"{common} rm.epochs=1 rm.batch_size=8 rm.activation_checkpointing=false")
+    fixed = float(subprocess.run([a.python, "-c", FIXED_COST], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()[-1])
+    ppo = (f"{common} ppo.steps={a.steps} ppo.batch_size=8 ppo.mini_batch_size=8 ppo.ppo_epochs=1 "
+           "ppo.max_new_tokens=8 ppo.eval_every=0 ppo.eval_samples=1 save_every=1000")
+    rows = {}
+    for name, nproc, accelerate in (("1 process", 1, ""), (f"{a.nproc} processes", a.nproc, a.zero)):
+        started = time.time()
+        make("ppo", a.python, store, model, f"{ppo} resume=false", nproc, accelerate)
+        metrics = json.loads((store / "memory" / "ppo" / "manifest.json").read_text())["metrics"]
+        peaks = metrics.get("peak_memory_mb_per_process") or [metrics["peak_memory_mb"]]
+        rows[name] = {"peaks_mb": peaks, "above_fixed_mb": [round(p - fixed, 1) for p in peaks],
+                      "zero_stage": metrics["deepspeed_zero_stage"], "seconds": round(time.time() - started, 1)}
+    one, several = rows["1 process"], rows[f"{a.nproc} processes"]
+    ratio = max(several["above_fixed_mb"]) / one["above_fixed_mb"][0]
+    print(f"\nPPO, {a.hidden}x{a.layers} LLaMA (fp32), 8 prompts, 8 new tokens, {a.steps} steps; fixed cost of a "
+          f"process {fixed:.0f} MB")
+    for name, row in rows.items():
+        print(f"  {name:12s} ZeRO-{row['zero_stage']}  peak per process {row['peaks_mb']} MB, above the fixed cost "
+              f"{row['above_fixed_mb']} MB  ({row['seconds']} s)")
+    print(f"  largest per-process peak above the fixed cost, {a.nproc} processes / 1: {ratio:.2f}x")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "memory.json"
+    out.write_text(json.dumps({"fixed_cost_mb": fixed, "rows": rows, "ratio": ratio, "settings": vars(a),
+                               "cpu": os.uname().machine}, indent=1))
+    print(f"[memory] wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
