@@ -23,7 +23,7 @@ from alignment import config
 from alignment.config import ConfigError, field
 from alignment.rl import loop, models
 from alignment.rl.algorithms import GRPO
-from alignment.rl.settings import RLSettings
+from alignment.rl.settings import RLConfig, RLSettings
 
 
 @dataclasses.dataclass
@@ -42,36 +42,35 @@ class GRPOSettings(RLSettings):
                                   "max_new_tokens) (Dr. GRPO)")
     eval_every: int = field(20, "evaluate on held-out prompts every N steps (and before the first); 0: off")
 
-    def check(self) -> None:
-        """Settings that cannot work stop at start-up (config.load calls this)."""
-        super().check()
-        if self.group_size < 2:
-            raise ConfigError(f"grpo.group_size={self.group_size}: a group needs 2 responses or more (its mean is "
-                              "the baseline)")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ConfigError(f"grpo.scale_rewards: {self.scale_rewards!r} is not 'group', 'batch' or 'none'")
-        if self.loss_aggregation not in ("sequence", "token", "constant"):
-            raise ConfigError(f"grpo.loss_aggregation: {self.loss_aggregation!r} is not 'sequence', 'token' or "
-                              "'constant'")
-
 
 @dataclasses.dataclass
-class Config(config.StageConfig):
+class Config(RLConfig):
     grpo: GRPOSettings = field(GRPOSettings(), "GRPO settings")
-    lora: config.LoraSettings = field(config.LoraSettings(), "train LoRA adapters on the SFT policy; the reference "
-                                      "is then the same weights with the adapters disabled (no second copy)")
+
+    def check(self) -> None:
+        """GRPO's settings that cannot work stop at start-up (config.load calls this)."""
+        g = self.grpo
+        if g.group_size < 2:
+            raise ConfigError(f"grpo.group_size={g.group_size}: a group needs 2 responses or more (its mean is the "
+                              "baseline)")
+        if g.scale_rewards not in ("group", "batch", "none"):
+            raise ConfigError(f"grpo.scale_rewards: {g.scale_rewards!r} is not 'group', 'batch' or 'none'")
+        if g.loss_aggregation not in ("sequence", "token", "constant"):
+            raise ConfigError(f"grpo.loss_aggregation: {g.loss_aggregation!r} is not 'sequence', 'token' or "
+                              "'constant'")
 
 
 def main(argv: list[str]) -> None:
     # 1. config (its settings checked), accelerator, inputs: the run's SFT checkpoint and reward model
     session = loop.start(config.cli(Config, argv, default_yaml="configs/grpo.yaml"), "grpo")
-    # 2. models: the policy alone trains (no critic); the reference and the reward model frozen
-    policy_ref_rm = models.load(session.cfg, session.accelerator, session.sft, session.rm, "grpo", critic=False)
-    # 3. the loop: a group of responses per prompt, scored; group-relative advantages; the clipped objective with
-    #    the k3 KL term; log, evaluate, save a resumable state
-    trained = loop.train(session, policy_ref_rm, GRPO(session.settings))
-    # 4. compare with the SFT policy on held-out prompts; save the policy and the log
-    loop.finish(session, policy_ref_rm, trained)
+    # 2. the algorithm: group_size responses per prompt, group-relative advantages, the clipped objective with the
+    #    k3 KL term in the loss; no critic
+    algorithm = GRPO(session.settings)
+    # 3. models: the policy alone trains; the reference and the reward model frozen
+    policy_ref_rm = models.load(session.cfg, session.accelerator, session.sft, session.rm, "grpo", algorithm.critic)
+    # 4. the loop (rollout, score, advantages, update; log, evaluate, save a resumable state), then the comparison
+    #    with the SFT policy on held-out prompts; save the policy and the log
+    loop.finish(session, policy_ref_rm, loop.train(session, policy_ref_rm, algorithm))
 
 
 if __name__ == "__main__":

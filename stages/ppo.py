@@ -20,7 +20,7 @@ from alignment import config
 from alignment.config import field
 from alignment.rl import loop, models
 from alignment.rl.algorithms import PPO
-from alignment.rl.settings import RLSettings
+from alignment.rl.settings import RLConfig, RLSettings
 
 
 @dataclasses.dataclass
@@ -40,10 +40,8 @@ class PPOSettings(RLSettings):
 
 
 @dataclasses.dataclass
-class Config(config.StageConfig):
+class Config(RLConfig):
     ppo: PPOSettings = field(PPOSettings(), "PPO settings")
-    lora: config.LoraSettings = field(config.LoraSettings(), "train LoRA adapters on the SFT policy; the reference "
-                                      "is then the same weights with the adapters disabled (no second copy)")
 
 
 def main(argv: list[str]) -> None:
@@ -53,10 +51,9 @@ def main(argv: list[str]) -> None:
     #    and the reward model frozen
     trio = models.load(session.cfg, session.accelerator, session.sft, session.rm, "ppo", critic=True)
     # 3. the loop: rollout, score, PPO's advantages (KL-penalised rewards, GAE), clipped policy and value updates;
-    #    log, evaluate, save a resumable state
-    trained = loop.train(session, trio, PPO(session.settings))
+    #    log, evaluate, save a resumable state (loop.train)
     # 4. compare with the SFT policy on held-out prompts; save the policy, the critic beside it, the log
-    loop.finish(session, trio, trained)
+    loop.finish(session, trio, loop.train(session, trio, PPO(session.settings)))
 
 
 if __name__ == "__main__":

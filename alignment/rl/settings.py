@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from alignment import config
 from alignment.config import ConfigError, field
 
 
@@ -36,3 +37,11 @@ class RLSettings:
     def check(self) -> None:
         if self.offload_frozen not in ("auto", "cpu", "none"):
             raise ConfigError(f"offload_frozen: {self.offload_frozen!r} is not 'auto', 'cpu' or 'none'")
+
+
+@dataclasses.dataclass
+class RLConfig(config.StageConfig):
+    """An RL stage's config: the fields every stage has, LoRA, and (in the stage's class) its algorithm's section."""
+
+    lora: config.LoraSettings = field(config.LoraSettings(), "train LoRA adapters on the SFT policy; the reference "
+                                      "is then the same weights with the adapters disabled (no second copy)")
