@@ -59,6 +59,8 @@ ALLOWED = {
     "make sft rm ppo DATA=~/mydata/mine.yaml": "a user's own file; tests/test_own_data.py runs the stages on one",
     "make sft DATA=~/mydata/mine.yaml CONFIG=my-sft.yaml": "a user's own files; tests/test_own_data.py runs the "
     "stages on a data file of its own",
+    "python -m alignment store verify": "exits 1 here by design: the examples before it leave stale checkpoints "
+    "in the test's store (allow_stale), which verify reports; tests/test_store.py runs it on sound and broken stores",
     "make data": "rewrites data/task in the checkout; tests/test_task.py checks the generator against the files",
     "accelerate launch --multi_gpu --num_processes 2": "a launcher line the Makefile "
     "composes; make ... NPROC=2 runs it",
