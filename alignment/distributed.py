@@ -77,6 +77,21 @@ def held_share(model) -> float:
     return held / max(1, sum(p.ds_numel for p in parameters))
 
 
+def fit_zero3(accelerator: Accelerator, hidden_size: int) -> None:
+    """ZeRO-3's sizes from the model's width, by Accelerate's rule for `auto` (which it cannot apply to a module
+    without a config, as forwards.ActorCritic is), where the DeepSpeed config sets none: parameters of under
+    10 x hidden elements (the norms) persist whole in every process, all others are partitioned. DeepSpeed's own
+    default (1e5 elements) would keep every weight of a small model whole in each process. Call before prepare."""
+    if not zero3(accelerator):
+        return
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+
+
 def zero3(accelerator: Accelerator) -> bool:
     plugin = accelerator.state.deepspeed_plugin
     return plugin is not None and plugin.zero_stage == 3

@@ -68,12 +68,17 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--zero", default="configs/accelerate/zero3.yaml", help="the launch file of the several processes")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--work", default="", help="a folder of an earlier run (llama/, store/ with its sft and rm): "
+                    "reused instead of training them again")
     a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    store, model = work / "store", build_llama(work / "llama", a.hidden, a.layers)
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench-memory-"))
+    store = work / "store"
+    model = work / "llama" if (work / "llama").is_dir() else build_llama(work / "llama", a.hidden, a.layers)
     common = "threads=1 precision=fp32 limit=64"
-    make("sft", a.python, store, model, f"{common} sft.epochs=1 sft.batch_size=8 sft.activation_checkpointing=false")
-    make("rm", a.python, store, model, f"{common} rm.epochs=1 rm.batch_size=8 rm.activation_checkpointing=false")
+    if not (store / "memory" / "rm" / "manifest.json").is_file():
+        make("sft", a.python, store, model, f"{common} sft.epochs=1 sft.batch_size=8 "
+             "sft.activation_checkpointing=false")
+        make("rm", a.python, store, model, f"{common} rm.epochs=1 rm.batch_size=8 rm.activation_checkpointing=false")
     fixed = float(subprocess.run([a.python, "-c", FIXED_COST], cwd=ROOT, capture_output=True, text=True,
                                  check=True).stdout.split()[-1])
     ppo = (f"{common} ppo.steps={a.steps} ppo.batch_size=8 ppo.mini_batch_size=8 ppo.ppo_epochs=1 "

@@ -253,7 +253,7 @@ def test_precision_rules_the_launch_and_the_processes_of_one_launch_agree(monkey
     refused to start when the two differed); 'auto' in a multi-process CPU launch takes the launch's instead of
     timing each process's CPU, which may disagree."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: pytest.fail("a launch of 2 processes must not time"))
+    monkeypatch.setattr(machine, "_cpu_bf16_speedup", lambda: pytest.fail("a launch of 2 processes must not time"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert machine.use_bf16("auto") is True and os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
@@ -261,7 +261,7 @@ def test_precision_rules_the_launch_and_the_processes_of_one_launch_agree(monkey
     assert machine.use_bf16("auto") is False  # the launch now says fp32: every later call agrees
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: 2.0)  # one process, not launched: it measures
+    monkeypatch.setattr(machine, "_cpu_bf16_speedup", lambda: 2.0)  # one process, not launched: it measures
     assert machine.use_bf16("auto") is True and "ACCELERATE_MIXED_PRECISION" not in os.environ
 
 

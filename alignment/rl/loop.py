@@ -91,6 +91,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     writer = SummaryWriter(str(store.run_dir(run) / "tensorboard" / stage)) if main_process else None  # once loaded
     if s.activation_checkpointing:
         forwards.checkpoint_activations(models.model)
+    distributed.fit_zero3(accelerator, models.model.policy.config.hidden_size)
     optimizer = distributed.optimizer(accelerator, [q for q in models.model.parameters() if q.requires_grad],
                                       s.learning_rate)
     model, optimizer = accelerator.prepare(models.model, optimizer)
