@@ -1,10 +1,11 @@
 """Several processes, with or without DeepSpeed ZeRO: what PPO's own loop needs beyond Accelerate.
 
 The trainers of SFT and the reward model (transformers' Trainer) handle DeepSpeed themselves; PPO's loop
-is ours, so here is what it takes to run it under ZeRO-2/3 the way the peers do (TRL's PPOTrainer and
-OpenRLHF): the launcher's DeepSpeed config honoured, the frozen models loaded outside ZeRO-3's
-partitioning, the trained weights gathered once for each rollout, and a non-finite step refused by all
-processes together before DeepSpeed applies it.
+is ours, so here is what it takes to run it under ZeRO-2/3 the way the peers do (TRL, OpenRLHF, DeepSpeed-Chat):
+the launcher's DeepSpeed config honoured and sized to the model, the frozen models as partitioned inference
+engines of their own under ZeRO-3, the policy alone gathered once for each rollout's generation, equal shares of
+held-out work (partitioned forwards are collectives), and a non-finite step refused by all processes together
+before DeepSpeed applies it.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ model's score; 3. advantages, by the algorithm; 4. update: epochs of the algorit
 refused by every process when not finite; 5. log, evaluate, save a resumable state.
 
 Several processes (Accelerate, DeepSpeed ZeRO-2/3) each sample and train on their own share of every batch; the
-trained model is one module (forwards.ActorCritic) in one engine; the reference and the reward model are frozen,
-whole in every process (see alignment/distributed.py).
+trained model is one module (forwards.ActorCritic) in one engine; the reference and the reward model are frozen:
+under ZeRO-3 partitioned engines of their own, else whole in every process (see alignment/distributed.py).
 """
 
 from __future__ import annotations
