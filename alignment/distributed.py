@@ -132,65 +132,45 @@ def frozen(accelerator: Accelerator, model, offload: str = "auto"):
 
 
 @contextlib.contextmanager
-def outside_zero3_init(accelerator: Accelerator):
-    """Under ZeRO-3 transformers loads every model partitioned over the processes; a frozen model that has no
-    engine of its own must be whole in each process instead (the peers load it so when it fits). Accelerate's
-    zero3_init_context_manager(enable=False) leaves transformers' ZeRO-3 config in place (it still partitions):
-    the config is taken away for the duration instead."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
-        yield
-        return
-    from transformers.integrations import deepspeed as hf_deepspeed
+def _gathered_unhooked(engine, parameters: list):
+    """Under ZeRO-3: parameters (of engine's model) whole in every process, and the engine's partitioning hooks
+    removed, for the duration: every forward would otherwise gather every layer again, through collectives that
+    all processes must join. Nothing of the model outside parameters may run inside."""
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
 
-    config = hf_deepspeed._hf_deepspeed_config_weak_ref() if hf_deepspeed._hf_deepspeed_config_weak_ref else None
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if config is not None:
-            hf_deepspeed.set_hf_deepspeed_config(config)
+    with deepspeed.zero.GatheredParameters(parameters):
+        remove_hooks(engine)
+        try:
+            yield
+        finally:
+            add_hooks(engine)
 
 
 @contextlib.contextmanager
 def whole_model(accelerator: Accelerator, model):
     """A trained model (a trainer's) for inference, each process on its own. Under ZeRO-3 its weights are gathered
-    once and its partitioning hooks removed for the duration (see whole_policy)."""
+    once and its partitioning hooks removed for the duration."""
     if not zero3(accelerator):
         yield accelerator.unwrap_model(model)
         return
-    import deepspeed
-    from trl.models.utils import add_hooks, remove_hooks
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        remove_hooks(model)
-        try:
-            yield accelerator.unwrap_model(model)
-        finally:
-            add_hooks(model)
+    with _gathered_unhooked(model, list(model.parameters())):
+        yield accelerator.unwrap_model(model)
 
 
 @contextlib.contextmanager
 def whole_policy(accelerator: Accelerator, model):
     """The trained policy for generation (model: the prepared forwards.ActorCritic), each process on its own. Under
     ZeRO-3 the policy's weights alone are gathered once, never the critic's, and the partitioning hooks removed
-    for the duration (every decoding step would otherwise gather every layer again, through collectives that all
-    processes must join); the critic is not to be run inside."""
+    for the duration (_gathered_unhooked); the critic is not to be run inside."""
     policy = accelerator.unwrap_model(model).policy
     training, _ = policy.training, policy.eval()  # (in training mode only under activation checkpointing)
     try:
         if not zero3(accelerator):
             yield policy
             return
-        import deepspeed
-        from trl.models.utils import add_hooks, remove_hooks
-
-        with deepspeed.zero.GatheredParameters(list(policy.parameters())):
-            remove_hooks(model)
-            try:
-                yield policy
-            finally:
-                add_hooks(model)
+        with _gathered_unhooked(model, list(policy.parameters())):
+            yield policy
     finally:
         policy.train(training)
 

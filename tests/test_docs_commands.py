@@ -114,9 +114,7 @@ def prepared(command: str, store: Path, out: Path) -> str:
             if part.startswith("python "):
                 part = sys.executable + part[len("python"):]
             stage = re.match(rf"{re.escape(sys.executable)} -m stages\.(\w+)", part)
-            if "--help" in part:
-                pass
-            elif stage:
+            if stage and "--help" not in part:
                 part += f" store={store} {TINY[stage.group(1)]}"
             elif " -m alignment " in part:
                 part += f" --root {store}"
