@@ -1,5 +1,6 @@
 """The callbacks every trainer stage (sft, rm, dpo) runs with: checkpoints marked complete, non-finite updates skipped,
-progress for Ctrl-C's line, the processes compared (check_sync), and the held-out curve of a policy."""
+progress for Ctrl-C's line, freed memory given back, the processes compared (check_sync), and the held-out curve of a
+policy."""
 
 from __future__ import annotations
 
@@ -9,15 +10,25 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from alignment import config, distributed, guard
+from alignment import config, distributed, guard, machine
 from alignment.resume import COMPLETE, latest_complete
 
 
 def guarded(stage: str, work_dir: Path, cfg) -> list[TrainerCallback]:
     """The callbacks of every trainer stage: checkpoints marked complete, non-finite updates skipped and counted
     (publish reads the count), progress for Ctrl-C's line, and with check_sync the processes compared."""
-    return [MarkComplete(), NonFiniteGuard(cfg.max_bad_steps), ReportProgress(stage, work_dir),
+    return [MarkComplete(), NonFiniteGuard(cfg.max_bad_steps), ReportProgress(stage, work_dir), GiveBackMemory(),
             *([SyncCheck()] if cfg.check_sync else [])]
+
+
+class GiveBackMemory(TrainerCallback):
+    """Freed memory back to the system after each optimizer step and evaluation (machine.give_back_freed_memory)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        machine.give_back_freed_memory()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        machine.give_back_freed_memory()
 
 
 class ReportProgress(TrainerCallback):

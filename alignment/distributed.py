@@ -68,6 +68,30 @@ def optimizer(accelerator: Accelerator, parameters: list, learning_rate: float) 
     return torch.optim.AdamW(parameters, lr=learning_rate, eps=1e-5, fused=True)
 
 
+def share_master_weights(model) -> None:
+    """Under ZeRO-3 in fp32: one copy of each process's partition of the trained weights, not two. DeepSpeed keeps
+    an fp32 master copy of the partition for the optimizer and means to use the partition itself where that is fp32
+    already, but its check compares a tensor's device with a device name (never equal, on a CPU or a GPU), so it
+    copies: 326 MB more in each process on the 85M LLaMA of bench/memory.py (2 processes). The master copy is given
+    the partition's storage here (equal values: it was cloned from it); DeepSpeed's copy from master to partition
+    after each step then copies a tensor onto itself. In bf16 the two differ in dtype and both stay."""
+    zero = getattr(model, "optimizer", None)
+    for partition, master in zip(getattr(zero, "fp16_partitioned_groups_flat", []),
+                                 getattr(zero, "fp32_partitioned_groups_flat", [])):
+        if (master is not partition and master.dtype == partition.dtype and master.device == partition.device
+                and master.shape == partition.shape):
+            master.data = partition.data
+
+
+def release_optimizer_states(optimizer) -> None:
+    """Frees the optimizer's moments once training is over (AdamW's two per trained weight, or each process's
+    partition of them under ZeRO): the held-out comparison and the save that follow need none, and would otherwise
+    add their gathered weights on top of them."""
+    while hasattr(optimizer, "optimizer"):  # Accelerate's wrapper, DeepSpeed's ZeRO optimizer, torch's
+        optimizer = optimizer.optimizer
+    optimizer.state.clear()
+
+
 def held_share(model) -> float:
     """The share of model's parameter elements this process holds between uses: under ZeRO-3 its partition (a
     parameter small enough to persist counts whole), else all of them."""
@@ -86,11 +110,15 @@ def fit_zero3(accelerator: Accelerator, hidden_size: int) -> None:
     if not zero3(accelerator):
         return
     zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
-    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+    for key, value in _zero3_sizes(hidden_size).items():
         if zero.get(key, "auto") == "auto":
             zero[key] = value
+
+
+def _zero3_sizes(hidden_size: int) -> dict:
+    return {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
 
 
 def zero3(accelerator: Accelerator) -> bool:
@@ -103,29 +131,24 @@ def frozen(accelerator: Accelerator, model, offload: str = "auto"):
     spread over the processes and each layer's are gathered while it runs, as the trained model's are (the peers'
     way: TRL's prepare_deepspeed, OpenRLHF's reference and reward engines, DeepSpeed-Chat's). offload: where the
     parameters live between uses: auto (as the launch file's offload_param), cpu, or none (the accelerator).
-    Without ZeRO-3 the model as it is. Call after accelerator.prepare: the DeepSpeed config is complete then.
-    Every forward through the engine is a collective: all processes must run the same number of them."""
+    Without ZeRO-3 the model as it is. Every forward through the engine is a collective: all processes must run the
+    same number of them."""
     if not zero3(accelerator):
         return model
-    import copy
-
     import deepspeed
 
     from alignment.forwards import Frozen
 
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for training_only in ("optimizer", "scheduler"):
-        config.pop(training_only, None)
+    launched = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    zero = {"stage": 3, **_zero3_sizes(model.config.hidden_size)}
+    # the launch's sizes where it gives them (a trainer's are still "auto" before it trains: sized from the model)
+    zero.update({k: v for k, v in launched.items() if k in zero and isinstance(v, int | float)})
+    if offload == "cpu" or (offload == "auto" and (launched.get("offload_param") or {}).get("device") == "cpu"):
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     # in the dtype it was loaded in (the entry's), as without DeepSpeed: a bf16 engine would cast fp32 weights
     dtype = next(model.parameters()).dtype
-    config["bf16"] = {"enabled": dtype == torch.bfloat16}
-    config["fp16"] = {"enabled": dtype == torch.float16}
-    zero = config["zero_optimization"]
-    zero.pop("offload_optimizer", None)
-    if offload == "cpu":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    elif offload == "none":
-        zero.pop("offload_param", None)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
     engine, *_ = deepspeed.initialize(model=Frozen(model), config=config)
     engine.eval()
     return engine

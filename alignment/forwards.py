@@ -10,6 +10,7 @@ a fully masked attention row makes cuDNN's attention backward return NaN (the de
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -93,6 +94,7 @@ def reads_packed_rows(model: nn.Module) -> bool:
     Models that take no position ids (BLOOM's ALiBi reads the mask) cannot."""
     if not _takes(model, "position_ids"):
         return False
+    model = _probe_model(model)
     was_training = model.training
     model.eval()
     try:
@@ -104,6 +106,22 @@ def reads_packed_rows(model: nn.Module) -> bool:
     finally:
         model.train(was_training)
     return torch.allclose(packed, alone, atol=1e-3 * alone.abs().max().item() + 1e-5)
+
+
+def _probe_model(model: nn.Module) -> nn.Module:
+    """model, or where its weights are partitioned (ZeRO-3 from loading on: no forward runs before the trainer's
+    engine does) a one-layer model of its class and config, narrowed, with random weights: what the probe tests is
+    the architecture's code, not the weights."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return model
+    config = copy.deepcopy(model.config)
+    narrow = {"num_hidden_layers": 1, "n_layer": 1, "num_layers": 1, "hidden_size": 64, "n_embd": 64, "d_model": 64,
+              "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "num_attention_heads": 4, "n_head": 4,
+              "num_key_value_heads": 4, "head_dim": 16}
+    for key, value in narrow.items():
+        if getattr(config, key, None) is not None:
+            setattr(config, key, value)
+    return type(model)(config)
 
 
 # ---- the packed layout ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from alignment import distributed, registry
+from alignment import distributed, machine, registry
 from alignment.registry import ModelSpec
 from alignment.store import HISTORY, MANIFEST, Checkpoint, load_checkpoint
 
@@ -136,6 +136,7 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str 
                 return load_model(tmp, auto_class, spec, quantization, compute_dtype, tokenizer=tokenizer, **kwargs)
         return merged
     model = auto_class.from_pretrained(str(path), **kwargs)
+    machine.give_back_freed_memory()  # what reading the checkpoint freed
     if tokenizer is not None:
         fit_vocabulary(model, tokenizer)
     elif model.config.pad_token_id is None:  # the reward model pools at the last non-pad token
@@ -193,6 +194,7 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """The model's parameters (under ZeRO-3 the whole model's, not this process's partition)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import resource
@@ -48,6 +49,29 @@ def _cpu_bf16_speedup(n: int = 384, rounds: int = 5) -> float:
             a @ b
             best[a.dtype] = min(best[a.dtype], time.perf_counter() - t)
     return best[torch.float32] / best[torch.bfloat16]
+
+
+@functools.cache
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): their allocators keep their own policy
+        return None
+
+
+def give_back_freed_memory() -> None:
+    """Returns the memory the process has freed to the system (glibc's malloc_trim). glibc serves blocks under a
+    threshold that rises to 32 MiB (a small model's tensors, a few MiB each) from its heap, and keeps what is freed
+    there resident: what loading, ZeRO-3's gathers and each step's activations free piles up from one phase to the
+    next. Called where a phase has freed much (a model loaded, the rollout's gathered policy dropped, an update
+    done). PPO on bench/memory.py's 85M LLaMA under ZeRO-3, 2 processes: the peak of a process 4,333 -> 3,509 MB,
+    at the same speed. (A fixed mapping threshold of 4 MiB, MALLOC_MMAP_THRESHOLD_=4194304 in the environment, took
+    it to 3,098 MB, but its training took 27% more time: each big block is mapped and zeroed anew.) Tensors over
+    32 MiB, most of a real model's, are mapped on their own anyway. A no-op without glibc; on a GPU the CUDA
+    allocator's memory is not concerned."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def peak_memory_mb() -> float:

@@ -118,20 +118,24 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = loading.load_tokenizer(sft.path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    work_dir = store.run_dir(run) / ".trainer-dpo"  # the trainer's resumable checkpoints
+    # the trainer's arguments before the models: under ZeRO-3 they make transformers load them partitioned over the
+    # processes (DeepSpeed's zero.Init), so that no process holds one whole (training.trainer_config)
+    args = training.trainer_config(DPOConfig, "dpo", d, cfg, work_dir, beta=d.beta, loss_type=[d.loss_type],
+                                   eval_strategy="no")  # held-out pairs once at the end
     quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
     model = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer, trained=True)
     # (given to TRL: it would build the reference from the policy's config path, for an SFT adapter its base)
     ref_model = None if cfg.lora.enabled else loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized,
                                                                  tokenizer=tokenizer)
-    eval_ref = ref_model
-    if ref_model is not None and distributed.deepspeed_stage() == 3:  # ZeRO-3 will partition the one TRL gets
+    eval_ref = ref_model  # the held-out evaluation's; under ZeRO-3 TRL makes its own an engine for the loss only
+    if ref_model is not None and distributed.deepspeed_stage() == 3:
         eval_ref = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer)
     print(f"[dpo] from {sft.id}: {loading.count_parameters(model):,} parameters")
     print(f"[dpo] {loading.footprint('policy', model)}" + ("" if ref_model is None else
                                                             f"; {loading.footprint('reference', ref_model)}"))
     scorer = load_scorer(rm, spec, tokenizer, cfg)
     # the store is written to only now: a model that fails to load leaves no folder behind
-    work_dir = store.run_dir(run) / ".trainer-dpo"  # the trainer's resumable checkpoints
     # the parents' uids belong to the state: one trained (or its curve judged) on checkpoints since replaced is not
     # resumed
     resume_from = resume.trainer_resume_point(
@@ -154,15 +158,17 @@ def main(argv: list[str]) -> None:
     peft_config = None
     if cfg.lora.enabled:
         peft_config = loading.lora_config(cfg.lora, model, spec, "CAUSAL_LM")
-    args = training.trainer_config(DPOConfig, "dpo", d, cfg, work_dir, beta=d.beta, loss_type=[d.loss_type],
-                                   eval_strategy="no")  # held-out pairs once at the end
     trainer = DPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks.guarded("dpo", work_dir, cfg),
     )
-    scorer.model.to(trainer.accelerator.device)
-    if eval_ref is not None and eval_ref is not ref_model:  # (ZeRO-3's second copy: TRL moves only its own)
-        eval_ref.to(trainer.accelerator.device)
+    # the judge and the evaluation's reference: under ZeRO-3 partitioned engines of their own (distributed.frozen:
+    # each forward a collective, which the evaluation's equal shares keep in step), else on this process's device
+    if distributed.zero3(trainer.accelerator):
+        scorer.model = distributed.frozen(trainer.accelerator, scorer.model)
+        eval_ref = distributed.frozen(trainer.accelerator, eval_ref) if eval_ref is not None else None
+    else:
+        scorer.model.to(trainer.accelerator.device)
 
     def reference(policy):  # the SFT policy, for the held-out KL and the comparison
         return forwards.AdapterDisabled(policy) if cfg.lora.enabled else eval_ref

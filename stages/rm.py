@@ -78,12 +78,22 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = loading.load_tokenizer(sft.path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
+    # the trainer's arguments before the model: under ZeRO-3 they make transformers load it partitioned over the
+    # processes (DeepSpeed's zero.Init), so that no process holds it whole (training.trainer_config)
+    args = training.trainer_config(
+        RewardConfig, "rm", cfg.rm, cfg, work_dir,
+        disable_dropout=True,
+        eval_strategy="steps",  # on the validation pairs, at every save: the best one is loaded at the end
+        eval_steps=cfg.save_every,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_accuracy",
+    )
     model = loading.load_model(sft.path, AutoModelForSequenceClassification, spec, cfg.quantization, cfg.compute_dtype,
                                tokenizer=tokenizer, trained=True)
     print(f"[rm] from {sft.id}: {loading.count_parameters(model):,} parameters")
     print(f"[rm] {loading.footprint('reward model', model)}")
     # the store is written to only now: a model that fails to load leaves no folder behind
-    work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
     # the parent's uid belongs to the state: a state trained on an SFT since replaced is not resumed
     resume_from = resume.trainer_resume_point(work_dir, {**config.to_dict(cfg), "parent_uids": [sft.manifest["uid"]]},
                                                 cfg.resume)
@@ -112,14 +122,6 @@ def main(argv: list[str]) -> None:
     peft_config = None
     if cfg.lora.enabled:
         peft_config = loading.lora_config(cfg.lora, model, spec, "SEQ_CLS", modules_to_save=["score"])
-    args = training.trainer_config(
-        RewardConfig, "rm", cfg.rm, cfg, work_dir,
-        disable_dropout=True,
-        eval_strategy="steps",  # on the validation pairs, at every save: the best one is loaded at the end
-        eval_steps=cfg.save_every,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_accuracy",
-    )
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
         eval_dataset=Dataset.from_list(val_pairs), processing_class=tokenizer, peft_config=peft_config,

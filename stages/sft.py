@@ -75,6 +75,15 @@ def main(argv: list[str]) -> None:
         if spec.is_tiny else registry.resolve(spec)
     tokenizer = loading.load_tokenizer(base_path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
+    # the trainer's arguments before the model: under ZeRO-3 they make transformers load it partitioned over the
+    # processes (DeepSpeed's zero.Init), so that no process holds it whole (training.trainer_config)
+    args = training.trainer_config(
+        TRLSFTConfig, "sft", cfg.sft, cfg, work_dir,
+        completion_only_loss=True,
+        truncation_mode="keep_end",  # a sequence over max_length loses the beginning of its prompt
+        eval_strategy="epoch",
+    )
     model = loading.load_model(base_path, AutoModelForCausalLM, spec, cfg.quantization, cfg.compute_dtype,
                                tokenizer=tokenizer, trained=True)
     print(f"[sft] {spec.name}: {loading.count_parameters(model):,} parameters, from {base_path}")
@@ -83,7 +92,6 @@ def main(argv: list[str]) -> None:
     if cfg.sft.packed and not packed:
         print(f"[sft] {spec.name} cannot keep sequences packed in one row apart: batches are padded instead")
     # the store is written to only now: a model that fails to load leaves no folder behind
-    work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
     resume_from = resume.trainer_resume_point(work_dir, config.to_dict(cfg), cfg.resume)
 
     # 3. demonstrations as prompt-completion records: TRL masks the prompt out of the loss
@@ -107,12 +115,6 @@ def main(argv: list[str]) -> None:
     peft_config = None
     if cfg.lora.enabled:
         peft_config = loading.lora_config(cfg.lora, model, spec, "CAUSAL_LM")
-    args = training.trainer_config(
-        TRLSFTConfig, "sft", cfg.sft, cfg, work_dir,
-        completion_only_loss=True,
-        truncation_mode="keep_end",  # a sequence over max_length loses the beginning of its prompt
-        eval_strategy="epoch",
-    )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config,

@@ -74,6 +74,10 @@ def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage)
     in_sync = re.findall(r"\[sync\] [^:]+: 2 processes hold identical parameters \(checksum ([-\d.]+)\)", text)
     assert len(in_sync) == 2 * UPDATES[stage]  # every optimizer step, checked by both processes
     assert len(set(in_sync)) > 1  # the parameters did change between steps
+    # under ZeRO-3 every model is partitioned from loading on, in every stage: each process reports its share of the
+    # policy (sft), the reward model (rm), the policy, reference and judge (dpo), of all four (ppo)
+    partitioned = len(re.findall(r"MiB in this process \(partitioned; whole", text))
+    assert partitioned == (2 * {"sft": 1, "rm": 1, "dpo": 3, "ppo": 4}[stage] if MODES[mode][0] == 3 else 0), text
     ckpt = store.get("tiny-llama", stage)
     assert ckpt.metrics["processes"] == 2
     assert ckpt.metrics["precision"] == TRAINED_IN[mode]

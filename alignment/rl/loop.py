@@ -95,6 +95,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     optimizer = distributed.optimizer(accelerator, [q for q in models.model.parameters() if q.requires_grad],
                                       s.learning_rate)
     model, optimizer = accelerator.prepare(models.model, optimizer)
+    distributed.share_master_weights(model)
     # the frozen models: under ZeRO-3 partitioned engines of their own (distributed.frozen), else as loaded
     # (with LoRA the reference is the trained policy with its adapters off: nothing of its own to partition)
     reference, scorer = models.reference, models.scorer
@@ -102,6 +103,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         reference = distributed.frozen(accelerator, reference, s.offload_frozen)
     scorer.model = distributed.frozen(accelerator, scorer.model, s.offload_frozen)
     models = models._replace(reference=reference)
+    machine.give_back_freed_memory()  # what loading and building the engines freed
     unwrapped = accelerator.unwrap_model(model)
     held = {name: round(distributed.held_share(m), 4) for name, m in (
         ("policy", unwrapped.policy), ("critic", unwrapped.critic), ("reference", reference),
@@ -147,6 +149,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         with distributed.whole_policy(accelerator, model) as policy, autocast:
             r = steps.rollout(policy, tokenizer, spec,
                               [prompts[i] for i in mine for _ in range(algorithm.group_size)], s, all_done)
+        machine.give_back_freed_memory()  # (under ZeRO-3 the gathered policy)
         t1 = time.time()
         # 2. score: old log-probs (and values) by the training forward, reference log-probs, reward
         epochs = [ppo.minibatches(r.attention.sum(1), s.mini_batch_size, order, s.group_by_length)
@@ -155,6 +158,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
             scores = steps.score(model, reference if algorithm.needs_reference else None, scorer, r, s, epochs[0])
         state.truncated_prompts += sum(len(ids) > s.max_prompt_length for ids in
                                        tokenizer([spec.format_prompt(prompts[i]) for i in mine]).input_ids)
+        machine.give_back_freed_memory()
         t2 = time.time()
 
         # 3. advantages, the algorithm's way
@@ -173,10 +177,12 @@ def train(session: Session, models: Models, algorithm) -> Trained:
                     new = forwards.actor_critic_forward(model, r.query_responses[idx], r.attention[idx], r.context,
                                                         s.temperature)
                 loss, values = algorithm.loss(new, r, scores, adv, idx, state)
+                machine.give_back_freed_memory()  # (under ZeRO-3 the layers the forward gathered and let go)
                 if steps.optimizer_step(accelerator, model, optimizer, trained, loss, cfg, state, s.max_grad_norm,
                                         algorithm.method):
                     for key, value in zip(algorithm.stats, values):
                         stats[key].append(value.item())
+                machine.give_back_freed_memory()  # the minibatch's activations and gradients
         t3 = time.time()
         for phase, spent in (("generate", t1 - t0), ("score", t2 - t1), ("train", t3 - t2)):
             seconds[phase] += spent
@@ -207,6 +213,8 @@ def train(session: Session, models: Models, algorithm) -> Trained:
             rl_state.save(store, run, stage, accelerator, order, state)
 
     seconds["loop"] = time.time() - loop_started
+    distributed.release_optimizer_states(optimizer)  # (the resumable state holds them where it was saved)
+    machine.give_back_freed_memory()
     episodes = (s.steps - first_step) * per_step * algorithm.group_size  # sampled and trained on in this session
     if writer:
         writer.close()
@@ -232,6 +240,7 @@ def finish(session: Session, models: Models, trained: Trained) -> None:
             samples=s.eval_samples, seed=cfg.seed, max_prompt_tokens=s.max_prompt_length,
             on_all=distributed.on_all(accelerator), all_done=all_done,
         )
+    machine.give_back_freed_memory()
     weights = accelerator.get_state_dict(trained.model)  # every process: under ZeRO-3 the main one gets whole tensors
     peaks = distributed.every_process(accelerator, round(machine.peak_memory_mb(), 1))
     accelerator.wait_for_everyone()
