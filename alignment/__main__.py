@@ -97,33 +97,28 @@ def respond(model, tokenizer, spec, prompt: str, args) -> str:
     return forwards.decode_responses(tokenizer, responses)[0]
 
 
-def add_plan_parser(commands) -> None:
-    from alignment.plan import STAGES
-
-    plan = commands.add_parser("plan", help="the memory each process holds in every stage, whether it fits the "
-                               "GPU's, and the first change that makes it fit (make plan); no weights needed")
-    plan.add_argument("overrides", nargs="*", metavar="key=value",
-                      help="config keys, as the stages take them (model=..., ppo.batch_size=..., lora.enabled=true)")
-    plan.add_argument("--nproc", type=int, default=1, help="processes in all (GPUs)")
-    plan.add_argument("--accelerate-config", default="", help="the launch file: configs/accelerate/<...>.yaml")
-    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per process (GPU)")
-    plan.add_argument("--configs", default="configs", help="the folder of the stage YAMLs (configs/hh-rlhf for "
-                      "DATA=hh-rlhf)")
-    plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
-                      help="gpu: precision auto is bf16, a CUDA context is the fixed cost; cpu: fp32, the fixed cost "
-                      "measured here")
-    plan.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to plan")
-    plan.add_argument("--table", action="store_true", help="the table of docs/memory-plan.md instead: 1B to 70B "
-                      "LLaMA on 1 to 64 GPUs of --gpu-memory, every stage")
-
-
-def plan_command(args) -> None:
-    """`make plan`: a user's mistake (a model that is not there, an unknown key, a missing launch file) ends in
-    one line saying what to do."""
+def plan_command(argv: list[str]) -> None:
+    """`make plan`: options and key=value overrides in any order; a user's mistake (a model that is not there, an
+    unknown key, a missing launch file) ends in one line saying what to do."""
     from alignment import plan, plan_report
     from alignment.config import ConfigError
     from alignment.registry import RegistryError
 
+    parser = argparse.ArgumentParser(prog="python -m alignment plan", description=PLAN_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config keys, as the stages take them (model=..., ppo.batch_size=..., lora.enabled=true)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes in all (GPUs)")
+    parser.add_argument("--accelerate-config", default="", help="the launch file: configs/accelerate/<...>.yaml")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per process (GPU)")
+    parser.add_argument("--configs", default="configs", help="the folder of the stage YAMLs (configs/hh-rlhf for "
+                        "DATA=hh-rlhf)")
+    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                        help="gpu: precision auto is bf16, a CUDA context is the fixed cost; cpu: fp32, the fixed "
+                        "cost measured here")
+    parser.add_argument("--stages", default=",".join(plan.STAGES), help="comma-separated stages to plan")
+    parser.add_argument("--table", action="store_true", help="the table of docs/memory-plan.md instead: 1B to 70B "
+                        "LLaMA on 1 to 64 GPUs of --gpu-memory, every stage")
+    args = parser.parse_intermixed_args(argv)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in plan.STAGES]
     try:
@@ -136,9 +131,13 @@ def plan_command(args) -> None:
             print(plan_report.table(args.configs, args.gpu_memory * plan.GiB, args.overrides))
         else:
             plan_report.main(args.nproc, args.accelerate_config, args.gpu_memory, args.configs, args.device, stages,
-                      args.overrides)
+                             args.overrides)
     except (plan.PlanError, ConfigError, RegistryError) as e:
         sys.exit(f"error: {e}")
+
+
+PLAN_HELP = ("the memory each process holds in every stage, whether it fits the GPU's, and the first change that "
+             "makes it fit (make plan); no weights needed")
 
 
 def main(argv: list[str]) -> None:
@@ -147,6 +146,9 @@ def main(argv: list[str]) -> None:
 
         sys.argv = ["stages/eval.py", *argv[1:]]
         runpy.run_path(str(Path(__file__).resolve().parent.parent / "stages" / "eval.py"), run_name="__main__")
+        return
+    if argv[:1] == ["plan"]:  # options and key=value arguments in any order
+        plan_command(argv[1:])
         return
     parser = argparse.ArgumentParser(prog="python -m alignment")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,11 +176,9 @@ def main(argv: list[str]) -> None:
     export.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                         help="merge a LoRA adapter into its base (default); --no-merge: the adapter, naming its base")
     export.add_argument("--root", default="store", help="store root for a run/stage id")
-    add_plan_parser(commands)
+    commands.add_parser("plan", help=PLAN_HELP + " (python -m alignment plan --help)")
     args = parser.parse_args(argv)
-    if args.command == "plan":
-        plan_command(args)
-    elif args.command == "store" and args.store_command == "list":
+    if args.command == "store" and args.store_command == "list":
         store_list(args.root, args.json)
     elif args.command == "store" and args.store_command == "verify":
         problems = Store(args.root).verify()
