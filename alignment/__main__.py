@@ -97,13 +97,7 @@ def respond(model, tokenizer, spec, prompt: str, args) -> str:
     return forwards.decode_responses(tokenizer, responses)[0]
 
 
-def plan_command(argv: list[str]) -> None:
-    """`make plan`: options and key=value overrides in any order; a user's mistake (a model that is not there, an
-    unknown key, a missing launch file) ends in one line saying what to do."""
-    from alignment import plan, plan_report
-    from alignment.config import ConfigError
-    from alignment.registry import RegistryError
-
+def plan_parser(stages: tuple[str, ...]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alignment plan", description=PLAN_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config keys, as the stages take them (model=..., ppo.batch_size=..., lora.enabled=true)")
@@ -115,10 +109,20 @@ def plan_command(argv: list[str]) -> None:
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                         help="gpu: precision auto is bf16, a CUDA context is the fixed cost; cpu: fp32, the fixed "
                         "cost measured here")
-    parser.add_argument("--stages", default=",".join(plan.STAGES), help="comma-separated stages to plan")
+    parser.add_argument("--stages", default=",".join(stages), help="comma-separated stages to plan")
     parser.add_argument("--table", action="store_true", help="the table of docs/memory-plan.md instead: 1B to 70B "
                         "LLaMA on 1 to 64 GPUs of --gpu-memory, every stage")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def plan_command(argv: list[str]) -> None:
+    """`make plan`: options and key=value overrides in any order; a user's mistake (a model that is not there, an
+    unknown key, a missing launch file) ends in one line saying what to do."""
+    from alignment import plan, plan_report
+    from alignment.config import ConfigError
+    from alignment.registry import RegistryError
+
+    args = plan_parser(plan.STAGES).parse_intermixed_args(argv)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in plan.STAGES]
     try:
