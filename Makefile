@@ -3,6 +3,7 @@
 #            ARGS="key=value ..." (every stage named)  ARGS_<stage>="key=value ..." (that one)  CONFIG=<a stage YAML>
 #            CHECKPOINTS=<run/stage,...> (make eval)   RESUME=0 (start a stage over instead of resuming)
 #            NPROC=<processes>  ACCELERATE_CONFIG=<configs/accelerate/*.yaml> (multi-process / DeepSpeed)
+#            GPU_MEMORY=<GiB per GPU> (make plan, default 80)  TABLE=1 (make plan: the table of docs/memory-plan.md)
 PYTHON ?= python3
 VENV   := .venv
 PY     ?= $(VENV)/bin/python
@@ -32,7 +33,7 @@ export TOKENIZERS_PARALLELISM = false
 # one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help sft rm ppo grpo dpo eval test test-slow test-docs lint store export data data-check install clean bench bench-memory gpu-check
+.PHONY: help plan sft rm ppo grpo dpo eval test test-slow test-docs lint store export data data-check install clean bench bench-memory gpu-check
 
 help:
 	@echo "Targets:"
@@ -40,6 +41,8 @@ help:
 	@echo "  make grpo           stage 3 by GRPO (after sft rm): groups of responses per prompt, no critic"
 	@echo "  make dpo            stage 3 by DPO (after sft rm): trained on the preference pairs, the RM only judges"
 	@echo "  make eval           the report: base, SFT, RM, PPO, DPO and GRPO of a run on held-out data, side by side"
+	@echo "  make plan           memory per process of every stage for MODEL, NPROC, ACCELERATE_CONFIG, GPU_MEMORY (GiB),"
+	@echo "                      ARGS; whether it fits and the first change that makes it fit (docs/memory-plan.md)"
 	@echo "  make store          the checkpoints in the store, with lineage and headline metrics"
 	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo> OUT=<folder> [MERGE=0]: a standalone transformers folder"
 	@echo "  make data-check     read every split of DATA without training: counts, skips, truncation, a first record"
@@ -78,6 +81,14 @@ CONFIGS = configs$(if $(and $(DATA),$(wildcard configs/$(DATA)/sft.yaml)),/$(DAT
 
 sft rm ppo grpo dpo: $(INSTALL)
 	$(LAUNCH) -m stages.$@ --config $(or $(CONFIG),$(CONFIGS)/$@.yaml) $(STAGE_ARGS)
+
+# The memory each process holds in every stage, before renting GPUs (alignment/plan.py, docs/memory-plan.md): no
+# weights, no training, and the base install only (INSTALL= with PY=<python>: none), even for a DeepSpeed launch file.
+GPU_MEMORY ?= 80
+plan: $(if $(INSTALL),$(VENV)/.installed)
+	$(PY) -m alignment plan --nproc $(NPROC) $(if $(ACCELERATE_CONFIG),--accelerate-config $(ACCELERATE_CONFIG)) \
+		--gpu-memory $(GPU_MEMORY) --configs $(CONFIGS) $(if $(TABLE),--table) \
+		$(if $(MODEL),model=$(MODEL)) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 # The run: RUN, else the one MODEL and DATA name (as the stages name it), else the latest run in the store.
 DATA_NAME = $(basename $(notdir $(or $(DATA),task)))

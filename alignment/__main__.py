@@ -6,6 +6,8 @@
     python -m alignment generate CHECKPOINT "prompt"         one response from a policy checkpoint
     python -m alignment chat CHECKPOINT                      prompts from the terminal, one response each
     python -m alignment export CHECKPOINT OUT [--no-merge]   a standalone folder for plain transformers
+    python -m alignment plan [--nproc N] [--accelerate-config FILE] [--gpu-memory GIB] [key=value ...]
+                                                             the memory each process holds in every stage, no weights
 
 CHECKPOINT is a folder, or a store id run/stage (--root picks the store).
 """
@@ -95,12 +97,62 @@ def respond(model, tokenizer, spec, prompt: str, args) -> str:
     return forwards.decode_responses(tokenizer, responses)[0]
 
 
+def plan_parser(stages: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m alignment plan", description=PLAN_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config keys, as the stages take them (model=..., ppo.batch_size=..., lora.enabled=true)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes in all (GPUs)")
+    parser.add_argument("--accelerate-config", default="", help="the launch file: configs/accelerate/<...>.yaml")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per process (GPU)")
+    parser.add_argument("--configs", default="configs", help="the folder of the stage YAMLs (configs/hh-rlhf for "
+                        "DATA=hh-rlhf)")
+    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                        help="gpu: precision auto is bf16, a CUDA context is the fixed cost; cpu: fp32, the fixed "
+                        "cost measured here")
+    parser.add_argument("--stages", default=",".join(stages), help="comma-separated stages to plan")
+    parser.add_argument("--table", action="store_true", help="the table of docs/memory-plan.md instead: 1B to 70B "
+                        "LLaMA on 1 to 64 GPUs of --gpu-memory, every stage")
+    return parser
+
+
+def plan_command(argv: list[str]) -> None:
+    """`make plan`: options and key=value overrides in any order; a user's mistake (a model that is not there, an
+    unknown key, a missing launch file) ends in one line saying what to do."""
+    from alignment import plan, plan_report
+    from alignment.config import ConfigError
+    from alignment.registry import RegistryError
+
+    args = plan_parser(plan.STAGES).parse_intermixed_args(argv)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = [s for s in stages if s not in plan.STAGES]
+    try:
+        if unknown or not stages:
+            raise plan.PlanError(f"--stages: {','.join(unknown) or 'none'} not a stage; the stages are "
+                                 f"{','.join(plan.STAGES)}")
+        if args.nproc < 1 or args.gpu_memory <= 0:
+            raise plan.PlanError("--nproc (NPROC) takes 1 or more processes, --gpu-memory (GPU_MEMORY) GiB over 0")
+        if args.table:
+            print(plan_report.table(args.configs, args.gpu_memory * plan.GiB, args.overrides))
+        else:
+            plan_report.main(args.nproc, args.accelerate_config, args.gpu_memory, args.configs, args.device, stages,
+                             args.overrides)
+    except (plan.PlanError, ConfigError, RegistryError) as e:
+        sys.exit(f"error: {e}")
+
+
+PLAN_HELP = ("the memory each process holds in every stage, whether it fits the GPU's, and the first change that "
+             "makes it fit (make plan); no weights needed")
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["eval"]:  # the stage parses its own key=value arguments
         import runpy
 
         sys.argv = ["stages/eval.py", *argv[1:]]
         runpy.run_path(str(Path(__file__).resolve().parent.parent / "stages" / "eval.py"), run_name="__main__")
+        return
+    if argv[:1] == ["plan"]:  # options and key=value arguments in any order
+        plan_command(argv[1:])
         return
     parser = argparse.ArgumentParser(prog="python -m alignment")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +180,7 @@ def main(argv: list[str]) -> None:
     export.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                         help="merge a LoRA adapter into its base (default); --no-merge: the adapter, naming its base")
     export.add_argument("--root", default="store", help="store root for a run/stage id")
+    commands.add_parser("plan", help=PLAN_HELP + " (python -m alignment plan --help)")
     args = parser.parse_args(argv)
     if args.command == "store" and args.store_command == "list":
         store_list(args.root, args.json)

@@ -92,6 +92,10 @@ class ModelSpec:
     # The special tokens chat_template reads, as apply_chat_template passes them: bos_token and eos_token only
     # (the pad token differs between a base and its checkpoints, which add one).
     chat_tokens: tuple[tuple[str, str], ...] = ()
+    # A real entry's published config.json numbers (layers, widths, heads, vocabulary, tied embeddings, positions)
+    # as config-class kwargs: enough to build it on the meta device, so `make plan` counts its parameters offline.
+    # Not compared: two entries with the same settings run alike whatever is known of their shape.
+    architecture: tuple[tuple[str, object], ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def is_tiny(self) -> bool:
@@ -113,23 +117,56 @@ _LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")  # also Mistral and Qwen2
 _BLOOM_LORA = ("query_key_value", "dense")  # also GPT-NeoX (Pythia)
 _GPT2_LORA = ("c_attn", "c_proj")
 _OPT_LORA = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, positions: int,
+           tied: bool = False) -> tuple[tuple[str, object], ...]:
+    """The architecture numbers of a LLaMA-shaped config.json (also Mistral's and Qwen2's), as config kwargs."""
+    return (("hidden_size", hidden), ("intermediate_size", intermediate), ("num_hidden_layers", layers),
+            ("num_attention_heads", heads), ("num_key_value_heads", kv_heads), ("vocab_size", vocab),
+            ("max_position_embeddings", positions), ("tie_word_embeddings", tied))
+
+
+_LLAMA_2_7B = _llama(4096, 11008, 32, 32, 32, 32000, 4096)
+_BLOOM_560M = (("hidden_size", 1024), ("n_layer", 24), ("n_head", 16), ("vocab_size", 250880),
+               ("tie_word_embeddings", True))
 _TINY = (("hidden_size", 128), ("intermediate_size", 384), ("num_hidden_layers", 4), ("num_attention_heads", 4))
 
 MODELS = {
     spec.name: spec
     for spec in [
-        ModelSpec("llama-2-7b", "llama", "meta-llama/Llama-2-7b-hf", "alpaca", _LLAMA_LORA, dtype="bfloat16"),
-        ModelSpec("llama-2-7b-chat", "llama", "meta-llama/Llama-2-7b-chat-hf", "llama2", _LLAMA_LORA, dtype="bfloat16"),
-        ModelSpec("bloom-560m", "bloom", "bigscience/bloom-560m", "plain", _BLOOM_LORA),
-        ModelSpec("bloomz-560m", "bloom", "bigscience/bloomz-560m", "plain", _BLOOM_LORA),
+        ModelSpec("llama-2-7b", "llama", "meta-llama/Llama-2-7b-hf", "alpaca", _LLAMA_LORA, dtype="bfloat16",
+                  architecture=_LLAMA_2_7B),
+        ModelSpec("llama-2-7b-chat", "llama", "meta-llama/Llama-2-7b-chat-hf", "llama2", _LLAMA_LORA, dtype="bfloat16",
+                  architecture=_LLAMA_2_7B),
+        ModelSpec("bloom-560m", "bloom", "bigscience/bloom-560m", "plain", _BLOOM_LORA, architecture=_BLOOM_560M),
+        ModelSpec("bloomz-560m", "bloom", "bigscience/bloomz-560m", "plain", _BLOOM_LORA, architecture=_BLOOM_560M),
         ModelSpec("llama-3-8b-instruct", "llama", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3", _LLAMA_LORA,
-                  dtype="bfloat16"),
+                  dtype="bfloat16", architecture=_llama(4096, 14336, 32, 32, 8, 128256, 8192)),
         ModelSpec("mistral-7b-instruct", "mistral", "mistralai/Mistral-7B-Instruct-v0.2", "llama2", _LLAMA_LORA,
-                  dtype="bfloat16"),
-        ModelSpec("qwen2-0.5b-instruct", "qwen2", "Qwen/Qwen2-0.5B-Instruct", "chatml", _LLAMA_LORA, dtype="bfloat16"),
-        ModelSpec("pythia-410m", "gpt_neox", "EleutherAI/pythia-410m", "plain", _BLOOM_LORA),
-        ModelSpec("opt-350m", "opt", "facebook/opt-350m", "plain", _OPT_LORA),
-        ModelSpec("gpt2", "gpt2", "openai-community/gpt2", "plain", _GPT2_LORA),
+                  dtype="bfloat16", architecture=_llama(4096, 14336, 32, 32, 8, 32000, 32768)),
+        ModelSpec("qwen2-0.5b-instruct", "qwen2", "Qwen/Qwen2-0.5B-Instruct", "chatml", _LLAMA_LORA, dtype="bfloat16",
+                  architecture=_llama(896, 4864, 24, 14, 2, 151936, 32768, tied=True)),
+        ModelSpec("pythia-410m", "gpt_neox", "EleutherAI/pythia-410m", "plain", _BLOOM_LORA,
+                  architecture=(("hidden_size", 1024), ("intermediate_size", 4096), ("num_hidden_layers", 24),
+                                ("num_attention_heads", 16), ("vocab_size", 50304), ("max_position_embeddings", 2048),
+                                ("tie_word_embeddings", False))),
+        ModelSpec("opt-350m", "opt", "facebook/opt-350m", "plain", _OPT_LORA,
+                  architecture=(("hidden_size", 1024), ("ffn_dim", 4096), ("num_hidden_layers", 24),
+                                ("num_attention_heads", 16), ("vocab_size", 50272), ("max_position_embeddings", 2048),
+                                ("word_embed_proj_dim", 512), ("do_layer_norm_before", False),
+                                ("tie_word_embeddings", True))),
+        ModelSpec("gpt2", "gpt2", "openai-community/gpt2", "plain", _GPT2_LORA,
+                  architecture=(("n_embd", 768), ("n_layer", 12), ("n_head", 12), ("vocab_size", 50257),
+                                ("n_positions", 1024), ("tie_word_embeddings", True))),
+        # The sizes of the memory plan's table (docs/memory-plan.md): 1B, 13B and 70B beside the 8B above.
+        ModelSpec("llama-3.2-1b-instruct", "llama", "meta-llama/Llama-3.2-1B-Instruct", "llama3", _LLAMA_LORA,
+                  dtype="bfloat16", architecture=(*_llama(2048, 8192, 16, 32, 8, 128256, 131072, tied=True),
+                                                  ("head_dim", 64))),
+        ModelSpec("llama-2-13b", "llama", "meta-llama/Llama-2-13b-hf", "alpaca", _LLAMA_LORA, dtype="bfloat16",
+                  architecture=_llama(5120, 13824, 40, 40, 40, 32000, 4096)),
+        ModelSpec("llama-3-70b-instruct", "llama", "meta-llama/Meta-Llama-3-70B-Instruct", "llama3", _LLAMA_LORA,
+                  dtype="bfloat16", architecture=_llama(8192, 28672, 80, 64, 8, 128256, 8192)),
         # Tiny twins: same architectures, ~1M parameters, built offline. vocab_size and the special-token
         # ids come from the tokenizer trained for them.
         ModelSpec(
@@ -208,7 +245,7 @@ def _unregistered(name: str, template: str) -> ModelSpec:
     family = config.get("model_type", "")
     base = next((s for s in MODELS.values() if s.family == family and not s.is_tiny), None)
     if base is not None:
-        return dataclasses.replace(base, name=source, source=source)
+        return dataclasses.replace(base, name=source, source=source, architecture=())  # its own config.json
     if not template:
         families = sorted({s.family for s in MODELS.values()})
         raise RegistryError(
@@ -343,7 +380,8 @@ def resolve(spec: ModelSpec, corpus: list[str] | None = None, vocab_size: int = 
         return spec.source
     if corpus is None:
         corpus = default_corpus(spec)
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), vocab_size, corpus]).encode()).hexdigest()[:16]
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "architecture"}  # (the key before it existed)
+    key = hashlib.sha256(json.dumps([fields, vocab_size, corpus]).encode()).hexdigest()[:16]
     path = cache_dir() / "models" / f"{spec.name}-{key}"
     if not (path / "config.json").is_file():
         _build_tiny(spec, corpus, path, vocab_size)

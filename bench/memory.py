@@ -7,7 +7,8 @@ fp32), with 1 process and with 2 under DeepSpeed ZeRO-3 (gloo on a CPU, NCCL on 
 A process's peak memory (resident set on a CPU, the allocator's on a GPU) counts its imports too: the fixed cost
 of a process, measured here once (a process that imports a stage and stops), is set aside on both sides, and what
 is left is what the models, optimizer states and activations took. With ZeRO-3 every model is partitioned, so each
-of 2 processes should hold well under what 1 process holds. Prints one table; writes JSON to bench/results/.
+of 2 processes should hold well under what 1 process holds. Beside each row, what the memory plan (alignment/plan.py,
+`make plan`) says the same run holds, at the prompts' real length. Prints one table; writes JSON to bench/results/.
 Nothing here is a test.
 """
 
@@ -51,6 +52,25 @@ def build_llama(folder: Path, hidden: int, layers: int) -> Path:
     return folder
 
 
+def planned_mb(model: Path, args: str, nproc: int, accelerate: str) -> float:
+    """The memory plan's peak per process for this PPO run, above the fixed cost: its settings, with the longest
+    prompt the run reads instead of max_prompt_length (the plan's bound at the configured length)."""
+    from transformers import AutoTokenizer
+
+    from alignment import data, plan, registry
+
+    spec = registry.get(str(model))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [r["prompt"] for split in ("prompts_train", "prompts_eval") for r in data.load("task", split, 64, "")]
+    longest = max(len(tokenizer(spec.format_prompt(p)).input_ids) for p in prompts)
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    cfg = plan.stage_configs(("ppo",), ROOT / "configs", [*args.split(), f"model={model}",
+                                                          f"ppo.max_prompt_length={longest}"])["ppo"]
+    m = plan.model(str(model))
+    launch = plan.launch_from(ROOT / accelerate if accelerate else None, nproc, device)
+    return plan.for_stage("ppo", m.shape, launch, plan.workload("ppo", cfg, m, device)).peak / 2**20
+
+
 def make(target: str, python: str, store: Path, model: Path, args: str, nproc: int = 1, accelerate: str = "") -> None:
     command = ["make", "-s", target, f"PY={python}", "INSTALL=", f"STORE={store}", f"MODEL={model}", "RUN=memory",
                f"NPROC={nproc}", f"ARGS={args}", *([f"ACCELERATE_CONFIG={accelerate}"] if accelerate else [])]
@@ -90,6 +110,7 @@ def main() -> None:
         metrics = json.loads((store / "memory" / "ppo" / "manifest.json").read_text())["metrics"]
         peaks = metrics.get("peak_memory_mb_per_process") or [metrics["peak_memory_mb"]]
         rows[name] = {"peaks_mb": peaks, "above_fixed_mb": [round(p - fixed, 1) for p in peaks],
+                      "planned_mb": round(planned_mb(model, f"{ppo} resume=false", nproc, accelerate), 1),
                       "zero_stage": metrics["deepspeed_zero_stage"], "seconds": round(time.time() - started, 1)}
     one, several = rows["1 process"], rows[f"{a.nproc} processes"]
     ratio = max(several["above_fixed_mb"]) / one["above_fixed_mb"][0]
@@ -97,7 +118,7 @@ def main() -> None:
           f"process {fixed:.0f} MB")
     for name, row in rows.items():
         print(f"  {name:12s} ZeRO-{row['zero_stage']}  peak per process {row['peaks_mb']} MB, above the fixed cost "
-              f"{row['above_fixed_mb']} MB  ({row['seconds']} s)")
+              f"{row['above_fixed_mb']} MB, planned {row['planned_mb']:.0f} MB  ({row['seconds']} s)")
     print(f"  largest per-process peak above the fixed cost, {a.nproc} processes / 1: {ratio:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "memory.json"
