@@ -112,6 +112,9 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str 
     if quantization and not (path / "adapter_config.json").is_file():
         kwargs["quantization_config"] = quantization_config(quantization, compute_dtype)
         kwargs.setdefault("dtype", DTYPES[compute_dtype])
+        # bitsandbytes places quantized weights as they load: on this process's own GPU, not every process's on
+        # the first one (which the trainers would only find out when they move the model, too late to fit)
+        kwargs.setdefault("device_map", {"": device_of_this_process()})
     kwargs.setdefault("dtype", torch.float32 if trained else DTYPES[spec.dtype])
     kwargs.setdefault("trust_remote_code", spec.trust_remote_code)
     kwargs.setdefault("use_safetensors", True)  # never unpickle weights: a .bin checkpoint can run code
@@ -142,6 +145,12 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str 
     elif model.config.pad_token_id is None:  # the reward model pools at the last non-pad token
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def device_of_this_process() -> str:
+    """This process's device: its local rank's GPU (LOCAL_RANK, set by the launcher) where there are GPUs, else
+    the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def on_device(model: nn.Module) -> nn.Module:

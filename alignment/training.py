@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from alignment.distributed import every_process
 from alignment.machine import peak_memory_mb, use_bf16
 
 
@@ -83,6 +84,11 @@ def throughput(train_metrics: dict, state, bf16: bool) -> dict:
             "tokens_per_s": round(state.num_input_tokens_seen / seconds, 1) if seconds > 0 else None,
             "samples_per_s": round(samples / seconds, 2) if seconds > 0 else None,
             "peak_memory_mb": round(peak_memory_mb(), 1)}
+
+
+def peak_memory_per_process(trainer) -> list[float]:
+    """Each process's peak memory so far (MB), in process order: a collective, every process calls it."""
+    return every_process(trainer.accelerator, round(peak_memory_mb(), 1))
 
 
 def trained_weights(trainer) -> dict | None:

@@ -196,6 +196,7 @@ def main(argv: list[str]) -> None:
             max_new_tokens=d.max_new_tokens, temperature=d.temperature, samples=d.eval_samples, seed=cfg.seed,
             max_prompt_tokens=d.max_prompt_length, on_all=distributed.on_all(trainer.accelerator),
         )
+    peaks = training.peak_memory_per_process(trainer)  # every process: each its own
     weights = training.trained_weights(trainer)  # every process: under ZeRO-3 each holds a shard
     if not trainer.is_world_process_zero():  # one process writes the result
         return
@@ -205,6 +206,7 @@ def main(argv: list[str]) -> None:
     # weights do not depend on it (a retrained one leaves them valid), only the evaluation does, which names it.
     metrics = {
         **summary,  # eval_prompts, greedy, sampled: PPO's keys
+        "peak_memory_mb_per_process": peaks,
         "eval_curve": callbacks.HeldOutCurve.points(trainer.state),
         "train_loss": result.training_loss,
         "eval_loss": held_out["eval_loss"],

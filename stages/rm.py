@@ -145,6 +145,7 @@ def main(argv: list[str]) -> None:
     with distributed.whole_model(trainer.accelerator, trainer.model_wrapped) as whole:
         whole.eval()
         accuracy = evaluation.pairwise_accuracy(whole, tokenizer, spec, raw_eval)
+    peaks = training.peak_memory_per_process(trainer)  # every process: each its own
     weights = training.trained_weights(trainer)
     if not trainer.is_world_process_zero():  # one process writes the result
         return
@@ -152,6 +153,7 @@ def main(argv: list[str]) -> None:
     # 6. save to the store
     metrics = {
         "train_loss": result.training_loss,
+        "peak_memory_mb_per_process": peaks,
         "eval_accuracy": accuracy["accuracy"],
         "eval_accuracy_ci95": accuracy["accuracy_ci95"],
         "eval_margin": accuracy["margin"],

@@ -123,6 +123,7 @@ def main(argv: list[str]) -> None:
     )
     result = training.train(trainer, "sft", resume_from)
     eval_metrics = trainer.evaluate()
+    peaks = training.peak_memory_per_process(trainer)  # every process: each its own
     weights = training.trained_weights(trainer)  # every process: under ZeRO-3 each holds a shard
     if not trainer.is_world_process_zero():  # one process writes the result
         return
@@ -130,6 +131,7 @@ def main(argv: list[str]) -> None:
     # 5. save to the store: HF folder (or adapter) + tokenizer + manifest
     metrics = {
         "train_loss": result.training_loss,
+        "peak_memory_mb_per_process": peaks,
         "eval_loss": eval_metrics["eval_loss"],
         "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
         "truncated": truncated,

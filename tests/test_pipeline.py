@@ -444,3 +444,22 @@ def test_packed_rows_train_on_the_same_loss_as_padded_batches(tiny_cache):
                                              labels=padded_labels)
     assert torch.allclose(packed_loss, padded_loss, atol=1e-5)
     assert torch.allclose(packed_grad, padded_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_quantized_weights_load_on_the_device_of_their_process(monkeypatch, tiny_cache, local_rank):
+    """Each process of a multi-GPU launch asks bitsandbytes for its own GPU (LOCAL_RANK), never all for the first."""
+    asked = {}
+
+    def from_pretrained(path, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop: only the request matters here")
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    spec = registry.get("tiny-llama")
+    with pytest.raises(RuntimeError, match="stop"):
+        loading.load_model(registry.resolve(spec), AutoModelForCausalLM, spec, "4bit")
+    assert asked["device_map"] == {"": f"cuda:{local_rank}"}
+    assert asked["quantization_config"].load_in_4bit
