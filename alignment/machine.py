@@ -64,7 +64,7 @@ def give_back_freed_memory() -> None:
     threshold that rises to 32 MiB (a small model's tensors, a few MiB each) from its heap, and keeps what is freed
     there resident: what loading, ZeRO-3's gathers and each step's activations free piles up from one phase to the
     next. Called where a phase has freed much (a model loaded, the rollout's gathered policy dropped, an update
-    done). PPO on bench/memory.py's 85M LLaMA under ZeRO-3, 2 processes: the peak of a process 4,333 -> 3,509 MB,
+    done). PPO on bench/memory.py's 85M LLaMA under ZeRO-3, 2 processes: the peak of a process 4,333 -> about 3,500 MB,
     at the same speed. (A fixed mapping threshold of 4 MiB, MALLOC_MMAP_THRESHOLD_=4194304 in the environment, took
     it to 3,098 MB, but its training took 27% more time: each big block is mapped and zeroed anew.) Tensors over
     32 MiB, most of a real model's, are mapped on their own anyway. A no-op without glibc; on a GPU the CUDA
