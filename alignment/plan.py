@@ -63,6 +63,8 @@ ROWS_AT_ONCE = 8  # as alignment/ppo.py (not imported: it would bring torch's fu
 QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}  # NF4 + double-quantized absmax; int8
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HELD, ROLLOUT, EVALUATION, TRAINING = "held throughout", "while generating", "held-out evaluation", "while training"
+STEP = "at the optimizer step"
+PHASES = (ROLLOUT, EVALUATION, TRAINING, STEP)  # apart in time: the peak is the largest
 
 
 class PlanError(Exception):
@@ -374,7 +376,7 @@ def zero3_working_bytes(shape: Shape, parameter_bytes: int) -> float:
 
 class Item(NamedTuple):
     name: str
-    phase: str  # HELD, or the phase it exists in: ROLLOUT, EVALUATION, TRAINING
+    phase: str  # HELD, or the phase it exists in: one of PHASES
     bytes: float
     note: str = ""  # how it was counted
     host: bool = False  # offloaded to CPU memory (on a GPU launch: not on the accelerator)
@@ -393,7 +395,7 @@ class Plan:
 
     @property
     def peak_phase(self) -> str:
-        phases = [p for p in (ROLLOUT, EVALUATION, TRAINING) if any(i.phase == p for i in self.items)]
+        phases = [p for p in PHASES if any(i.phase == p for i in self.items)]
         return max(phases, key=self.total)
 
     @property
@@ -470,6 +472,10 @@ def _trained_items(stage: str, shape: Shape, launch: Launch, work: Workload) -> 
     ]
     if not launch.zero and launch.processes > 1:
         items.append(Item("DDP gradient buckets", HELD, 4.0 * trained, "a second fp32 copy of the gradients"))
+    if launch.zero == 3:  # DeepSpeed 0.19, stage3.py: _prepare_fp32_grad_for_sub_group flattens them anew
+        items.append(Item("gradients flattened for the step", STEP, 4.0 * trained / launch.processes,
+                          f"fp32, 1/{launch.processes}: ZeRO-3 copies the gradient partition into one buffer",
+                          host=bool(offloaded_states)))
     if not launch.zero and work.bf16:
         items.append(Item("autocast weight copies", TRAINING, 2.0 * trained, "bf16 casts of the trained weights"))
         if stage in RL_STAGES:
@@ -505,10 +511,11 @@ def _frozen_items(stage: str, shape: Shape, launch: Launch, work: Workload) -> l
     if not work.lora:
         items.append(_frozen_item("reference", lm, shape, launch, work, partitioned=True,
                                   offloaded=launch.offload_parameters))
-        if launch.zero == 3:  # TRL's is partitioned; the held-out evaluation's own is whole (stages/dpo.py)
+        if launch.zero == 3:  # TRL's engine serves the loss; the held-out evaluation has its own (stages/dpo.py)
             items.append(_frozen_item("reference for the held-out evaluation", lm, shape, launch, work,
-                                      partitioned=False))
-    items.append(_frozen_item("judge (reward model)", classifier, shape, launch, work, partitioned=False))
+                                      partitioned=True, offloaded=launch.offload_parameters))
+    items.append(_frozen_item("judge (reward model)", classifier, shape, launch, work, partitioned=True,
+                              offloaded=launch.offload_parameters))
     return items
 
 

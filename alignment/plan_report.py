@@ -7,12 +7,10 @@ from pathlib import Path
 
 from alignment import plan
 from alignment.plan import (
-    EVALUATION,
     HELD,
+    PHASES,
     RL_STAGES,
-    ROLLOUT,
     STAGES,
-    TRAINING,
     Fit,
     GiB,
     Launch,
@@ -110,7 +108,7 @@ def _items_text(p: Plan, changed_from: Plan | None = None) -> list[str]:
     gone = [i._replace(bytes=0.0, note="none now") for i in (changed_from.items if changed_from else [])
             if (i.name, i.phase) not in now]
     lines = []
-    for phase in (HELD, ROLLOUT, EVALUATION, TRAINING):
+    for phase in (HELD, *PHASES):
         items = [i for i in p.items if i.phase == phase and before.get((i.name, i.phase)) != (i.bytes, i.host)]
         items += [i for i in gone if i.phase == phase]
         if not items:
