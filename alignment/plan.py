@@ -227,6 +227,18 @@ class Workload:
     offload_frozen: str = "auto"  # RL under ZeRO-3: where the frozen partitions live (auto: as offload_param)
 
 
+def planned_peak_mb(stage: str, cfg, launch: Launch) -> float | None:
+    """The plan's peak per process (MB, above the fixed cost of a process) of a stage run with cfg as launched, for
+    its manifest beside the measured peaks; None where the model cannot be planned, with one line saying why. Never
+    raises: a figure of the plan must not cost a trained model its save."""
+    try:
+        m = model(cfg.model)
+        return round(for_stage(stage, m.shape, launch, workload(stage, cfg, m, launch.device)).peak / 2**20, 1)
+    except Exception as e:  # noqa: BLE001 (any: see above)
+        print(f"[{stage}] no memory plan for the manifest: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return None
+
+
 def resolve_bf16(precision: str, device: str) -> bool:
     """The stage's precision: auto is bf16 on a GPU (every GPU rented for this has it) and fp32 on a CPU (where
     a stage measures whether bf16 pays: on CPUs without bf16 units it does not)."""

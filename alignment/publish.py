@@ -7,7 +7,9 @@ import shutil
 import time
 from pathlib import Path
 
-from alignment import config, data, loading, logs, training
+import torch
+
+from alignment import config, data, distributed, loading, logs, plan, training
 from alignment.callbacks import NonFiniteGuard
 
 
@@ -42,10 +44,21 @@ def publish(trainer, result, store, cfg, spec, tokenizer, weights: dict | None, 
             if trainer.is_deepspeed_enabled else 0,
             "duration_s": round(time.time() - started, 1),
             **training.throughput(result.metrics, trainer.state, trainer.args.bf16),
+            "planned_peak_mb": planned_peak_mb(stage, cfg, trainer.accelerator),
         }))
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     print(f"[{stage}] saved {checkpoint.id} -> {checkpoint.path}")
     return checkpoint
+
+
+def planned_peak_mb(stage: str, cfg, accelerator) -> float | None:
+    """What `make plan` says a process of this run holds at its peak (MB above the fixed cost): the manifest records
+    it beside each process's measured peak."""
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    launch = plan.Launch(accelerator.num_processes, distributed.deepspeed_stage(),
+                         distributed.offloads_optimizer(accelerator), distributed.offloads_parameters(accelerator),
+                         device)
+    return plan.planned_peak_mb(stage, cfg, launch)
 
 
 def manifest(cfg, spec, stage: str, *, parents: list, splits: list[str], metrics: dict, base: str | Path | None = None,

@@ -83,6 +83,7 @@ def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage)
     assert ckpt.metrics["precision"] == TRAINED_IN[mode]
     assert ckpt.metrics["deepspeed_zero_stage"] == MODES[mode][0]
     assert len(ckpt.metrics["peak_memory_mb_per_process"]) == 2  # each process's own peak
+    assert ckpt.metrics["planned_peak_mb"] > 0  # and the memory plan's figure for the run, beside them
     cls = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
     model = cls.from_pretrained(ckpt.path)
     assert all(p.numel() and torch.isfinite(p).all() for p in model.parameters())  # whole tensors, not shards

@@ -58,6 +58,7 @@ def test_sft_rm_ppo_end_to_end(tmp_path, tiny_cache, model):
     assert ppo.manifest["parent_uids"] == [sft.manifest["uid"], rm.manifest["uid"]]
     for c in (sft, rm, ppo):
         assert c.manifest["model"] == model and c.manifest["status"] == "complete"
+        assert c.metrics["planned_peak_mb"] > 0 and len(c.metrics["peak_memory_mb_per_process"]) == 1
         assert len(c.manifest["data"]["fingerprint"]) == 64
         assert c.manifest["config"]["model"] == model
 

@@ -265,3 +265,12 @@ def test_zero3_gathers_the_largest_block_a_70b_has_its_embedding():
     layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192  # attention, MLP, two norms
     assert shape.largest_block == 128256 * 8192 > layer
     assert shape.kv_width == 8 * 128 and shape.gated_mlp and shape.intermediate == 28672
+
+
+def test_the_figure_for_a_manifest_is_none_and_one_line_where_the_model_cannot_be_planned(configs, capsys):
+    cfg = configs["ppo"]
+    assert plan.planned_peak_mb("ppo", cfg, Launch(2, zero=3, device="cpu")) > 0
+    unknown = dataclasses.replace(cfg, model="no-such-model")
+    assert plan.planned_peak_mb("ppo", unknown, Launch(2, zero=3, device="cpu")) is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("[ppo] no memory plan for the manifest: ") and "no-such-model" in out[0]

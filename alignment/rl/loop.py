@@ -247,7 +247,8 @@ def finish(session: Session, models: Models, trained: Trained) -> None:
     if not accelerator.is_main_process:
         return
     metrics = {**summary, "eval_curve": trained.state.eval_log, **trained.metrics,
-               "peak_memory_mb_per_process": peaks, "duration_s": round(time.time() - session.started, 1)}
+               "peak_memory_mb_per_process": peaks, "planned_peak_mb": publish.planned_peak_mb(stage, cfg, accelerator),
+               "duration_s": round(time.time() - session.started, 1)}
     save(session, models, accelerator.unwrap_model(trained.model), weights, trained.state, metrics)
     print(report.format_comparison(summary, stage))
 
