@@ -3,6 +3,7 @@
 #            ARGS="key=value ..." (every stage named)  ARGS_<stage>="key=value ..." (that one)  CONFIG=<a stage YAML>
 #            CHECKPOINTS=<run/stage,...> (make eval)   RESUME=0 (start a stage over instead of resuming)
 #            NPROC=<processes>  ACCELERATE_CONFIG=<configs/accelerate/*.yaml> (multi-process / DeepSpeed)
+#            NNODES=<machines> NODE_RANK=<this one's> MASTER_ADDR=<node 0's address> MASTER_PORT=<port> (NPROC each)
 #            GPU_MEMORY=<GiB per GPU> (make plan, default 80)  TABLE=1 (make plan: the table of docs/memory-plan.md)
 PYTHON ?= python3
 VENV   := .venv
@@ -16,18 +17,30 @@ CHECKPOINTS ?=
 CONFIG ?=
 RESUME ?= 1
 NPROC  ?= 1
+# Several machines: NPROC processes on each of NNODES, this one NODE_RANK (0 on the one at MASTER_ADDR)
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?= 29500
 ACCELERATE_CONFIG ?=
 # ARGS goes to every stage named; ARGS_<stage> to that one only, after ARGS (make sft rm ARGS_sft="sft.epochs=1")
 STAGE_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(DATA),data=$(DATA)) $(if $(RUN),run=$(RUN)) $(if $(STORE),store=$(STORE)) \
              $(if $(filter 0,$(RESUME)),resume=false) $(ARGS) $(ARGS_$@)
 # One process: plain python. Several: `accelerate launch --multi_gpu`, which really starts NPROC processes
 # (NCCL on GPUs, gloo on CPUs); plain --num_processes or --cpu would quietly start one.
-ifeq ($(NPROC)$(ACCELERATE_CONFIG),1)
+# Several machines: the same command on each, NODE_RANK apart; Accelerate's launcher starts the processes of its
+# machine (torchrun's way, DeepSpeed's too: no ssh from node to node), which meet at MASTER_ADDR:MASTER_PORT.
+ifeq ($(NPROC)$(NNODES)$(ACCELERATE_CONFIG),11)
 LAUNCH = $(PY)
 else
 LAUNCH = $(PY) -m accelerate.commands.launch \
-         $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) --num_processes $(NPROC)
+         $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) \
+         --num_processes $(shell echo $$(( $(NPROC) * $(NNODES) ))) $(NODES)
 endif
+NODES = $(if $(filter-out 1,$(NNODES)),$(if $(MASTER_ADDR),,$(error NNODES=$(NNODES) needs MASTER_ADDR=<the address \
+        of the machine with NODE_RANK=0>, the same on every machine)) --num_machines $(NNODES) \
+        --machine_rank $(NODE_RANK) --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) \
+        --same_network --rdzv_backend static --deepspeed_multinode_launcher standard)
 export TOKENIZERS_PARALLELISM = false
 # DeepSpeed compiles its CPU ops (Adam for ZeRO offload) on first use into this folder, one per checkout: a shared
 # one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
@@ -55,7 +68,8 @@ help:
 	@echo "  ARGS=\"key=value ...\"   any config key of the stage (python -m stages.<stage> --help lists them)"
 	@echo "  ARGS_<stage>=\"key=value ...\"   for that stage only, after ARGS: make sft rm ppo ARGS_ppo=\"ppo.steps=10\""
 	@echo "  RESUME=0   start a stage over, removing its resumable state;   CHECKPOINTS=run/stage,... (make eval)"
-	@echo "  NPROC=<processes>   ACCELERATE_CONFIG=configs/accelerate/<ddp|zero2|zero3|zero3_offload>.yaml"
+	@echo "  NPROC=<processes>   ACCELERATE_CONFIG=configs/accelerate/<ddp|zero2|zero3|zero3_offload|multinode>.yaml"
+	@echo "  NNODES=<machines> NODE_RANK=<0..NNODES-1> MASTER_ADDR=<node 0> [MASTER_PORT=29500]: NPROC on each machine"
 
 # torch is pinned first: 2.13.0 resolves to the local CPU wheel, and pyproject's range then adds nothing.
 $(VENV)/.installed: pyproject.toml

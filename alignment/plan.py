@@ -93,14 +93,12 @@ class Shape:
 
 def shape_of(model_config) -> Shape:
     """The Shape of a transformers config, from models built on the meta device (no memory, no weights)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     classifier_config = copy.deepcopy(model_config)
     classifier_config.num_labels = 1
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(model_config)
-        classifier = AutoModelForSequenceClassification.from_config(classifier_config)
+    lm = _on_meta(AutoModelForCausalLM, model_config)
+    classifier = _on_meta(AutoModelForSequenceClassification, classifier_config)
     hidden, heads = model_config.hidden_size, model_config.num_attention_heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
     head_dim = getattr(model_config, "head_dim", None) or hidden // heads
@@ -118,6 +116,17 @@ def shape_of(model_config) -> Shape:
         quantized_weights=sum(fan_in * fan_out for fan_in, fan_out in body.values()),
         linear_widths=tuple(sorted(widths.items())),
     )
+
+
+def _on_meta(auto_class, model_config):
+    """auto_class's model of model_config on the meta device, built by its class itself: from_config would, in a
+    stage launched under ZeRO-3 (its manifest's figure), build it inside DeepSpeed's zero.Init, whose collectives
+    the other processes, which plan nothing, never join."""
+    import torch
+
+    model_class = auto_class._model_mapping.get(type(model_config), None)
+    with torch.device("meta"):
+        return model_class(model_config) if model_class else auto_class.from_config(model_config)
 
 
 def _count(model) -> int:

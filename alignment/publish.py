@@ -3,6 +3,7 @@ metrics), and the end of a trainer stage (sft, rm, dpo)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -44,20 +45,22 @@ def publish(trainer, result, store, cfg, spec, tokenizer, weights: dict | None, 
             if trainer.is_deepspeed_enabled else 0,
             "duration_s": round(time.time() - started, 1),
             **training.throughput(result.metrics, trainer.state, trainer.args.bf16),
-            "planned_peak_mb": planned_peak_mb(stage, cfg, trainer.accelerator),
         }))
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     print(f"[{stage}] saved {checkpoint.id} -> {checkpoint.path}")
     return checkpoint
 
 
-def planned_peak_mb(stage: str, cfg, accelerator) -> float | None:
-    """What `make plan` says a process of this run holds at its peak (MB above the fixed cost): the manifest records
-    it beside each process's measured peak."""
-    device = "gpu" if torch.cuda.is_available() else "cpu"
-    launch = plan.Launch(accelerator.num_processes, distributed.deepspeed_stage(),
-                         distributed.offloads_optimizer(accelerator), distributed.offloads_parameters(accelerator),
-                         device)
+def planned_peak_mb(stage: str, cfg) -> float | None:
+    """What `make plan` says a process of this run holds at its peak (MB above the fixed cost), for the manifest
+    beside each process's measured peak; from the launch's environment (accelerate launch sets it). Call at start-up,
+    before the trainer's or the loop's DeepSpeed config exists: the plan builds models on the meta device, which
+    under ZeRO-3 transformers would build inside DeepSpeed's zero.Init, a collective."""
+    def offloaded(what: str) -> bool:
+        return os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none") not in ("none", "")
+
+    launch = plan.Launch(int(os.environ.get("WORLD_SIZE", "1")), distributed.deepspeed_stage(),
+                         offloaded("OPTIMIZER"), offloaded("PARAM"), "gpu" if torch.cuda.is_available() else "cpu")
     return plan.planned_peak_mb(stage, cfg, launch)
 
 

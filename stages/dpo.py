@@ -119,6 +119,7 @@ def main(argv: list[str]) -> None:
     tokenizer = loading.load_tokenizer(sft.path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
     work_dir = store.run_dir(run) / ".trainer-dpo"  # the trainer's resumable checkpoints
+    planned = publish.planned_peak_mb("dpo", cfg)  # the memory plan's figure, before DeepSpeed's config exists
     # the trainer's arguments before the models: under ZeRO-3 they make transformers load them partitioned over the
     # processes (DeepSpeed's zero.Init), so that no process holds one whole (training.trainer_config)
     args = training.trainer_config(DPOConfig, "dpo", d, cfg, work_dir, beta=d.beta, loss_type=[d.loss_type],
@@ -207,6 +208,7 @@ def main(argv: list[str]) -> None:
     metrics = {
         **summary,  # eval_prompts, greedy, sampled: PPO's keys
         "peak_memory_mb_per_process": peaks,
+        "planned_peak_mb": planned,
         "eval_curve": callbacks.HeldOutCurve.points(trainer.state),
         "train_loss": result.training_loss,
         "eval_loss": held_out["eval_loss"],

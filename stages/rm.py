@@ -79,6 +79,7 @@ def main(argv: list[str]) -> None:
     tokenizer = loading.load_tokenizer(sft.path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
     work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
+    planned = publish.planned_peak_mb("rm", cfg)  # the memory plan's figure, before DeepSpeed's config exists
     # the trainer's arguments before the model: under ZeRO-3 they make transformers load it partitioned over the
     # processes (DeepSpeed's zero.Init), so that no process holds it whole (training.trainer_config)
     args = training.trainer_config(
@@ -154,6 +155,7 @@ def main(argv: list[str]) -> None:
     metrics = {
         "train_loss": result.training_loss,
         "peak_memory_mb_per_process": peaks,
+        "planned_peak_mb": planned,
         "eval_accuracy": accuracy["accuracy"],
         "eval_accuracy_ci95": accuracy["accuracy_ci95"],
         "eval_margin": accuracy["margin"],

@@ -76,6 +76,7 @@ def main(argv: list[str]) -> None:
     tokenizer = loading.load_tokenizer(base_path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
     work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
+    planned = publish.planned_peak_mb("sft", cfg)  # the memory plan's figure, before DeepSpeed's config exists
     # the trainer's arguments before the model: under ZeRO-3 they make transformers load it partitioned over the
     # processes (DeepSpeed's zero.Init), so that no process holds it whole (training.trainer_config)
     args = training.trainer_config(
@@ -132,6 +133,7 @@ def main(argv: list[str]) -> None:
     metrics = {
         "train_loss": result.training_loss,
         "peak_memory_mb_per_process": peaks,
+        "planned_peak_mb": planned,
         "eval_loss": eval_metrics["eval_loss"],
         "eval_mean_token_accuracy": eval_metrics.get("eval_mean_token_accuracy"),
         "truncated": truncated,

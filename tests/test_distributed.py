@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,36 @@ def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage)
 def copy_inputs(source: Store, dest: Path) -> None:
     for stage in ("sft", "rm"):
         shutil.copytree(source.root / "tiny-llama" / stage, dest / "tiny-llama" / stage)
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_train_as_one_machine_with_two_processes(tmp_path, tiny_cache):
+    """Two launches as two machines (NNODES=2, node ranks 0 and 1 at 127.0.0.1, one process each) under ZeRO-3 train
+    SFT as one machine with two processes does: the same losses and weights (fp32)."""
+    args = f"{ARGS['sft']} precision=fp32"
+    one = make("sft", tmp_path / "one", "zero3", args)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    port = free_port()
+    nodes = [subprocess.Popen(["make", "-s", "sft", "NPROC=1", "NNODES=2", f"NODE_RANK={rank}",
+                               "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}", f"PY={sys.executable}", "INSTALL=",
+                               f"STORE={tmp_path / 'two'}", f"ARGS={args}", *MODES["zero3"][1]],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert all(len(re.findall(r"\b2 process\(es\)", out)) == 1 for out in outputs)  # one process a machine
+    a, b = Store(tmp_path / "one").get("tiny-llama", "sft"), Store(tmp_path / "two").get("tiny-llama", "sft")
+    assert b.metrics["processes"] == 2 and b.metrics["deepspeed_zero_stage"] == 3
+    for key in ("train_loss", "eval_loss"):
+        assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-5), key
+    weights_a, weights_b = load_file(str(a.path / "model.safetensors")), load_file(str(b.path / "model.safetensors"))
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-5) for k in weights_a)
 
 
 def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path, tmp_path_factory, tiny_cache):

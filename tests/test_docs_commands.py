@@ -50,7 +50,8 @@ ALLOWED = {
     "stages run on 2 processes in tests/test_distributed.py",
     "make sft rm ppo ACCELERATE_CONFIG=configs/accelerate/zero3.yaml NPROC=8": "8 processes want 8 GPUs; the NPROC=2 "
     "form runs here",
-    "make sft rm ppo ACCELERATE_CONFIG=configs/accelerate/multinode.yaml": "several machines",
+    "make sft rm ppo ACCELERATE_CONFIG=configs/accelerate/multinode.yaml NPROC=8 NNODES=2 NODE_RANK=0 "
+    "MASTER_ADDR=10.0.0.1": "several machines; tests/test_distributed.py runs two launches as two machines here",
     "make sft rm ppo MODEL=/models/my-llama": "a model folder this machine does not have; tests/test_registry.py loads "
     "model folders built from config",
     'make sft rm ppo MODEL=Qwen/Qwen2.5-0.5B-Instruct ARGS="template=auto"': "downloads from the hub",

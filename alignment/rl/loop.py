@@ -54,6 +54,7 @@ class Session:
     sft: object
     rm: object
     started: float
+    planned_peak_mb: float | None  # the memory plan's figure for the run, for the manifest
 
 
 @dataclasses.dataclass
@@ -74,13 +75,14 @@ def start(cfg, stage: str) -> Session:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
+    planned = publish.planned_peak_mb(stage, cfg)  # (before the accelerator: see there)
     accelerator = distributed.make_accelerator(settings.mini_batch_size, settings.max_grad_norm, cfg.precision)
     torch.manual_seed(cfg.seed + accelerator.process_index)
     store, run = Store(cfg.store), cfg.run_name
     sft = store.get(run, "sft")
     rm = store.get(*settings.reward_model.split("/", 1)) if settings.reward_model else store.get(run, "rm")
     store.require_fresh(sft, rm, allow_stale=cfg.allow_stale)  # e.g. an rm trained on an SFT since replaced
-    return Session(cfg, settings, stage, accelerator, store, run, sft, rm, started)
+    return Session(cfg, settings, stage, accelerator, store, run, sft, rm, started, planned)
 
 
 def train(session: Session, models: Models, algorithm) -> Trained:
@@ -247,7 +249,7 @@ def finish(session: Session, models: Models, trained: Trained) -> None:
     if not accelerator.is_main_process:
         return
     metrics = {**summary, "eval_curve": trained.state.eval_log, **trained.metrics,
-               "peak_memory_mb_per_process": peaks, "planned_peak_mb": publish.planned_peak_mb(stage, cfg, accelerator),
+               "peak_memory_mb_per_process": peaks, "planned_peak_mb": session.planned_peak_mb,
                "duration_s": round(time.time() - session.started, 1)}
     save(session, models, accelerator.unwrap_model(trained.model), weights, trained.state, metrics)
     print(report.format_comparison(summary, stage))
