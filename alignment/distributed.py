@@ -57,12 +57,6 @@ def offloads_optimizer(accelerator: Accelerator) -> bool:
     return offload.get("device", "none") not in ("none", None)
 
 
-def offloads_parameters(accelerator: Accelerator) -> bool:
-    plugin = accelerator.state.deepspeed_plugin
-    offload = (plugin.deepspeed_config.get("zero_optimization", {}).get("offload_param") or {}) if plugin else {}
-    return offload.get("device", "none") not in ("none", None)
-
-
 def optimizer(accelerator: Accelerator, parameters: list, learning_rate: float) -> torch.optim.Optimizer:
     """AdamW; DeepSpeed's CPU Adam where ZeRO keeps the optimizer states in CPU memory (it refuses a torch
     optimizer there), built just in time by DeepSpeed the first time."""
