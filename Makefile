@@ -33,7 +33,7 @@ STAGE_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(DATA),data=$(DATA)) $(if $(RUN
 ifeq ($(NPROC)$(NNODES)$(ACCELERATE_CONFIG),11)
 LAUNCH = $(PY)
 else
-LAUNCH = $(PY) -m accelerate.commands.launch \
+LAUNCH = $(PY) -m accelerate.commands.launch --quiet \
          $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu) \
          --num_processes $(shell echo $$(( $(NPROC) * $(NNODES) ))) $(NODES)
 endif
@@ -46,7 +46,7 @@ export TOKENIZERS_PARALLELISM = false
 # one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help plan sft rm ppo grpo dpo eval test test-slow test-docs lint store export data data-check install clean bench bench-memory gpu-check
+.PHONY: help plan sft rm ppo grpo dpo eval test test-slow test-multiprocess test-docs lint store export data data-check install clean bench bench-memory gpu-check
 
 help:
 	@echo "Targets:"
@@ -59,7 +59,8 @@ help:
 	@echo "  make store          the checkpoints in the store, with lineage and headline metrics"
 	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo> OUT=<folder> [MERGE=0]: a standalone transformers folder"
 	@echo "  make data-check     read every split of DATA without training: counts, skips, truncation, a first record"
-	@echo "  make test           the test suite (installs what it needs; make test-slow: the slow checks; make lint)"
+	@echo "  make test           the test suite (installs what it needs; make test-multiprocess: more launches of"
+	@echo "                      several processes; make test-slow: the slow checks; make lint)"
 	@echo "  make bench          every stage against the peers (bench/README.md); make gpu-check on a CUDA machine"
 	@echo "  make data           rewrite the embedded task from its seed;  make install;  make clean (removes store/)"
 	@echo "Variables:"
@@ -129,7 +130,7 @@ $(PEER_VENV)/.installed:
 	$(PEER_VENV)/bin/python -m pip install --quiet trl==1.12.0 transformers==5.24.0 accelerate==1.15.0
 	touch $@
 
-bench: $(VENV)/.installed $(PEER_VENV)/.installed
+bench: $(VENV)/.installed $(VENV)/.deepspeed $(PEER_VENV)/.installed
 	$(PY) -m bench.run $(ARGS)
 
 # Memory: PPO on an 85M LLaMA with 1 process and with 2 under ZeRO-3, each process's peak (bench/memory.py)
@@ -151,6 +152,11 @@ lint: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed $(VENV)/.deepspeed
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# The launches of several processes beyond the default suite's: DDP, ZeRO-2 and ZeRO-3 with offload in every stage,
+# two machines simulated on this one, a machine killed, kill and resume, non-finite steps (.ci/run runs it)
+test-multiprocess: $(VENV)/.installed $(VENV)/.deepspeed
+	$(PY) -m pytest -q -m multiprocess $(ARGS)
 
 # Every command README.md and docs/ show, run with tiny settings or allowlisted with a reason (tests/test_docs_commands.py)
 test-docs: $(VENV)/.installed $(VENV)/.deepspeed

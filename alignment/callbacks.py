@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from alignment import config, distributed, guard, machine
+from alignment import config, distributed, guard, machine, resume
 from alignment.resume import COMPLETE, latest_complete
 
 
@@ -86,6 +86,7 @@ class MarkComplete(TrainerCallback):
                 for name in files:
                     with open(os.path.join(dirpath, name), "rb") as f:
                         os.fsync(f.fileno())
+            resume.record_launch(folder)  # the processes and ZeRO stage it was saved by
             (folder / COMPLETE).write_text("")
 
 

@@ -298,9 +298,52 @@ def interrupted_line() -> str:
     return f"[{stage}] stopped by Ctrl-C{reached}; no resumable state was saved yet (save_every sets how often)"
 
 
+def lost_process_line(error: BaseException) -> str | None:
+    """The one line for a collective that failed because another process of the run is gone (killed, its machine
+    down, the network between them cut), None for any other error. Only in a run of several processes."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(error)
+    lost = isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(
+        clue in text for clue in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                  "NCCL communicator was aborted", "Socket Timeout", "Connection refused")))
+    if not lost:
+        return None
+    stage, step, state = PROGRESS.get("stage", "stage"), PROGRESS.get("step"), PROGRESS.get("state")
+    saved = state() if callable(state) else None
+    reached = f"after step {step}" if step is not None else "before its first step"
+    how = f"resume from the last saved state, {saved}" if saved else \
+        "start over (no resumable state was saved yet; save_every sets how often)"
+    cause = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    return (f"[{stage}] process {dist.get_rank()} lost a process of the run {reached} (another process or machine "
+            f"stopped, or the network between them failed: {cause}); it stops too. The same command on every "
+            f"machine will {how}")
+
+
+FINAL_SAVE_TIMEOUT_S = 6 * 3600  # what the other processes give the main one to write the result
+
+
+def wait_for_the_main_process() -> None:
+    """The end of a multi-process run: the main process writes (gathered weights, hashes, fsync: at 70B hundreds of
+    GB) while the others wait, through the launch's key-value store with a timeout of its own
+    (FINAL_SAVE_TIMEOUT_S), not in a collective: a collective would time out with the process group (10-30 min),
+    and the failed process's launcher would then stop the main one in the middle of its write."""
+    import datetime
+
+    from torch.distributed import distributed_c10d
+
+    key = "alignment/main-process-done"
+    store = distributed_c10d._get_default_store()  # (the one torch's own barriers wait on)
+    if dist.get_rank() == 0:
+        store.set(key, "1")
+    else:
+        store.wait([key], datetime.timedelta(seconds=FINAL_SAVE_TIMEOUT_S))
+    dist.barrier()  # (the main process is done: this one returns at once)
+
+
 def run(main) -> None:
     """Runs a stage's main(argv); a missing input, bad data or an unusable model ends with its message instead of
-    a traceback."""
+    a traceback, and so does a run of several processes that lost one of them."""
     try:
         main(sys.argv[1:])
     except (StoreError, data.DataError, RegistryError) as e:
@@ -308,10 +351,17 @@ def run(main) -> None:
     except KeyboardInterrupt:
         print(interrupted_line(), file=sys.stderr, flush=True)
         sys.exit(130)
+    except Exception as e:
+        line = lost_process_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the process group is broken: its teardown (and DeepSpeed's threads) could wait forever
     # In a multi-process run only the main process writes the result: the others wait for it here and all
     # leave the process group together (a process exiting alone can abort its peers' gloo/NCCL teardown).
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        wait_for_the_main_process()
         dist.destroy_process_group()
         # The run is complete and saved. Left to the interpreter's exit, a communication thread still joinable
         # (DeepSpeed's on gloo) can abort a process ("terminate called without an active exception", 1 run in

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -25,6 +26,24 @@ def deepspeed_stage() -> int:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return 0
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
+def check_final_save(stage: str) -> None:
+    """At start-up: under ZeRO-3 a stage publishes whole weights, which DeepSpeed gathers at the end only where its
+    config says so (stage3_gather_16bit_weights_on_model_save; Accelerate's zero3_save_16bit_model). A launch file
+    that leaves it out gets it set here; a DeepSpeed JSON config that sets it false stops the stage in one line,
+    before anything trains (else the run would fail after training, at its save)."""
+    if deepspeed_stage() != 3:
+        return
+    if file := os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        import json
+
+        zero = json.loads(Path(file).read_text()).get("zero_optimization", {})
+        if zero.get("stage3_gather_16bit_weights_on_model_save") in (False, "false", None):
+            raise SystemExit(f"{file}: zero_optimization.stage3_gather_16bit_weights_on_model_save must be true under "
+                             f"ZeRO-3: the {stage} stage gathers the whole weights at the end to publish them")
+        return
+    os.environ["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] = "true"
 
 
 def make_accelerator(micro_batch_size: int, max_grad_norm: float, precision: str) -> Accelerator:
@@ -223,6 +242,54 @@ def all_processes_done(accelerator: Accelerator):
 def every_process(accelerator: Accelerator, value) -> list:
     """value of every process, in process order (a collective: every process calls it)."""
     return gather_object([value]) if accelerator.num_processes > 1 else [value]
+
+
+def check_shared_store(root) -> None:
+    """Every process of the run must see one store: the main process writes a file of a name no run used before
+    into its store, and every process looks for that name in the store it was given; where one does not find it
+    (a node whose STORE is a folder of its own), every process stops with one line naming that node. (Rank 0
+    alone decides what to resume, clear and publish, and every process must then find the same files.) Nothing to
+    do in one process."""
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes == 1:
+        return
+    import socket
+    import uuid
+
+    root = Path(root)
+    name = [f".shared-check-{uuid.uuid4().hex}" if state.is_main_process else None]
+    if state.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / name[0]).write_text(socket.gethostname())
+    broadcast_object_list(name)
+    seen = gather_object([(state.process_index, socket.gethostname(), (root / name[0]).is_file())])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (root / name[0]).unlink(missing_ok=True)
+    blind = [(rank, host) for rank, host, ok in seen if not ok]
+    if blind:
+        who = ", ".join(f"process {rank} on {host}" for rank, host in blind)
+        raise SystemExit(f"the store {root} is not shared: {who} cannot see the file process 0 on {seen[0][1]} wrote "
+                         "into its store; every node must reach one store: set STORE= (store=) to a folder on a file "
+                         "system all nodes mount (NFS, Lustre, a cloud file share)")
+
+
+def main_decides(decide):
+    """decide() run by the main process alone, its result (or the one-line SystemExit it raised) given to every
+    process: what to resume or clear is decided once, never by each process from what it sees on its own."""
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes == 1:
+        return decide()
+    outcome = [None, None]
+    if state.is_main_process:
+        try:
+            outcome[0] = decide()
+        except SystemExit as stop:
+            outcome[1] = str(stop.code)
+    broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise SystemExit(outcome[1])
+    return outcome[0]
 
 
 def shared_folder(accelerator: Accelerator, make) -> str:

@@ -103,11 +103,23 @@ def quantization_config(quantization: str, compute_dtype: str = "float32"):
     return None
 
 
+def frozen_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
+    """The dtype a frozen model (reference, reward model, judge) is held in: the entry's (bf16 for real models,
+    the size they come in), except on a machine without a GPU whose stage computes in fp32 (precision, as
+    machine.use_bf16 decides it: the same in every process of a launch): a CPU without bf16 units emulates bf16
+    matmuls 50-100x slower than fp32, and would run the frozen forwards so."""
+    dtype = DTYPES[spec.dtype]
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not machine.use_bf16(precision):
+        return torch.float32
+    return dtype
+
+
 def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str = "", compute_dtype: str = "float32",
-               *, tokenizer=None, trained: bool = False, **kwargs) -> nn.Module:
+               *, tokenizer=None, trained: bool = False, precision: str | None = None, **kwargs) -> nn.Module:
     """auto_class.from_pretrained(path), optionally in 8/4 bit; an adapter-only checkpoint is merged into the base
     its manifest names (in full precision: merging into quantized weights would round the adapter away).
-    tokenizer: the one the model will read (fit_vocabulary); trained: load in fp32 (see the module's docstring)."""
+    tokenizer: the one the model will read (fit_vocabulary); trained: load in fp32 (see the module's docstring);
+    precision: the stage's, for a frozen model (frozen_dtype), else the entry's dtype."""
     path = Path(path)
     if quantization and not (path / "adapter_config.json").is_file():
         kwargs["quantization_config"] = quantization_config(quantization, compute_dtype)
@@ -115,7 +127,8 @@ def load_model(path: str | Path, auto_class, spec: ModelSpec, quantization: str 
         # bitsandbytes places quantized weights as they load: on this process's own GPU, not every process's on
         # the first one (which the trainers would only find out when they move the model, too late to fit)
         kwargs.setdefault("device_map", {"": device_of_this_process()})
-    kwargs.setdefault("dtype", torch.float32 if trained else DTYPES[spec.dtype])
+    kwargs.setdefault("dtype", torch.float32 if trained else
+                      frozen_dtype(spec, precision) if precision else DTYPES[spec.dtype])
     kwargs.setdefault("trust_remote_code", spec.trust_remote_code)
     kwargs.setdefault("use_safetensors", True)  # never unpickle weights: a .bin checkpoint can run code
     if auto_class is AutoModelForSequenceClassification:

@@ -1,23 +1,33 @@
-"""Resuming a trainer stage after a kill. SFT, the reward model and DPO run inside TRL's trainers, which save
+"""Resuming a stage after a kill. SFT, the reward model and DPO run inside TRL's trainers, which save
 resumable checkpoints (weights, optimizer, scheduler, RNG states, step; the data position is restored by skipping
 batches) into <store>/<run>/.trainer-<stage>/. Their writes are not atomic, so a callback (callbacks.MarkComplete)
 marks each checkpoint complete once it is on disk, and only a marked checkpoint is resumed from. A saved state is
 resumed only by a run of the same config (the RL stages keep theirs through rl/state.py, checked the same way).
+
+A state records the launch that saved it (processes, ZeRO stage: launch.json) and resumes on another number of
+processes: without DeepSpeed every process holds the whole optimizer state; under DeepSpeed each holds a shard, and
+the state is first converted to DeepSpeed's universal checkpoint (sharded by parameter, not by process), which any
+number of processes loads. Another ZeRO stage, or DeepSpeed on one side only, is refused at start-up in one line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import torch
-from accelerate import PartialState
+from alignment import distributed
 
 COMPLETE = "COMPLETE"
+LAUNCH = "launch.json"
+UNIVERSAL = "universal"  # a DeepSpeed state's universal checkpoint, beside the per-process one it was converted from
 
 
-_IGNORED_ON_RESUME = ("threads", "resume", "allow_stale")  # may differ between the killed run and its resumption
+_IGNORED_ON_RESUME = ("threads", "resume", "allow_stale", "store")  # may differ between a run and its resumption
+# (a store moved to another folder, or mounted elsewhere, resumes)
 
 
 def comparable(config: dict, ignore: tuple[str, ...] = ()) -> dict:
@@ -42,14 +52,33 @@ def check_same_config(saved: dict, current: dict, where: Path, ignore: tuple[str
         )
 
 
+def check_trainer_launch(work_dir: Path, resume: bool, stage: str, per_process: int, unit: str) -> str | None:
+    """At start-up, before any model loads: how the trainer's latest complete checkpoint (if it is to be resumed)
+    resumes on this launch (how_to_resume; one that cannot stops here in one line), decided by the main process;
+    under DeepSpeed on another number of processes it is converted to a universal checkpoint first, which the
+    trainer's engine then loads (training.train(universal=True))."""
+    def decide():
+        latest = latest_complete(work_dir) if resume and (work_dir / "stage_config.json").is_file() else None
+        if not latest:
+            return None
+        latest = Path(latest)
+        how = how_to_resume(saved_launch(latest), latest)
+        if how == "universal":  # DeepSpeed's engine reads the universal checkpoint `latest_universal` names
+            tag = (latest / "latest").read_text().strip()
+            to_universal(latest / tag, latest / f"{tag}_{UNIVERSAL}")
+        if line := changed_launch_line(stage, saved_launch(latest), per_process, unit):
+            print(line)
+        return how
+
+    return distributed.main_decides(decide)
+
+
 def trainer_resume_point(work_dir: Path, config: dict, resume: bool) -> str | None:
     """The latest complete trainer checkpoint to resume from, or None to start fresh (clearing old state).
 
-    In a multi-process run the main process prepares the folder first; the others only read it after.
+    In a multi-process run the main process decides (and prepares the folder) alone, for every process.
     """
-    state = PartialState(cpu=not torch.cuda.is_available())
-    with state.main_process_first():
-        return _resume_point(work_dir, config, resume, may_write=state.is_main_process)
+    return distributed.main_decides(lambda: _resume_point(work_dir, config, resume, may_write=True))
 
 
 def _resume_point(work_dir: Path, config: dict, resume: bool, may_write: bool) -> str | None:
@@ -73,3 +102,64 @@ def latest_complete(work_dir: Path) -> str | None:
     if not complete:
         return None
     return str(max(complete, key=lambda p: int(p.name.split("-")[1])))
+
+
+def this_launch() -> dict:
+    """The processes and ZeRO stage of this launch, from the launcher's environment (before any process group)."""
+    return {"processes": int(os.environ.get("WORLD_SIZE", "1")), "deepspeed_zero_stage": distributed.deepspeed_stage()}
+
+
+def _described(launch: dict) -> str:
+    zero = launch["deepspeed_zero_stage"]
+    return f"{launch['processes']} process(es){f' under DeepSpeed ZeRO-{zero}' if zero else ' without DeepSpeed'}"
+
+
+def how_to_resume(saved: dict | None, where: Path) -> str:
+    """How a state saved by the launch `saved` (launch.json, None for a state from before it was recorded) resumes
+    on this one: "same" launch, "whole" (no DeepSpeed on either side: any number of processes loads the whole
+    optimizer state), "universal" (the same ZeRO stage, another number of processes: converted first); another
+    ZeRO stage, or DeepSpeed on one side only, stops with one line."""
+    now = this_launch()
+    if saved is None or saved == now:
+        return "same"
+    if not saved["deepspeed_zero_stage"] and not now["deepspeed_zero_stage"]:
+        return "whole"
+    if saved["deepspeed_zero_stage"] == now["deepspeed_zero_stage"]:
+        return "universal"
+    raise SystemExit(f"{where} was saved by {_described(saved)} and this launch is {_described(now)}: a state resumes "
+                     "on any number of processes, but under the ZeRO stage it was saved by; launch with that "
+                     "ACCELERATE_CONFIG, or run with resume=false (RESUME=0 through make) to start over")
+
+
+def record_launch(folder: Path) -> None:
+    (folder / LAUNCH).write_text(json.dumps(this_launch()))
+
+
+def saved_launch(folder: Path) -> dict | None:
+    path = folder / LAUNCH
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def changed_launch_line(stage: str, saved: dict | None, per_process: int, unit: str) -> str | None:
+    """The line a resumption on another number of processes prints: what a step now takes."""
+    now = this_launch()
+    if saved is None or saved["processes"] == now["processes"]:
+        return None
+    return (f"[{stage}] resuming a state saved by {saved['processes']} process(es) on {now['processes']}: "
+            f"{per_process * now['processes']} {unit} per step instead of {per_process * saved['processes']}, "
+            "the data order going on where it stopped")
+
+
+def to_universal(source: Path, dest: Path) -> None:
+    """DeepSpeed's per-process checkpoint folder (one tag: model and optimizer shards of every process) as its
+    universal checkpoint in dest, through DeepSpeed's own converter; dest is replaced, so a conversion killed half
+    way is done again."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+                          "--output_folder", str(dest), "--inject_missing_state", "--num_extract_workers", "1",
+                          "--num_merge_workers", "1"], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"{source}: DeepSpeed could not convert it to a universal checkpoint for another number of "
+                         f"processes ({(out.stderr.strip().splitlines() or ['no message'])[-1]}); resume with the "
+                         "launch it was saved by, or with resume=false (RESUME=0 through make) to start over")

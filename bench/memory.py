@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--work", default="", help="a folder of an earlier run (llama/, store/ with its sft and rm): "
                     "reused instead of training them again")
+    ap.add_argument("--out", default=str(RESULTS / "memory.json"), help="where the JSON goes")
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-memory-"))
     store = work / "store"
@@ -118,10 +119,13 @@ def main() -> None:
           f"process {fixed:.0f} MB")
     for name, row in rows.items():
         print(f"  {name:12s} ZeRO-{row['zero_stage']}  peak per process {row['peaks_mb']} MB, above the fixed cost "
-              f"{row['above_fixed_mb']} MB, planned {row['planned_mb']:.0f} MB  ({row['seconds']} s)")
+              f"{row['above_fixed_mb']} MB, planned {row['planned_mb']:.0f} MB "
+              f"({row['planned_mb'] / max(row['above_fixed_mb']):.2f}x)  ({row['seconds']} s)")
     print(f"  largest per-process peak above the fixed cost, {a.nproc} processes / 1: {ratio:.2f}x")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "memory.json"
+    for row in rows.values():  # the plan against what was measured, above the fixed cost (what the plan predicts)
+        row["planned_over_measured"] = round(row["planned_mb"] / max(row["above_fixed_mb"]), 2)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"fixed_cost_mb": fixed, "rows": rows, "ratio": ratio, "settings": vars(a),
                                "cpu": os.uname().machine}, indent=1))
     print(f"[memory] wrote {out}")

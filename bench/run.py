@@ -95,7 +95,8 @@ def model_flops_per_token(path: Path, mean_length: float, reward_model: bool = F
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="sft,rm,ppo,dpo,grpo", help="stages to measure, comma-separated (rm needs sft; "
+    ap.add_argument("--only", default="sft,rm,ppo,dpo,grpo,memory", help="stages to measure, comma-separated "
+                    "(memory: bench/memory.py's PPO memory with 1 and 2 processes, on its own model; rm needs sft; "
                     "ppo, dpo and grpo need sft and rm)")
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--sft-records", type=int, default=1024, help="Alpaca records trained on (one epoch)")
@@ -287,6 +288,10 @@ def main() -> None:
         peer = json.loads((peer_dir / "bench.json").read_text())
         report["stages"]["grpo"] = _rl_stage(ours, peer, "trl", peer_dir / "policy", sft, rm, spec, a)
 
+    if "memory" in stages:  # bench/memory.py: PPO on an 85M LLaMA, 1 process and 2 under ZeRO-3, each one's peak
+        run_process("memory", [py, "-m", "bench.memory", "--out", str(work / "memory.json")], work)
+        report["memory"] = json.loads((work / "memory.json").read_text())
+
     report["wall_s"] = round(time.time() - started, 1)
     (work / "bench.json").write_text(json.dumps(report, indent=1))
     (out / "latest.json").write_text(json.dumps(report, indent=1))
@@ -406,6 +411,14 @@ def format_table(report: dict) -> str:
         d = rows.get("ours_minus_peer_reward") or rows["ours_minus_trl112_reward"]
         lines.append(f"{'':18} ours - {peer}, paired on the same {d['prompts']} prompts: {d['mean']:+.3f} "
                      f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+    if memory := report.get("memory"):
+        s = memory["settings"]
+        lines.append(f"memory PPO on a {s['hidden']}x{s['layers']} LLaMA (fp32), peak per process above the fixed "
+                     f"cost of a process ({memory['fixed_cost_mb']:.0f} MB), the memory plan's figure beside")
+        for name, row in memory["rows"].items():
+            lines.append(f"{'':6} {name:12} ZeRO-{row['zero_stage']} {row['above_fixed_mb']} MB, planned "
+                         f"{row['planned_mb']:.0f} MB ({row['planned_mb'] / max(row['above_fixed_mb']):.2f}x)")
+        lines.append(f"{'':6} {s['nproc']} processes / 1 process: {memory['ratio']:.2f}x")
     return "\n".join(lines)
 
 

@@ -90,7 +90,7 @@ def load_scorer(rm, spec, tokenizer, cfg: Config) -> scoring.RewardScorer:
     rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"], tokenizer=rm.path)
     rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
     reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, cfg.quantization,
-                                      cfg.compute_dtype, tokenizer=rm_tokenizer)
+                                      cfg.compute_dtype, tokenizer=rm_tokenizer, precision=cfg.precision)
     reward_model.requires_grad_(False).eval()
     print(f"[dpo] {loading.footprint('reward model', reward_model)} (judge of the held-out evaluation only)")
     return scoring.RewardScorer(reward_model, rm_tokenizer, rm_spec, tokenizer, spec)
@@ -119,19 +119,25 @@ def main(argv: list[str]) -> None:
     tokenizer = loading.load_tokenizer(sft.path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
     work_dir = store.run_dir(run) / ".trainer-dpo"  # the trainer's resumable checkpoints
+    distributed.check_final_save("dpo")  # the end's settings, checked at the start
     planned = publish.planned_peak_mb("dpo", cfg)  # the memory plan's figure, before DeepSpeed's config exists
     # the trainer's arguments before the models: under ZeRO-3 they make transformers load them partitioned over the
     # processes (DeepSpeed's zero.Init), so that no process holds one whole (training.trainer_config)
     args = training.trainer_config(DPOConfig, "dpo", d, cfg, work_dir, beta=d.beta, loss_type=[d.loss_type],
                                    eval_strategy="no")  # held-out pairs once at the end
+    distributed.check_shared_store(store.root)  # every process (every node) sees one store
+    # how a saved checkpoint resumes on this launch (one it cannot resume on stops here, before the model loads)
+    launch = resume.check_trainer_launch(work_dir, cfg.resume, "dpo",
+                                         d.batch_size * d.gradient_accumulation_steps, "pairs")
     quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
     model = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer, trained=True)
+    frozen = {**quantized, "precision": cfg.precision}  # the frozen ones' dtype follows it (loading.frozen_dtype)
     # (given to TRL: it would build the reference from the policy's config path, for an SFT adapter its base)
-    ref_model = None if cfg.lora.enabled else loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized,
+    ref_model = None if cfg.lora.enabled else loading.load_model(sft.path, AutoModelForCausalLM, spec, **frozen,
                                                                  tokenizer=tokenizer)
     eval_ref = ref_model  # the held-out evaluation's; under ZeRO-3 TRL makes its own an engine for the loss only
     if ref_model is not None and distributed.deepspeed_stage() == 3:
-        eval_ref = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer)
+        eval_ref = loading.load_model(sft.path, AutoModelForCausalLM, spec, **frozen, tokenizer=tokenizer)
     print(f"[dpo] from {sft.id}: {loading.count_parameters(model):,} parameters")
     print(f"[dpo] {loading.footprint('policy', model)}" + ("" if ref_model is None else
                                                             f"; {loading.footprint('reference', ref_model)}"))
@@ -186,7 +192,7 @@ def main(argv: list[str]) -> None:
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[dpo] {dropped} training pairs whose prompt fills dpo.max_length={d.max_length} tokens were dropped")
-    result = training.train(trainer, "dpo", resume_from)
+    result = training.train(trainer, "dpo", resume_from, universal=launch == "universal")
     held_out = trainer.evaluate()  # DPO's own loss and implicit-reward accuracy on the held-out pairs
 
     # 5. compare with the SFT policy on held-out prompts (every process its share), greedy and sampled, as PPO does

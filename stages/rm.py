@@ -79,6 +79,7 @@ def main(argv: list[str]) -> None:
     tokenizer = loading.load_tokenizer(sft.path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
     work_dir = store.run_dir(run) / ".trainer-rm"  # the trainer's resumable checkpoints
+    distributed.check_final_save("rm")  # the end's settings, checked at the start
     planned = publish.planned_peak_mb("rm", cfg)  # the memory plan's figure, before DeepSpeed's config exists
     # the trainer's arguments before the model: under ZeRO-3 they make transformers load it partitioned over the
     # processes (DeepSpeed's zero.Init), so that no process holds it whole (training.trainer_config)
@@ -90,6 +91,10 @@ def main(argv: list[str]) -> None:
         load_best_model_at_end=True,
         metric_for_best_model="eval_accuracy",
     )
+    distributed.check_shared_store(store.root)  # every process (every node) sees one store
+    # how a saved checkpoint resumes on this launch (one it cannot resume on stops here, before the model loads)
+    launch = resume.check_trainer_launch(work_dir, cfg.resume, "rm",
+                                         cfg.rm.batch_size * cfg.rm.gradient_accumulation_steps, "pairs")
     model = loading.load_model(sft.path, AutoModelForSequenceClassification, spec, cfg.quantization, cfg.compute_dtype,
                                tokenizer=tokenizer, trained=True)
     print(f"[rm] from {sft.id}: {loading.count_parameters(model):,} parameters")
@@ -138,7 +143,7 @@ def main(argv: list[str]) -> None:
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[rm] {dropped} training pairs longer than rm.max_length={cfg.rm.max_length} tokens were dropped")
-    result = training.train(trainer, "rm", resume_from)
+    result = training.train(trainer, "rm", resume_from, universal=launch == "universal")
     best_validation = trainer.state.best_metric
 
     # 5. held-out accuracy, scored the way PPO will score (our forward pass, not the trainer's batches)

@@ -19,7 +19,19 @@ from transformers import AutoModelForCausalLM, Trainer
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer as TRLSFTTrainer
 
-from alignment import batching, callbacks, config, data, forwards, loading, publish, registry, resume, training
+from alignment import (
+    batching,
+    callbacks,
+    config,
+    data,
+    distributed,
+    forwards,
+    loading,
+    publish,
+    registry,
+    resume,
+    training,
+)
 from alignment.config import field
 from alignment.store import Store
 
@@ -76,6 +88,7 @@ def main(argv: list[str]) -> None:
     tokenizer = loading.load_tokenizer(base_path, spec)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
     work_dir = store.run_dir(run) / ".trainer-sft"  # the trainer's resumable checkpoints
+    distributed.check_final_save("sft")  # the end's settings, checked at the start
     planned = publish.planned_peak_mb("sft", cfg)  # the memory plan's figure, before DeepSpeed's config exists
     # the trainer's arguments before the model: under ZeRO-3 they make transformers load it partitioned over the
     # processes (DeepSpeed's zero.Init), so that no process holds it whole (training.trainer_config)
@@ -85,6 +98,10 @@ def main(argv: list[str]) -> None:
         truncation_mode="keep_end",  # a sequence over max_length loses the beginning of its prompt
         eval_strategy="epoch",
     )
+    distributed.check_shared_store(store.root)  # every process (every node) sees one store
+    # how a saved checkpoint resumes on this launch (one it cannot resume on stops here, before the model loads)
+    launch = resume.check_trainer_launch(work_dir, cfg.resume, "sft",
+                                         cfg.sft.batch_size * cfg.sft.gradient_accumulation_steps, "sequences")
     model = loading.load_model(base_path, AutoModelForCausalLM, spec, cfg.quantization, cfg.compute_dtype,
                                tokenizer=tokenizer, trained=True)
     print(f"[sft] {spec.name}: {loading.count_parameters(model):,} parameters, from {base_path}")
@@ -122,7 +139,7 @@ def main(argv: list[str]) -> None:
         data_collator=batching.PackedRows(tokenizer.pad_token_id) if packed else None,
         callbacks=callbacks.guarded("sft", work_dir, cfg),
     )
-    result = training.train(trainer, "sft", resume_from)
+    result = training.train(trainer, "sft", resume_from, universal=launch == "universal")
     eval_metrics = trainer.evaluate()
     peaks = training.peak_memory_per_process(trainer)  # every process: each its own
     weights = training.trained_weights(trainer)  # every process: under ZeRO-3 each holds a shard

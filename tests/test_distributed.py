@@ -6,6 +6,7 @@ uninterrupted one ends, and a non-finite loss in one process is skipped by all."
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -67,7 +68,8 @@ def two_process_store(mode, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "dpo"])
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", [mode if mode == "zero3" else pytest.param(mode, marks=pytest.mark.multiprocess)
+                                  for mode in MODES])  # ZeRO-3's partitions in the default suite, the rest beside
 def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage):
     store, outputs = two_process_store(mode, tmp_path_factory)
     text = outputs[stage]
@@ -109,34 +111,258 @@ def copy_inputs(source: Store, dest: Path) -> None:
         shutil.copytree(source.root / "tiny-llama" / stage, dest / "tiny-llama" / stage)
 
 
+def numbers(tree) -> list:
+    """The numbers of a manifest's metric (a number, or lists and dicts of them), in order, times left out."""
+    if isinstance(tree, dict):
+        return [x for key in sorted(tree) if not key.endswith(("runtime", "_s")) for x in numbers(tree[key])]
+    if isinstance(tree, list):
+        return [x for item in tree for x in numbers(item)]
+    return [tree] if isinstance(tree, int | float) and not isinstance(tree, bool) else []
+
+
 def free_port() -> int:
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_machines_train_as_one_machine_with_two_processes(tmp_path, tiny_cache):
-    """Two launches as two machines (NNODES=2, node ranks 0 and 1 at 127.0.0.1, one process each) under ZeRO-3 train
-    SFT as one machine with two processes does: the same losses and weights (fp32)."""
-    args = f"{ARGS['sft']} precision=fp32"
-    one = make("sft", tmp_path / "one", "zero3", args)
-    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
-    port = free_port()
-    nodes = [subprocess.Popen(["make", "-s", "sft", "NPROC=1", "NNODES=2", f"NODE_RANK={rank}",
-                               "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}", f"PY={sys.executable}", "INSTALL=",
-                               f"STORE={tmp_path / 'two'}", f"ARGS={args}", *MODES["zero3"][1]],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+class Node(subprocess.Popen):
+    """A launch as one machine, its output in a file (a pipe nobody reads while it runs would fill and stop it)."""
+
+    def __init__(self, command: list, log: Path, env: dict):
+        self.log = log
+        with open(log, "w") as out:
+            super().__init__(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def output(self, timeout: float = 600) -> str:
+        self.wait(timeout=timeout)
+        return self.log.read_text()
+
+
+def as_nodes(stage: str, store: Path, args: str, mode: str = "zero3", stores: list | None = None) -> list[Node]:
+    """Two launches as two machines (NNODES=2, node ranks 0 and 1 at 127.0.0.1 on a free port), one process each;
+    stores: each machine's own STORE, where they are not given the same."""
+    port, logs = free_port(), store.parent
+    return [Node(["make", "-s", stage, "NPROC=1", "NNODES=2", f"NODE_RANK={rank}", "MASTER_ADDR=127.0.0.1",
+                  f"MASTER_PORT={port}", f"PY={sys.executable}", "INSTALL=", f"STORE={(stores or [store] * 2)[rank]}",
+                  f"ARGS={args}", *MODES[mode][1]], logs / f"{store.name}-{stage}-node{rank}-{port}.log",
+                 dict(os.environ))
+            for rank in (0, 1)]
+
+
+NODE_ARGS = {**ARGS, "grpo": "limit=64 threads=1 grpo.steps=2 grpo.batch_size=4 grpo.group_size=2 "
+             "grpo.mini_batch_size=4 grpo.epochs=1 grpo.max_new_tokens=8 grpo.eval_samples=1 grpo.eval_every=1 "
+             "grpo.eval_prompts=8 check_sync=true"}
+NODE_ARGS = {stage: f"{args} precision=fp32" for stage, args in NODE_ARGS.items()}
+_one_node = {}
+
+
+def one_node_inputs(tmp_path_factory) -> Path:
+    """SFT and the reward model trained once on one machine with two processes (ZeRO-3, fp32): the inputs of
+    the later stages, and the one-machine runs the two-machine SFT and RM are compared with."""
+    if "store" not in _one_node:
+        store = tmp_path_factory.mktemp("one-node")
+        for stage in ("sft", "rm"):
+            out = make(stage, store, "zero3", NODE_ARGS[stage])
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        _one_node["store"] = store
+    return _one_node["store"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "grpo", "dpo"])
+def test_two_machines_train_as_one_machine_with_two_processes(tmp_path, tmp_path_factory, tiny_cache, stage):
+    """Two launches as two machines (NNODES=2, node ranks 0 and 1 at 127.0.0.1, one process each) under ZeRO-3
+    train every stage as one machine with two processes does: the same metrics and weights (fp32)."""
+    inputs = one_node_inputs(tmp_path_factory)
+    one, two = tmp_path / "one", tmp_path / "two"
+    if stage in ("sft", "rm"):
+        one = inputs
+        if stage == "rm":
+            shutil.copytree(inputs / "tiny-llama" / "sft", two / "tiny-llama" / "sft")
+    else:
+        for store in (one, two):
+            copy_inputs(Store(inputs), store)
+        out = make(stage, one, "zero3", NODE_ARGS[stage])
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    nodes = as_nodes(stage, two, NODE_ARGS[stage])
+    outputs = [node.output() for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert all(len(re.findall(r"\b2 process\(es\)", out)) == 1 for out in outputs)  # one process a machine
-    a, b = Store(tmp_path / "one").get("tiny-llama", "sft"), Store(tmp_path / "two").get("tiny-llama", "sft")
+    a, b = Store(one).get("tiny-llama", stage), Store(two).get("tiny-llama", stage)
     assert b.metrics["processes"] == 2 and b.metrics["deepspeed_zero_stage"] == 3
-    for key in ("train_loss", "eval_loss"):
-        assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-5), key
+    keys = {"sft": ("train_loss", "eval_loss"), "rm": ("train_loss", "eval_accuracy"),
+            "dpo": ("train_loss", "eval_loss", "eval_curve", "greedy", "sampled")}.get(
+        stage, ("eval_curve", "greedy", "sampled"))  # (the held-out comparison with SFT, its curve)
+    for key in keys:
+        assert key in a.metrics and numbers(b.metrics[key]) == pytest.approx(numbers(a.metrics[key]), abs=1e-5), key
+    if stage in ("ppo", "grpo"):
+        log_a = [json.loads(x) for x in open(a.path / f"{stage}_log.jsonl")]
+        log_b = [json.loads(x) for x in open(b.path / f"{stage}_log.jsonl")]
+        for key in ("reward", "kl", "policy_loss" if stage == "ppo" else "loss"):
+            assert [r[key] for r in log_b] == pytest.approx([r[key] for r in log_a], abs=1e-5), key
     weights_a, weights_b = load_file(str(a.path / "model.safetensors")), load_file(str(b.path / "model.safetensors"))
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-5) for k in weights_a)
+
+
+@pytest.mark.multiprocess
+def test_machines_that_do_not_share_the_store_stop_at_once_saying_which(tmp_path, tiny_cache):
+    """Two machines each given a store of its own (a local folder each, not one shared store): both stop within
+    seconds, before any model loads, with one line naming the machine that cannot see the store."""
+    nodes = as_nodes("sft", tmp_path / "node0", NODE_ARGS["sft"], stores=[tmp_path / "node0", tmp_path / "node1"])
+    outputs = [node.output(timeout=300) for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    for out in outputs:
+        line = [x for x in out.splitlines() if "is not shared" in x]
+        assert len(line) == 1 and "process 1 on" in line[0] and "STORE=" in line[0], out[-3000:]
+        assert "Traceback" not in out and "parameters, from" not in out  # one line, before the model loaded
+    assert not list((tmp_path / "node0").rglob("manifest.json"))
+    assert not list((tmp_path / "node0").glob(".shared-check-*"))  # the probe is cleaned up
+
+
+def tree_of(pid: int) -> list[int]:
+    """pid and every process under it (the launcher starts its workers in sessions of their own)."""
+    return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+
+
+def kill_tree(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.multiprocess
+def test_a_machine_killed_mid_ppo_stops_the_other_within_a_minute_and_the_rerun_resumes(tmp_path, tmp_path_factory,
+                                                                                      tiny_cache):
+    """SIGKILL of every process of one "machine" (node rank 1: make, its launcher, its worker) once a state was
+    saved: the other machine stops within 60 s with one line saying a process of the run was lost and how to go on
+    (never a wait until the collective timeout), and the same two launches resume after the saved step and finish."""
+    copy_inputs(Store(one_node_inputs(tmp_path_factory)), tmp_path)
+    args = NODE_ARGS["ppo"].replace("ppo.steps=2", "ppo.steps=6").replace("ppo.eval_every=1", "ppo.eval_every=0") + \
+        " save_every=2"
+    nodes = as_nodes("ppo", tmp_path, args)
+    deadline = time.time() + 300
+    while not (tmp_path / "tiny-llama" / ".state" / "ppo" / "COMPLETE").exists():
+        assert all(node.poll() is None for node in nodes), "ppo ended before saving a resumable state"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    kill_tree(tree_of(nodes[1].pid))
+    killed = time.time()
+    try:
+        out = nodes[0].output(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_tree(tree_of(nodes[0].pid))
+        pytest.fail("the surviving machine still ran 60 s after the other was killed")
+    stopped = time.time() - killed
+    nodes[1].wait()
+    assert nodes[0].returncode != 0
+    assert not (tmp_path / "tiny-llama" / "ppo" / "manifest.json").exists(), "killed too late: ppo had finished"
+    lines = [x for x in out.splitlines() if "lost a process of the run" in x]
+    assert len(lines) == 1 and "resume" in lines[0], out[-3000:]
+    assert not re.search(r'File ".*/(alignment|stages)/', out), out[-3000:]  # one line, no traceback of ours
+    print(f"the surviving machine stopped {stopped:.1f} s after the other was killed")
+
+    nodes = as_nodes("ppo", tmp_path, args)
+    outputs = [node.output() for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert re.search(r"\[ppo\] resuming after step [2-5]\b", outputs[0]), outputs[0][-3000:]
+    ckpt = Store(tmp_path).get("tiny-llama", "ppo")
+    assert [json.loads(x)["step"] for x in open(ckpt.path / "ppo_log.jsonl")] == list(range(1, 7))
+    assert ckpt.metrics["processes"] == 2
+
+
+@pytest.mark.multiprocess
+def with_faults(**variables) -> dict:
+    """The environment of a launch whose processes load tests/fault_injection (variables: which fault)."""
+    return {**variables, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fault_injection"), str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+
+
+COUNT_ARGS = {"ppo": "limit=64 threads=1 precision=fp32 ppo.steps=2 ppo.batch_size=8 ppo.mini_batch_size=4 "
+              "ppo.ppo_epochs=1 ppo.max_new_tokens=8 ppo.eval_samples=1 ppo.eval_every=0",
+              "sft": "limit=64 threads=1 precision=fp32 sft.epochs=1 sft.batch_size=8 save_every=2"}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("counts", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_a_ppo_state_resumes_on_another_number_of_processes(tmp_path, tmp_path_factory, tiny_cache, mode, counts):
+    """A PPO state saved by N processes under ZeRO (each its shard of the optimizer) resumes on M: converted to
+    DeepSpeed's universal checkpoint, it gives back the weights it was saved with (fp32, exactly), and trains on,
+    the change in episodes per step stated."""
+    saved_by, resumed_on = counts
+    first = tmp_path / "first"
+    copy_inputs(Store(one_node_inputs(tmp_path_factory)), first)
+    out = make("ppo", first, mode, COUNT_ARGS["ppo"], env=with_faults(ALIGNMENT_FAIL_COMPARISON="1"), nproc=saved_by)
+    assert out.returncode != 0 and "fault injection" in out.stdout + out.stderr, out.stderr[-3000:]
+    state = first / "tiny-llama" / ".state" / "ppo"
+    assert json.loads((state / "launch.json").read_text()) == {"processes": saved_by, "deepspeed_zero_stage": 2 if
+                                                               mode == "zero2" else 3}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(state / "accelerate"), tag="pytorch_model")
+    shutil.copytree(first, tmp_path / "again")
+
+    # the state as it was saved, published on M processes (2 steps: none more to train)
+    out = make("ppo", first, mode, COUNT_ARGS["ppo"], nproc=resumed_on)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert f"resuming a state saved by {saved_by} process(es) on {resumed_on}: {8 * resumed_on} episodes per step " \
+           f"instead of {8 * saved_by}" in text
+    assert "resuming after step 2" in text
+    weights = load_file(str(Store(first).get("tiny-llama", "ppo").path / "model.safetensors"))
+    policy = {k.removeprefix("policy."): v for k, v in saved.items() if k.startswith("policy.")}
+    shared = weights.keys() & policy.keys()
+    assert len(shared) >= len(weights) - 1  # (an output layer tied to the embedding may be saved once)
+    assert all(torch.equal(weights[k], policy[k].to(weights[k].dtype)) for k in shared)
+
+    # and trained on, on M processes
+    out = make("ppo", tmp_path / "again", mode, COUNT_ARGS["ppo"].replace("ppo.steps=2", "ppo.steps=3"),
+               nproc=resumed_on)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    ckpt = Store(tmp_path / "again").get("tiny-llama", "ppo")
+    log = [json.loads(x) for x in open(ckpt.path / "ppo_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3] and ckpt.metrics["processes"] == resumed_on
+    assert log[0]["kl"] == 0.0 and abs(log[2]["kl"]) > 1e-4  # step 3 sampled from the trained policy, not SFT's
+    assert math.isfinite(log[2]["policy_loss"]) and ckpt.metrics["skipped_non_finite"] == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("counts", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_an_sft_checkpoint_resumes_on_another_number_of_processes(tmp_path, tiny_cache, mode, counts):
+    """SFT stopped after its checkpoint at step 2 (saved by N processes under ZeRO) resumes on M from DeepSpeed's
+    universal checkpoint converted from it, and finishes its epoch."""
+    saved_by, resumed_on = counts
+    out = make("sft", tmp_path, mode, COUNT_ARGS["sft"], env=with_faults(ALIGNMENT_FAIL_TRAINER_LOSS="3"),
+               nproc=saved_by)
+    assert out.returncode != 0 and "fault injection" in out.stdout + out.stderr, out.stderr[-3000:]
+    checkpoint = tmp_path / "tiny-llama" / ".trainer-sft" / "checkpoint-2"
+    assert (checkpoint / "COMPLETE").is_file()
+    assert json.loads((checkpoint / "launch.json").read_text())["processes"] == saved_by
+    out = make("sft", tmp_path, mode, COUNT_ARGS["sft"], nproc=resumed_on)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert f"resuming a state saved by {saved_by} process(es) on {resumed_on}: {8 * resumed_on} sequences per step" \
+        in text and f"resuming from {checkpoint}" in text
+    # (DeepSpeed refuses the per-process shards of another number of processes: the run finished on the converted)
+    ckpt = Store(tmp_path).get("tiny-llama", "sft")
+    assert ckpt.metrics["processes"] == resumed_on and ckpt.metrics["steps"] == 64 // (8 * resumed_on)
+    assert math.isfinite(ckpt.metrics["train_loss"]) and math.isfinite(ckpt.metrics["eval_loss"])
+
+
+@pytest.mark.multiprocess
+def test_a_state_saved_under_another_zero_stage_is_refused_before_any_model_loads(tmp_path, tmp_path_factory,
+                                                                                  tiny_cache):
+    copy_inputs(Store(one_node_inputs(tmp_path_factory)), tmp_path)
+    out = make("ppo", tmp_path, "zero2", COUNT_ARGS["ppo"], env=with_faults(ALIGNMENT_FAIL_COMPARISON="1"), nproc=1)
+    assert out.returncode != 0
+    out = make("ppo", tmp_path, "zero3", COUNT_ARGS["ppo"], nproc=1)
+    text = out.stdout + out.stderr
+    line = [x for x in text.splitlines() if "was saved by 1 process(es) under DeepSpeed ZeRO-2" in x]
+    assert out.returncode != 0 and len(line) == 1 and "RESUME=0" in line[0], text[-3000:]
+    assert "MiB in" not in text and "Traceback" not in text  # no model loaded, no traceback
 
 
 def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path, tmp_path_factory, tiny_cache):
@@ -159,10 +385,7 @@ def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path
         assert proc.poll() is None, "ppo ended before saving a resumable state"
         assert time.time() < deadline
         time.sleep(0.02)
-    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in tree:  # make, the launcher and both processes (the launcher starts them in sessions of their own)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_tree(tree_of(proc.pid))  # make, the launcher and both processes
     proc.wait()
     assert not (killed / "tiny-llama" / "ppo" / "manifest.json").exists(), "killed too late: ppo had finished"
     state = killed / "tiny-llama" / ".state" / "ppo" / "accelerate"
@@ -181,6 +404,7 @@ def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
+@pytest.mark.multiprocess
 def test_a_nan_loss_in_one_process_is_skipped_by_all_under_deepspeed(tmp_path, tmp_path_factory, tiny_cache):
     """DeepSpeed steps inside backward(): the loss is checked first, over all processes, so a bad minibatch in
     one of them is applied by none (applied, NaN would reach the weights; applied by one, the processes would
@@ -200,6 +424,7 @@ def test_a_nan_loss_in_one_process_is_skipped_by_all_under_deepspeed(tmp_path, t
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.multiprocess
 def test_a_nan_loss_in_sft_under_deepspeed_is_skipped_not_applied(tmp_path, tiny_cache):
     """The trainers step inside backward() under DeepSpeed too: ZeRO-2's own check (bf16) skips the step whose
     gradients are not finite, in every process, and the stage counts it."""
@@ -214,6 +439,7 @@ def test_a_nan_loss_in_sft_under_deepspeed_is_skipped_not_applied(tmp_path, tiny
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.multiprocess
 def test_ppo_with_bf16_weights_skips_no_update_and_raises_the_reward(tmp_path, tmp_path_factory, tiny_cache):
     """DeepSpeed's bf16 mode, one process: bf16 weights and bf16 arithmetic, an fp32 master copy in the optimizer
     (the numerics of a real model on a GPU). Every update is applied and the reward model's score rises."""

@@ -38,6 +38,8 @@ TINY = {stage: f"{args} allow_stale=true" for stage, args in TINY.items()}
 ALLOWED = {
     "make test": "the test suite itself",
     "make test-slow": "the slow checks, run by their own marker; not from inside the suite",
+    "make test-multiprocess": "the multi-process checks, run by their own marker (.ci/run runs them); not from "
+    "inside the suite",
     "make bench": "installs a second environment (TRL 1.12) and runs for tens of minutes; bench/README.md has its runs",
     "make gpu-check": "needs a CUDA GPU",
     "make bench-memory": "trains an 85M-parameter model through three stages, 1 and 2 processes: many minutes on 2 "
@@ -62,6 +64,11 @@ ALLOWED = {
     "stages on a data file of its own",
     "python -m alignment store verify": "exits 1 here by design: the examples before it leave stale checkpoints "
     "in the test's store (allow_stale), which verify reports; tests/test_store.py runs it on sound and broken stores",
+    'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) STORE=/shared/alignment-store':
+    "the Slurm example's set-up: a Slurm cluster",
+    "srun bash -c 'make ppo NPROC=8 NNODES=$SLURM_NNODES NODE_RANK=$SLURM_NODEID "
+    "ACCELERATE_CONFIG=configs/accelerate/multinode.yaml'": "a Slurm cluster; tests/test_distributed.py runs the "
+    "same make line as two machines on one",
     "make data": "rewrites data/task in the checkout; tests/test_task.py checks the generator against the files",
     "accelerate launch --multi_gpu --num_processes 2": "a launcher line the Makefile "
     "composes; make ... NPROC=2 runs it",

@@ -277,3 +277,52 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_that_blocks_an
     with pytest.raises(SystemExit, match=r"different config \(differs in: dpo\)"):
         resume._resume_point(work, {"dpo": {"loss_type": "hinge"}}, True, may_write=True)
     assert resume._resume_point(work, {"dpo": {"loss_type": "ipo"}}, True, may_write=True) == str(checkpoint)
+
+
+@pytest.mark.parametrize("saved, now, how", [
+    ({"processes": 2, "deepspeed_zero_stage": 3}, ("2", "true", "3"), "same"),
+    (None, ("4", "true", "3"), "same"),  # a state from before launches were recorded
+    ({"processes": 2, "deepspeed_zero_stage": 0}, ("1", "false", "0"), "whole"),
+    ({"processes": 2, "deepspeed_zero_stage": 2}, ("1", "true", "2"), "universal"),
+    ({"processes": 1, "deepspeed_zero_stage": 3}, ("8", "true", "3"), "universal"),
+    ({"processes": 2, "deepspeed_zero_stage": 2}, ("2", "true", "3"), None),
+    ({"processes": 2, "deepspeed_zero_stage": 0}, ("2", "true", "2"), None),
+    ({"processes": 2, "deepspeed_zero_stage": 3}, ("2", "false", "0"), None),
+])
+def test_a_state_resumes_on_any_number_of_processes_under_the_zero_stage_it_was_saved_by(monkeypatch, saved, now,
+                                                                                      how):
+    world, deepspeed, zero = now
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", deepspeed)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", zero)
+    if how:
+        assert resume.how_to_resume(saved, Path("state")) == how
+    else:
+        with pytest.raises(SystemExit, match=r"^state was saved by 2 process\(es\) .*\(RESUME=0"):
+            resume.how_to_resume(saved, Path("state"))
+    line = resume.changed_launch_line("ppo", saved, 8, "episodes")
+    if saved and str(saved["processes"]) != world:
+        assert line.startswith(f"[ppo] resuming a state saved by {saved['processes']} process(es) on {world}: "
+                               f"{8 * int(world)} episodes per step instead of {8 * saved['processes']}")
+    else:
+        assert line is None
+
+
+def test_zero3_gathers_whole_weights_for_the_final_save_or_refuses_at_start(monkeypatch, tmp_path):
+    """Under ZeRO-3 the stages publish whole weights: a launch file without zero3_save_16bit_model gets it set at
+    start-up; a DeepSpeed JSON config that turns it off stops the stage before anything trains, in one line."""
+    from alignment import distributed
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false")
+    distributed.check_final_save("ppo")
+    assert os.environ["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] == "true"
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    with pytest.raises(SystemExit, match=r"ds.json: zero_optimization.stage3_gather_16bit_weights_on_model_save must"):
+        distributed.check_final_save("sft")
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}))
+    distributed.check_final_save("sft")

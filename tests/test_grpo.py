@@ -159,6 +159,32 @@ def test_killed_grpo_resumes_and_ends_where_an_uninterrupted_one_does(inputs, tm
     assert Store(killed).verify() == []
 
 
+def test_a_failure_after_the_last_step_repeats_no_training(inputs, tmp_path, monkeypatch, capsys):
+    """The trained state is saved after the last step, before the comparison with SFT and the save: a run that
+    fails there resumes after its last step, trains nothing again, and publishes."""
+    from alignment import evaluation
+
+    root = store_with_inputs(inputs, tmp_path)
+    args = [f"store={root}", *COMMON, *GRPO, "grpo.eval_every=0", "save_every=100"]
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "compare_policies", lost)
+        with pytest.raises(RuntimeError, match="went away"):
+            grpo_stage.main(args)
+    state = json.loads((root / "tiny-llama" / ".state" / "grpo" / "state.json").read_text())
+    assert state["step"] == 2 and not (root / "tiny-llama" / "grpo").exists()
+    capsys.readouterr()
+    grpo_stage.main(args)
+    assert "[grpo] resuming after step 2" in capsys.readouterr().out
+    ckpt = Store(root).get("tiny-llama", "grpo")
+    assert [json.loads(x)["step"] for x in open(ckpt.path / "grpo_log.jsonl")] == [1, 2]  # none trained twice
+    assert ckpt.metrics["episodes"] == 0  # this session sampled nothing
+    assert not (root / "tiny-llama" / ".state" / "grpo").exists()  # published: the state goes
+
+
 def test_shipped_yaml_loads_and_impossible_settings_stop_at_start(tmp_path):
     cfg = config.load(grpo_stage.Config, "configs/grpo.yaml")
     cfg.grpo.check()  # config.load calls it too

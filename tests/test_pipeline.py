@@ -464,3 +464,26 @@ def test_quantized_weights_load_on_the_device_of_their_process(monkeypatch, tiny
         loading.load_model(registry.resolve(spec), AutoModelForCausalLM, spec, "4bit")
     assert asked["device_map"] == {"": f"cuda:{local_rank}"}
     assert asked["quantization_config"].load_in_4bit
+
+
+@pytest.mark.parametrize("n_prompts", [3, 8, 21])
+def test_every_process_gets_an_equal_share_of_every_step_even_from_few_prompts(n_prompts):
+    """The prompt queue holds a whole step before a step takes from it: with fewer prompts than a step needs
+    (3 prompts, 2 processes x 4 per step) each process still gets its 4 (the gathers of a step need equal shares),
+    every prompt comes round before any comes round again, and two processes draw the same queue."""
+    import types
+
+    from alignment.rl.types import RLState
+
+    per_step, taken = 8, {0: [], 1: []}
+    for rank in (0, 1):
+        state, order = RLState(config={}, kl_coef=0.0, moments={}), torch.Generator().manual_seed(0)
+        accelerator = types.SimpleNamespace(process_index=rank, num_processes=2)
+        for _ in range(5):
+            mine = rl_steps.next_prompts(state, n_prompts, per_step, order, accelerator)
+            assert len(mine) == per_step // 2
+            taken[rank].append(mine)
+    assert taken[0] != taken[1]  # each its own share of the same queue
+    queue = [i for step in range(5) for pair in zip(taken[0][step], taken[1][step]) for i in pair]  # as drawn
+    for start in range(0, len(queue) - n_prompts + 1, n_prompts):
+        assert sorted(queue[start:start + n_prompts]) == list(range(n_prompts))  # one permutation after another

@@ -311,3 +311,22 @@ def test_the_expected_head_swap_report_is_quiet_and_any_other_shows(tiny_cache, 
         return swap.filter(logging.LogRecord("t", logging.WARNING, "", 0, report.format(missing), None, None))
 
     assert not passes("score.weight") and passes("model.layers.0.mlp.up_proj.weight")
+
+
+def test_frozen_models_follow_the_stage_into_fp32_on_a_cpu(monkeypatch):
+    """A bf16 entry's frozen models (reference, reward model, judge) stay bf16 where the stage computes in bf16
+    or on a GPU, and load in fp32 on a CPU whose stage computes in fp32 (there bf16 may be emulated, 50-100x
+    slower)."""
+    import torch
+
+    from alignment import loading
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    bf16_entry = registry.get("llama-3.2-1b-instruct")
+    assert bf16_entry.dtype == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loading.frozen_dtype(bf16_entry, "fp32") == torch.float32
+    assert loading.frozen_dtype(bf16_entry, "bf16") == torch.bfloat16
+    assert loading.frozen_dtype(registry.get("tiny-llama"), "bf16") == loading.DTYPES[registry.get("tiny-llama").dtype]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loading.frozen_dtype(bf16_entry, "fp32") == torch.bfloat16

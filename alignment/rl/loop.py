@@ -55,6 +55,7 @@ class Session:
     rm: object
     started: float
     planned_peak_mb: float | None  # the memory plan's figure for the run, for the manifest
+    resume_how: str | None  # how a saved state resumes on this launch (resume.how_to_resume), None: none to resume
 
 
 @dataclasses.dataclass
@@ -76,13 +77,16 @@ def start(cfg, stage: str) -> Session:
         torch.set_num_threads(cfg.threads)
     cfg.check_combinations(trains_weights=True, lora=cfg.lora.enabled)
     planned = publish.planned_peak_mb(stage, cfg)  # (before the accelerator: see there)
+    distributed.check_final_save(stage)
     accelerator = distributed.make_accelerator(settings.mini_batch_size, settings.max_grad_norm, cfg.precision)
     torch.manual_seed(cfg.seed + accelerator.process_index)
     store, run = Store(cfg.store), cfg.run_name
+    distributed.check_shared_store(store.root)  # every process (every node) sees one store
+    resume_how = rl_state.check_launch(store, run, stage, cfg, accelerator)  # (before any model loads)
     sft = store.get(run, "sft")
     rm = store.get(*settings.reward_model.split("/", 1)) if settings.reward_model else store.get(run, "rm")
     store.require_fresh(sft, rm, allow_stale=cfg.allow_stale)  # e.g. an rm trained on an SFT since replaced
-    return Session(cfg, settings, stage, accelerator, store, run, sft, rm, started, planned)
+    return Session(cfg, settings, stage, accelerator, store, run, sft, rm, started, planned, resume_how)
 
 
 def train(session: Session, models: Models, algorithm) -> Trained:
@@ -128,7 +132,8 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     state = RLState(config={**config.to_dict(cfg), "parent_uids": [session.sft.manifest["uid"],
                                                                    session.rm.manifest["uid"]]},
                     kl_coef=s.kl_coef, moments=algorithm.fresh_moments())
-    if resumed := rl_state.resumed(store, run, stage, cfg, state, accelerator, order):
+    if resumed := rl_state.resumed(store, run, stage, cfg, state, accelerator, order, session.resume_how,
+                                   s.batch_size * algorithm.group_size):
         state = resumed
         algorithm.restore(state)
     elif s.eval_every:
@@ -210,8 +215,8 @@ def train(session: Session, models: Models, algorithm) -> Trained:
             t4 = time.time()
             state.eval_log.append(evaluate(step))
             loop_started += time.time() - t4  # held-out evaluation is not training time
-        if step % cfg.save_every == 0 and step < s.steps:
-            algorithm.keep(state)
+        if step % cfg.save_every == 0 or step == s.steps:  # the last too: a failure in the comparison or the save
+            algorithm.keep(state)  # that follow then repeats no training
             rl_state.save(store, run, stage, accelerator, order, state)
 
     seconds["loop"] = time.time() - loop_started

@@ -36,10 +36,11 @@ def load(cfg, accelerator, sft, rm, stage: str, critic: bool) -> Models:
         policy = get_peft_model(policy, loading.lora_config(cfg.lora, policy, spec, "CAUSAL_LM"))
         reference = forwards.AdapterDisabled(policy)
     else:
-        reference = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer)
+        reference = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer,
+                                       precision=cfg.precision)
         reference.requires_grad_(False)
     reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized,
-                                      tokenizer=rm_tokenizer)
+                                      tokenizer=rm_tokenizer, precision=cfg.precision)
     reward_model.requires_grad_(False)
     if not partitioned:
         for frozen in (reference, reward_model):

@@ -11,9 +11,12 @@ from alignment.rl.types import RLState, Rollout, Scores
 
 def next_prompts(state: RLState, n_prompts: int, per_step: int, order: torch.Generator, accelerator) -> list[int]:
     """This process's share of the next per_step prompt indices, from a queue of seeded permutations (refilled
-    when it runs low) that is part of the resumable state: a resumed run takes the prompts an uninterrupted one
-    would."""
-    if len(state.queue) < per_step:
+    until it holds a whole step: a prompt set smaller than a step is sampled more than once in it, and every
+    process gets an equal share, which the gathers of the step need) that is part of the resumable state: a
+    resumed run takes the prompts an uninterrupted one would."""
+    if not n_prompts:
+        raise SystemExit("no training prompts: the data's prompts_train split is empty")
+    while len(state.queue) < per_step:
         state.queue += torch.randperm(n_prompts, generator=order).tolist()
     mine = state.queue[:per_step][accelerator.process_index :: accelerator.num_processes]
     state.queue = state.queue[per_step:]

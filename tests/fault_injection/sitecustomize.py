@@ -1,4 +1,5 @@
-"""Fault injection for multi-process tests, loaded by every Python process whose PYTHONPATH starts here.
+"""Fault injection for multi-process tests, loaded by every Python process whose PYTHONPATH starts here (each
+variable is described where it is read).
 
 ALIGNMENT_NAN_LOSS="<rank>:<call>,<call>" makes alignment.ppo.policy_loss return a NaN loss on those calls
 (1-based) in the process of that rank only: one bad process must make all of them skip the update.
@@ -36,3 +37,29 @@ if _spec and os.environ.get("RANK") == _spec.split(":")[0]:
         return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
 
     _Trainer.compute_loss = _compute_loss
+
+# ALIGNMENT_FAIL_TRAINER_LOSS="<call>" makes Trainer.compute_loss raise on that call in every process: a run that
+# stops after a checkpoint was saved (save_every), leaving it to resume from.
+_spec = os.environ.get("ALIGNMENT_FAIL_TRAINER_LOSS", "")
+if _spec:
+    from transformers import Trainer as _FailingTrainer
+
+    _fail_at, _fail_loss, _fail_count = int(_spec), _FailingTrainer.compute_loss, [0]
+
+    def _failing_loss(self, *args, **kwargs):
+        _fail_count[0] += 1
+        if _fail_count[0] == _fail_at:
+            raise RuntimeError("fault injection: the run stops here")
+        return _fail_loss(self, *args, **kwargs)
+
+    _FailingTrainer.compute_loss = _failing_loss
+
+# ALIGNMENT_FAIL_COMPARISON=1 makes the RL stages' final comparison with SFT raise in every process: the run stops
+# after its last step's state was saved.
+if os.environ.get("ALIGNMENT_FAIL_COMPARISON"):
+    from alignment import evaluation as _evaluation
+
+    def _failing_comparison(*args, **kwargs):
+        raise RuntimeError("fault injection: the run stops before the comparison")
+
+    _evaluation.compare_policies = _failing_comparison
