@@ -365,6 +365,20 @@ def test_a_state_saved_under_another_zero_stage_is_refused_before_any_model_load
     assert "MiB in" not in text and "Traceback" not in text  # no model loaded, no traceback
 
 
+@pytest.mark.multiprocess
+def test_grpo_on_fewer_prompts_than_a_step_gives_every_process_a_whole_share(tmp_path, tmp_path_factory, tiny_cache):
+    """3 training prompts for 2 processes x 4 prompts a step: the prompt queue refills until it holds the step, so
+    each process samples its 4 (x 2 responses) and the step's gathers (GRPO's group statistics) get equal shares."""
+    copy_inputs(Store(one_node_inputs(tmp_path_factory)), tmp_path)
+    args = ("limit=3 threads=1 precision=fp32 grpo.steps=2 grpo.batch_size=4 grpo.group_size=2 "
+            "grpo.mini_batch_size=4 grpo.epochs=1 grpo.max_new_tokens=8 grpo.eval_every=0 grpo.eval_samples=1")
+    out = make("grpo", tmp_path, "ddp", args)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    ckpt = Store(tmp_path).get("tiny-llama", "grpo")
+    assert ckpt.metrics["processes"] == 2 and ckpt.metrics["episodes"] == 2 * 2 * 4 * 2  # steps x processes x 4 x 2
+    assert [json.loads(x)["step"] for x in open(ckpt.path / "grpo_log.jsonl")] == [1, 2]
+
+
 def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path, tmp_path_factory, tiny_cache):
     """SIGKILL of both processes after a state was saved; the resumed run loads every process's optimizer shard,
     the fp32 master weights and RNG states, and ends where a run never stopped does."""

@@ -324,5 +324,6 @@ def test_zero3_gathers_whole_weights_for_the_final_save_or_refuses_at_start(monk
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
     with pytest.raises(SystemExit, match=r"ds.json: zero_optimization.stage3_gather_16bit_weights_on_model_save must"):
         distributed.check_final_save("sft")
-    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}))
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3,
+                                                        "stage3_gather_16bit_weights_on_model_save": True}}))
     distributed.check_final_save("sft")
