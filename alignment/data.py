@@ -330,7 +330,18 @@ def _text(record: dict, name: str, fields: dict, allow_empty: bool = False) -> s
         raise DataError(f"field '{fields.get(name, name)}' is {_json_type(value)}, not a string")
     if not allow_empty and not value.strip():
         raise DataError(f"field '{fields.get(name, name)}' is empty")
-    return value
+    return _encodable(value, f"field '{fields.get(name, name)}'")
+
+
+def _encodable(text: str, where: str) -> str:
+    """text, if it is valid Unicode: JSON can escape half of a UTF-16 surrogate pair alone ("\\ud800"), which
+    Python reads into a string that no tokenizer, file or terminal takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where} holds a lone surrogate ({text[e.start]!a} at character {e.start}): "
+                        "half of a UTF-16 pair escaped alone, not text") from None
+    return text
 
 
 def split_dialogue(text: str) -> list[dict]:
@@ -373,7 +384,8 @@ def _messages(value, where: str) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where} holds a message without string 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}")
+            raise DataError(f"{where}: message {i} has role {m['role']!a}; roles are {', '.join(ROLES)}")
+        _encodable(m["content"], f"{where}: message {i}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

@@ -228,6 +228,16 @@ MALFORMED = [
         "bad.jsonl.gz: not a gzip file, though its name ends in .gz",
     ),
     ("records", "prefs_train", "bad.csv", "prompt,chosen,rejected\n", "bad.csv: unknown file type"),
+    # JSON escapes of half a UTF-16 pair read into strings no tokenizer or terminal takes
+    ("records", "prefs_train", "bad.jsonl", '{"prompt": "p\\ud800", "chosen": "a", "rejected": "b"}',
+     "bad.jsonl:1: field 'prompt' holds a lone surrogate ('\\ud800' at character 1)"),
+    ("records", "sft_train", "bad.jsonl", '{"prompt": [{"role": "user", "content": "\\udfff"}], "completion": "c"}',
+     "bad.jsonl:1: field 'prompt': message 0 holds a lone surrogate"),
+    ("alpaca", "sft_train", "bad.json", '[{"instruction": "i", "input": "\\udc80", "output": "o"}]',
+     "bad.json: record 0: field 'input' holds a lone surrogate"),
+    ("hh", "prefs_train", "bad.jsonl", ('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: \\ud83d", '
+                                        '"rejected": "\\n\\nHuman: hi\\n\\nAssistant: y"}'),
+     "bad.jsonl:1: field 'chosen' holds a lone surrogate"),
 ]
 
 
