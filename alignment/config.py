@@ -341,6 +341,16 @@ def wait_for_the_main_process() -> None:
     dist.barrier()  # (the main process is done: this one returns at once)
 
 
+def stop_if_lost(error: Exception) -> None:
+    """Where error says another process of the run is gone: its one line, and this process ends at once."""
+    line = lost_process_line(error)
+    if line is None:
+        return
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # the process group is broken: its teardown (and DeepSpeed's threads) could wait forever
+
+
 def run(main) -> None:
     """Runs a stage's main(argv); a missing input, bad data or an unusable model ends with its message instead of
     a traceback, and so does a run of several processes that lost one of them."""
@@ -352,16 +362,16 @@ def run(main) -> None:
         print(interrupted_line(), file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as e:
-        line = lost_process_line(e)
-        if line is None:
-            raise
-        print(line, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # the process group is broken: its teardown (and DeepSpeed's threads) could wait forever
+        stop_if_lost(e)
+        raise
     # In a multi-process run only the main process writes the result: the others wait for it here and all
     # leave the process group together (a process exiting alone can abort its peers' gloo/NCCL teardown).
     if dist.is_available() and dist.is_initialized():
-        wait_for_the_main_process()
+        try:
+            wait_for_the_main_process()
+        except Exception as e:  # (the main process failed in its write, and its machine's launcher went with it)
+            stop_if_lost(e)
+            raise
         dist.destroy_process_group()
         # The run is complete and saved. Left to the interpreter's exit, a communication thread still joinable
         # (DeepSpeed's on gloo) can abort a process ("terminate called without an active exception", 1 run in
