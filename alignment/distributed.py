@@ -274,18 +274,35 @@ def check_shared_store(root) -> None:
                          "system all nodes mount (NFS, Lustre, a cloud file share)")
 
 
+_decisions = iter(range(1 << 62))  # each decision's key in the launch's key-value store, in call order
+DECISION_TIMEOUT_S = 6 * 3600  # what the other processes give the main one to decide (a conversion may take long)
+
+
 def main_decides(decide):
-    """decide() run by the main process alone, its result (or the one-line SystemExit it raised) given to every
-    process: what to resume or clear is decided once, never by each process from what it sees on its own."""
+    """decide() run by the main process alone, its result (or the one-line error it raised) given to every
+    process: what to resume or clear is decided once, never by each process from what it sees on its own. The
+    others wait for it through the launch's key-value store (up to DECISION_TIMEOUT_S: converting a large state
+    for another number of processes outlasts a collective's timeout), then take its answer in a broadcast."""
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes == 1:
         return decide()
+    import datetime
+
+    from torch.distributed import distributed_c10d
+
+    key, store = f"alignment/decided-{next(_decisions)}", distributed_c10d._get_default_store()
     outcome = [None, None]
     if state.is_main_process:
         try:
             outcome[0] = decide()
         except SystemExit as stop:
-            outcome[1] = str(stop.code)
+            outcome[1] = stop.code if isinstance(stop.code, str) else f"stopped (exit code {stop.code})"
+        except (OSError, ValueError, LookupError, RuntimeError) as e:  # (an unreadable state, a full disk): every
+            # process stops, none waits for ever
+            outcome[1] = f"process 0 could not decide what to resume: {type(e).__name__}: {e}".splitlines()[0]
+        store.set(key, "1")
+    else:
+        store.wait([key], datetime.timedelta(seconds=DECISION_TIMEOUT_S))
     broadcast_object_list(outcome)
     if outcome[1] is not None:
         raise SystemExit(outcome[1])

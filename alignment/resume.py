@@ -4,10 +4,12 @@ batches) into <store>/<run>/.trainer-<stage>/. Their writes are not atomic, so a
 marks each checkpoint complete once it is on disk, and only a marked checkpoint is resumed from. A saved state is
 resumed only by a run of the same config (the RL stages keep theirs through rl/state.py, checked the same way).
 
-A state records the launch that saved it (processes, ZeRO stage: launch.json) and resumes on another number of
-processes: without DeepSpeed every process holds the whole optimizer state; under DeepSpeed each holds a shard, and
-the state is first converted to DeepSpeed's universal checkpoint (sharded by parameter, not by process), which any
-number of processes loads. Another ZeRO stage, or DeepSpeed on one side only, is refused at start-up in one line.
+A state records the launch that saved it (processes, ZeRO stage: launch.json). An RL state resumes on another number
+of processes: without DeepSpeed every process holds the whole optimizer state; under DeepSpeed each holds a shard,
+and the state is first converted to DeepSpeed's universal checkpoint (sharded by parameter, not by process), which
+any number of processes loads. A trainer's checkpoint resumes on the number of processes that saved it (its data
+position counts steps of their batches). Another ZeRO stage, or DeepSpeed on one side only, is refused at start-up
+in one line.
 """
 
 from __future__ import annotations
@@ -52,25 +54,27 @@ def check_same_config(saved: dict, current: dict, where: Path, ignore: tuple[str
         )
 
 
-def check_trainer_launch(work_dir: Path, resume: bool, stage: str, per_process: int, unit: str) -> str | None:
-    """At start-up, before any model loads: how the trainer's latest complete checkpoint (if it is to be resumed)
-    resumes on this launch (how_to_resume; one that cannot stops here in one line), decided by the main process;
-    under DeepSpeed on another number of processes it is converted to a universal checkpoint first, which the
-    trainer's engine then loads (training.train(universal=True))."""
+def check_trainer_launch(work_dir: Path, resume: bool, stage: str) -> None:
+    """At start-up, before any model loads: a trainer's latest complete checkpoint (if it is to be resumed) resumes
+    only on the launch that saved it (one line otherwise). The trainer's data position and learning-rate schedule
+    count optimizer steps, whose size is the processes' batches together: on another number of processes it would
+    skip or repeat data (the RL stages, whose prompt queue is part of their state, resume on any number)."""
     def decide():
         latest = latest_complete(work_dir) if resume and (work_dir / "stage_config.json").is_file() else None
-        if not latest:
-            return None
-        latest = Path(latest)
-        how = how_to_resume(saved_launch(latest), latest)
-        if how == "universal":  # DeepSpeed's engine reads the universal checkpoint `latest_universal` names
-            tag = (latest / "latest").read_text().strip()
-            to_universal(latest / tag, latest / f"{tag}_{UNIVERSAL}")
-        if line := changed_launch_line(stage, saved_launch(latest), per_process, unit):
-            print(line)
-        return how
+        saved = saved_launch(Path(latest)) if latest else None
+        if saved is None:
+            return
+        how_to_resume(saved, Path(latest))  # (another ZeRO stage: its own line)
+        now = this_launch()
+        if saved["processes"] != now["processes"]:
+            raise SystemExit(
+                f"{latest} was saved by {saved['processes']} process(es) and this launch has {now['processes']}: "
+                f"the {stage} stage resumes on the number of processes that saved it (its data position and "
+                f"learning-rate schedule count steps of {saved['processes']} processes' batches); launch "
+                f"{saved['processes']} (NPROC x NNODES), or run with resume=false (RESUME=0 through make) to start "
+                "over")
 
-    return distributed.main_decides(decide)
+    distributed.main_decides(decide)
 
 
 def trainer_resume_point(work_dir: Path, config: dict, resume: bool) -> str | None:
@@ -153,7 +157,9 @@ def changed_launch_line(stage: str, saved: dict | None, per_process: int, unit: 
 def to_universal(source: Path, dest: Path) -> None:
     """DeepSpeed's per-process checkpoint folder (one tag: model and optimizer shards of every process) as its
     universal checkpoint in dest, through DeepSpeed's own converter; dest is replaced, so a conversion killed half
-    way is done again."""
+    way is done again, one that finished (marked) is kept."""
+    if (dest / COMPLETE).is_file():
+        return
     shutil.rmtree(dest, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     out = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
@@ -163,3 +169,4 @@ def to_universal(source: Path, dest: Path) -> None:
         raise SystemExit(f"{source}: DeepSpeed could not convert it to a universal checkpoint for another number of "
                          f"processes ({(out.stderr.strip().splitlines() or ['no message'])[-1]}); resume with the "
                          "launch it was saved by, or with resume=false (RESUME=0 through make) to start over")
+    (dest / COMPLETE).write_text("")

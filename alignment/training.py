@@ -55,15 +55,12 @@ def trainer_config(config_class, section: str, settings, cfg, work_dir: Path, **
     return config_class(**args, **s.trainer_args)
 
 
-def train(trainer, stage: str, resume_from: str | None, universal: bool = False):
-    """trainer.train(), from resume_from if there is one (universal: from the DeepSpeed universal checkpoint
-    converted from it, for another number of processes); under DeepSpeed with ZeRO's own non-finite check."""
+def train(trainer, stage: str, resume_from: str | None):
+    """trainer.train(), from resume_from if there is one; under DeepSpeed with ZeRO's own non-finite check."""
     print(f"[{stage}] {trainer.args.world_size} process(es)")
     if resume_from:
         print(f"[{stage}] resuming from {resume_from}")
     skip_non_finite_under_deepspeed(trainer)
-    if resume_from and universal and trainer.is_deepspeed_enabled:
-        trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config["checkpoint"] = {"load_universal": True}
     result = trainer.train(resume_from_checkpoint=resume_from)
     # the held-out evaluations of this session's loop, which train_runtime counts: not those before a resumption
     # (restored with the log history), nor an evaluate() the stage runs after training (it once made a short

@@ -126,9 +126,8 @@ def main(argv: list[str]) -> None:
     args = training.trainer_config(DPOConfig, "dpo", d, cfg, work_dir, beta=d.beta, loss_type=[d.loss_type],
                                    eval_strategy="no")  # held-out pairs once at the end
     distributed.check_shared_store(store.root)  # every process (every node) sees one store
-    # how a saved checkpoint resumes on this launch (one it cannot resume on stops here, before the model loads)
-    launch = resume.check_trainer_launch(work_dir, cfg.resume, "dpo",
-                                         d.batch_size * d.gradient_accumulation_steps, "pairs")
+    # a saved checkpoint resumes on the launch that saved it (another stops here, before the model loads)
+    resume.check_trainer_launch(work_dir, cfg.resume, "dpo")
     quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
     model = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer, trained=True)
     frozen = {**quantized, "precision": cfg.precision}  # the frozen ones' dtype follows it (loading.frozen_dtype)
@@ -192,7 +191,7 @@ def main(argv: list[str]) -> None:
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[dpo] {dropped} training pairs whose prompt fills dpo.max_length={d.max_length} tokens were dropped")
-    result = training.train(trainer, "dpo", resume_from, universal=launch == "universal")
+    result = training.train(trainer, "dpo", resume_from)
     held_out = trainer.evaluate()  # DPO's own loss and implicit-reward accuracy on the held-out pairs
 
     # 5. compare with the SFT policy on held-out prompts (every process its share), greedy and sampled, as PPO does

@@ -92,9 +92,8 @@ def main(argv: list[str]) -> None:
         metric_for_best_model="eval_accuracy",
     )
     distributed.check_shared_store(store.root)  # every process (every node) sees one store
-    # how a saved checkpoint resumes on this launch (one it cannot resume on stops here, before the model loads)
-    launch = resume.check_trainer_launch(work_dir, cfg.resume, "rm",
-                                         cfg.rm.batch_size * cfg.rm.gradient_accumulation_steps, "pairs")
+    # a saved checkpoint resumes on the launch that saved it (another stops here, before the model loads)
+    resume.check_trainer_launch(work_dir, cfg.resume, "rm")
     model = loading.load_model(sft.path, AutoModelForSequenceClassification, spec, cfg.quantization, cfg.compute_dtype,
                                tokenizer=tokenizer, trained=True)
     print(f"[rm] from {sft.id}: {loading.count_parameters(model):,} parameters")
@@ -143,7 +142,7 @@ def main(argv: list[str]) -> None:
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[rm] {dropped} training pairs longer than rm.max_length={cfg.rm.max_length} tokens were dropped")
-    result = training.train(trainer, "rm", resume_from, universal=launch == "universal")
+    result = training.train(trainer, "rm", resume_from)
     best_validation = trainer.state.best_metric
 
     # 5. held-out accuracy, scored the way PPO will score (our forward pass, not the trainer's batches)

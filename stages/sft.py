@@ -99,9 +99,8 @@ def main(argv: list[str]) -> None:
         eval_strategy="epoch",
     )
     distributed.check_shared_store(store.root)  # every process (every node) sees one store
-    # how a saved checkpoint resumes on this launch (one it cannot resume on stops here, before the model loads)
-    launch = resume.check_trainer_launch(work_dir, cfg.resume, "sft",
-                                         cfg.sft.batch_size * cfg.sft.gradient_accumulation_steps, "sequences")
+    # a saved checkpoint resumes on the launch that saved it (another stops here, before the model loads)
+    resume.check_trainer_launch(work_dir, cfg.resume, "sft")
     model = loading.load_model(base_path, AutoModelForCausalLM, spec, cfg.quantization, cfg.compute_dtype,
                                tokenizer=tokenizer, trained=True)
     print(f"[sft] {spec.name}: {loading.count_parameters(model):,} parameters, from {base_path}")
@@ -139,7 +138,7 @@ def main(argv: list[str]) -> None:
         data_collator=batching.PackedRows(tokenizer.pad_token_id) if packed else None,
         callbacks=callbacks.guarded("sft", work_dir, cfg),
     )
-    result = training.train(trainer, "sft", resume_from, universal=launch == "universal")
+    result = training.train(trainer, "sft", resume_from)
     eval_metrics = trainer.evaluate()
     peaks = training.peak_memory_per_process(trainer)  # every process: each its own
     weights = training.trained_weights(trainer)  # every process: under ZeRO-3 each holds a shard

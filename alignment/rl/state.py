@@ -46,7 +46,7 @@ def check_launch(store: Store, run: str, stage: str, cfg, accelerator) -> str | 
 
     how = distributed.main_decides(decide)
     if how == "universal":
-        accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+        accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
     return how
 
 
