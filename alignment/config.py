@@ -328,16 +328,9 @@ def wait_for_the_main_process() -> None:
     GB) while the others wait, through the launch's key-value store with a timeout of its own
     (FINAL_SAVE_TIMEOUT_S), not in a collective: a collective would time out with the process group (10-30 min),
     and the failed process's launcher would then stop the main one in the middle of its write."""
-    import datetime
+    from alignment.distributed import after_the_main_process
 
-    from torch.distributed import distributed_c10d
-
-    key = "alignment/main-process-done"
-    store = distributed_c10d._get_default_store()  # (the one torch's own barriers wait on)
-    if dist.get_rank() == 0:
-        store.set(key, "1")
-    else:
-        store.wait([key], datetime.timedelta(seconds=FINAL_SAVE_TIMEOUT_S))
+    after_the_main_process("alignment/main-process-done", FINAL_SAVE_TIMEOUT_S)
     dist.barrier()  # (the main process is done: this one returns at once)
 
 

@@ -286,11 +286,6 @@ def main_decides(decide):
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes == 1:
         return decide()
-    import datetime
-
-    from torch.distributed import distributed_c10d
-
-    key, store = f"alignment/decided-{next(_decisions)}", distributed_c10d._get_default_store()
     outcome = [None, None]
     if state.is_main_process:
         try:
@@ -300,13 +295,26 @@ def main_decides(decide):
         except (OSError, ValueError, LookupError, RuntimeError) as e:  # (an unreadable state, a full disk): every
             # process stops, none waits for ever
             outcome[1] = f"process 0 could not decide what to resume: {type(e).__name__}: {e}".splitlines()[0]
-        store.set(key, "1")
-    else:
-        store.wait([key], datetime.timedelta(seconds=DECISION_TIMEOUT_S))
+    after_the_main_process(f"alignment/decided-{next(_decisions)}", DECISION_TIMEOUT_S)
     broadcast_object_list(outcome)
     if outcome[1] is not None:
         raise SystemExit(outcome[1])
     return outcome[0]
+
+
+def after_the_main_process(key: str, timeout_s: float) -> None:
+    """Called by every process once the main one is done with something long: the others wait for it (up to
+    timeout_s) through the launch's key-value store, the one torch's own barriers wait on, not in a collective,
+    whose timeout (10-30 min) a long write or conversion would outlast. key: unique to the call, the same in all."""
+    import datetime
+
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    if torch.distributed.get_rank() == 0:
+        store.set(key, "1")
+    else:
+        store.wait([key], datetime.timedelta(seconds=timeout_s))
 
 
 def shared_folder(accelerator: Accelerator, make) -> str:
