@@ -137,7 +137,10 @@ def fit_zero3(accelerator: Accelerator, hidden_size: int) -> None:
 def _zero3_sizes(hidden_size: int) -> dict:
     return {"reduce_bucket_size": hidden_size * hidden_size,
             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size}
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "stage3_max_live_parameters": 24 * hidden_size * hidden_size,
+            "stage3_max_reuse_distance": 24 * hidden_size * hidden_size,
+            "sub_group_size": 24 * hidden_size * hidden_size}
 
 
 def zero3(accelerator: Accelerator) -> bool:

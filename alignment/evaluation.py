@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from alignment import forwards, ppo, scoring, stats, task
+from alignment import forwards, ppo, scoring, stats, task, tokens
 
 METRICS = {
     # name -> one sentence a reader of the report needs to interpret it
@@ -169,7 +169,7 @@ def rollout_scores(
             policy, tokenizer, templated, max_new_tokens, temperature, greedy=greedy,
             max_prompt_tokens=max_prompt_tokens, all_done=all_done,
         )
-        mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
+        mask, ended = ppo.response_mask(responses, tokens.end_ids(tokenizer))
         attention = torch.cat([query_mask, mask.long()], dim=1)
         context = query_mask.shape[1]
         if kl:

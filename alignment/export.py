@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import loading, registry
+from alignment import loading, registry, tokens
 from alignment.store import Checkpoint
 
 AUTO_CLASSES = {**dict.fromkeys(("sft", "ppo", "dpo", "grpo"), AutoModelForCausalLM),
@@ -73,9 +73,9 @@ def _write(checkpoint: Checkpoint, folder: Path, merge: bool) -> None:
         if auto_class is AutoModelForCausalLM:
             # generate() as forwards.generate decodes: stop at EOS, pad after it, never emit the pad token (its
             # embedding row may be an added zero row, whose logit 0 can beat every real token's)
-            pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-            model.generation_config.update(pad_token_id=pad, eos_token_id=eos,
-                                           suppress_tokens=[pad] if pad != eos else None)
+            pad, ends = tokenizer.pad_token_id, list(tokens.end_ids(tokenizer))
+            model.generation_config.update(pad_token_id=pad, eos_token_id=ends if len(ends) > 1 else ends[0],
+                                           suppress_tokens=[pad] if pad not in ends else None)
         model.save_pretrained(folder)  # safetensors
     loading.save_tokenizer(tokenizer, folder, spec)
     model_card(checkpoint, merged=adapter and merge).save(folder / "README.md")

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from alignment import ppo
+from alignment import ppo, tokens
 
 
 class AdapterDisabled(nn.Module):
@@ -289,11 +289,11 @@ def generate(
     """Samples (or greedily decodes) responses to already-templated prompts, with a KV cache.
 
     Returns (query_responses [B, Q+T], query_mask [B, Q], responses [B, T]); queries are left-padded, and
-    every token after a response's first EOS is the pad token. Sampling uses the full distribution at
-    the given temperature (no top-k / top-p), the one PPO's log-probs are computed from; the pad token is
-    never drawn. Prompts longer than max_prompt_tokens (if > 0) are cut from the left. all_done(done [B])
-    decides when to stop: in a multi-process run whose forwards communicate (ZeRO-3 without gathered
-    weights) every process must decode until all are done.
+    every token after a response's first end (any of tokens.end_ids) is the pad token. Sampling uses the full
+    distribution at the given temperature (no top-k / top-p), the one PPO's log-probs are computed from; the pad
+    token is never drawn. Prompts longer than max_prompt_tokens (if > 0) are cut from the left. all_done(done [B])
+    decides when to stop: in a multi-process run whose forwards communicate (ZeRO-3 without gathered weights)
+    every process must decode until all are done.
 
     The loop is ours, not transformers' generate(): with none of its processors, warpers and stopping
     criteria to run, a decoding step costs the forward pass and one draw (at the bench's size on CPU,
@@ -312,31 +312,31 @@ def generate(
         step = model
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     queries, query_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, ends = tokenizer.pad_token_id, torch.tensor(tokens.end_ids(tokenizer), device=device)
     cache_name = "cache" if _takes(model, "cache") else "past_key_values"  # the name before transformers 5.x
     takes_positions = _takes(model, "position_ids")
     inputs = {"input_ids": queries, **_position_kwargs(model, query_mask), **_logits_kwargs(model, 1)}
-    mask, tokens = query_mask, []
+    mask, drawn = query_mask, []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         out = step(**inputs, attention_mask=mask, use_cache=True)
         logits = out.logits[:, -1].float()
-        if pad != eos and pad < logits.shape[1]:
+        if pad not in ends and pad < logits.shape[1]:
             logits[:, pad] = float("-inf")
         if greedy:
             token = logits.argmax(-1)
         else:
             token = _sample(torch.log_softmax(logits / temperature, dim=-1))
         token = torch.where(done, torch.full_like(token, pad), token)
-        tokens.append(token)
-        done |= token == eos
+        drawn.append(token)
+        done |= torch.isin(token, ends)
         if all_done(done) if all_done else done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         inputs = {"input_ids": token[:, None], cache_name: getattr(out, cache_name)}
         if takes_positions:
             inputs["position_ids"] = mask.sum(1, keepdim=True) - 1
-    responses = torch.stack(tokens, dim=1)
+    responses = torch.stack(drawn, dim=1)
     return torch.cat([queries, responses], dim=1), query_mask, responses
 
 

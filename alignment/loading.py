@@ -20,22 +20,23 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from alignment import distributed, machine, registry
+from alignment import distributed, machine, registry, tokens
 from alignment.registry import ModelSpec
 from alignment.store import HISTORY, MANIFEST, Checkpoint, load_checkpoint
 
 _PEFT_TASKS = {AutoModelForCausalLM: "CAUSAL_LM", AutoModelForSequenceClassification: "SEQ_CLS"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PAD_TOKEN = "<|pad|>"
 
 
 def load_tokenizer(path: str | Path, spec: ModelSpec):
-    """The tokenizer, with a pad token of its own. LLaMA, Mistral and GPT-2 ship without one, Qwen2's base
-    models pad with their EOS; padding with EOS would hide every response's EOS from the reward model, which
-    scores a sequence at its last non-pad token. The new token gets an embedding row by fit_vocabulary()."""
+    """The tokenizer, with the ids that end a response (tokens.declared_end_ids: its EOS and its model's generation
+    config's, kept on it as `end_ids`) and a pad token that is none of them (tokens.choose_pad). LLaMA, Mistral and
+    GPT-2 ship without a pad, Qwen2's base models pad with their EOS; padding with an end would hide every
+    response's end from the reward model, which scores a sequence at its last non-pad token. A new pad token gets
+    an embedding row by fit_vocabulary()."""
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.end_ids = tokens.declared_end_ids(tokenizer, path)
+    tokens.choose_pad(tokenizer, tokenizer.end_ids)
     tokenizer.padding_side = spec.padding_side
     return tokenizer
 

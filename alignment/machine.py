@@ -7,6 +7,7 @@ import functools
 import os
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,6 +73,23 @@ def give_back_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+    if os.environ.get("ALIGNMENT_MEMORY_TRACE"):  # where a stage's memory goes, phase by phase
+        _trace_memory()
+
+
+def _trace_memory() -> None:
+    """One line: this process's resident memory now and its peak since the line before, at the caller of
+    give_back_freed_memory (ALIGNMENT_MEMORY_TRACE=1 in the environment; Linux). The kernel's peak is reset after
+    each line (clear_refs), so a manifest's peak_memory_mb is then the last phase's only."""
+    import sys
+
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    caller = sys._getframe(2)
+    where = f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}"
+    resident, peak = (int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM"))
+    print(f"[memory] process {os.environ.get('RANK', '0')} at {where}: resident {resident:,.0f} MB, peak since the "
+          f"line before {peak:,.0f} MB", flush=True)
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_mb() -> float:

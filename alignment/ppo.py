@@ -42,12 +42,14 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return torch.cat(chunks) if chunks else logits.new_zeros(logits.shape[:2], dtype=torch.float32)
 
 
-def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of tokens up to and including the first EOS, and whether each response has an EOS.
+def response_mask(responses: torch.Tensor, end_ids: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first end (any of end_ids: an instruct model declares several), and
+    whether each response has one.
 
     responses [B, T] -> (mask [B, T] float, ended [B] bool).
     """
-    is_eos = responses == eos_token_id
+    ends = torch.tensor([end_ids] if isinstance(end_ids, int) else list(end_ids), device=responses.device)
+    is_eos = torch.isin(responses, ends)
     ended = is_eos.any(dim=1)
     # eos_before[t] = number of EOS strictly before t; keep t while it is 0
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()

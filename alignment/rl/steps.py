@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment import data, distributed, evaluation, forwards, guard, ppo, stats
+from alignment import data, distributed, evaluation, forwards, guard, ppo, stats, tokens
 from alignment.rl.types import RLState, Rollout, Scores
 
 
@@ -29,7 +29,7 @@ def rollout(policy, tokenizer, spec, prompts: list, settings, all_done) -> Rollo
         policy, tokenizer, [spec.format_prompt(x) for x in prompts], settings.max_new_tokens, settings.temperature,
         max_prompt_tokens=settings.max_prompt_length, all_done=all_done,
     )
-    mask, ended = ppo.response_mask(responses, tokenizer.eos_token_id)
+    mask, ended = ppo.response_mask(responses, tokens.end_ids(tokenizer))
     return Rollout(prompts, query_responses, torch.cat([query_mask, mask.long()], dim=1), responses, mask, ended)
 
 
