@@ -19,7 +19,7 @@ from typing import Any
 import torch.distributed as dist
 import yaml
 
-from alignment import data
+from alignment import data, presets
 from alignment.registry import RegistryError
 from alignment.store import StoreError
 
@@ -114,20 +114,43 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def load(cls: type, yaml_path: str | Path | None = None, overrides: list[str] = ()) -> Any:
-    """Builds cls from its defaults, the YAML file (if any) and the overrides, in that order."""
-    cfg = cls()
+    """Builds cls from its defaults, the presets for its model's size (alignment/presets.py; a stage's config
+    only), the YAML file's `presets:` section for that size, the rest of the YAML file (if any) and the overrides,
+    in that order. The presets chosen are kept as cfg.preset (None for a config that is not a stage's)."""
+    values = {}
     if yaml_path is not None:
         with open(yaml_path) as f:
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of config keys at the top level")
-        try:
-            _apply(cfg, values)
-        except ConfigError as e:
-            raise ConfigError(f"{yaml_path}: {e}") from None
-    _apply(cfg, parse_overrides(list(overrides)))
+    by_size = values.pop("presets", None) or {}
+    if not isinstance(by_size, dict) or set(by_size) - set(presets.LEARNING_RATES):
+        raise ConfigError(f"{yaml_path}: presets: expected a mapping from a size class "
+                          f"({', '.join(presets.LEARNING_RATES)}) to settings")
+    tree = parse_overrides(list(overrides))
+    probe = cls()  # what the file and the overrides say of the model and LoRA, which the presets depend on
+    _from_file(probe, values, yaml_path)
+    _apply(probe, tree)
+    preset = presets.of(probe) if dataclasses.is_dataclass(probe) else None
+    cfg = cls()
+    if preset is not None:
+        _apply(cfg, preset.settings())
+        _from_file(cfg, by_size.get(preset.size_class) or {}, f"{yaml_path}: presets.{preset.size_class}")
+    _from_file(cfg, values, yaml_path)
+    _apply(cfg, tree)
     _check(cfg)
+    cfg.preset = preset
+    line = preset.warning(getattr(cfg, preset.stage).learning_rate) if preset is not None else None
+    if line and os.environ.get("RANK", "0") == "0":  # once per launch
+        print(line, flush=True)
     return cfg
+
+
+def _from_file(cfg: Any, values: dict, where) -> None:
+    try:
+        _apply(cfg, values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check(obj: Any) -> None:
@@ -146,7 +169,7 @@ def to_dict(cfg: Any) -> dict:
 
 def cli(cls: type, argv: list[str], default_yaml: str | Path | None = None) -> Any:
     """`stage.py [--config FILE] key=value ...` -> config. Exits with the error message on bad input."""
-    yaml_path, rest = default_yaml, []
+    yaml_path, rest, show = default_yaml, [], False
     it = iter(argv)
     for arg in it:
         if arg == "--config" or arg.startswith("--config="):
@@ -158,6 +181,8 @@ def cli(cls: type, argv: list[str], default_yaml: str | Path | None = None) -> A
                 and not yaml_path.endswith((".yaml", ".yml"))
             ):
                 sys.exit(f"config error: --config needs a YAML file path\n{usage()}")
+        elif arg == "--print-config":
+            show = True
         elif arg in ("-h", "--help"):
             print(f"{usage()}\n\nKeys (key = default    meaning):\n{help_text(cls)}")
             sys.exit(0)
@@ -166,15 +191,29 @@ def cli(cls: type, argv: list[str], default_yaml: str | Path | None = None) -> A
         else:
             rest.append(arg)
     try:
-        return load(cls, yaml_path, rest)
+        cfg = load(cls, yaml_path, rest)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
+    if show:
+        print(resolved(cfg, yaml_path), end="")
+        sys.exit(0)
+    return cfg
+
+
+def resolved(cfg: Any, yaml_path: str | Path | None) -> str:
+    """The settings a stage would run with, as YAML, saying where they came from (--print-config)."""
+    sources = ["defaults"]
+    if cfg.preset is not None:
+        sources.append(f"presets for {cfg.preset.describe()}")
+    sources += [str(yaml_path)] if yaml_path else []
+    return (f"# resolved: {' < '.join([*sources, 'command line'])}\n"
+            + yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
 
 
 def usage() -> str:
     script = Path(sys.argv[0]) if sys.argv else Path()
     stage = script.stem if script.suffix == ".py" and script.parent.name == "stages" else "<stage>"
-    return (f"usage: python -m stages.{stage} [--config FILE.yaml] [key=value ...]   "
+    return (f"usage: python -m stages.{stage} [--config FILE.yaml] [--print-config] [key=value ...]   "
             "(make: ARGS=\"key=value ...\")")
 
 

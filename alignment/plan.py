@@ -97,8 +97,8 @@ def shape_of(model_config) -> Shape:
 
     classifier_config = copy.deepcopy(model_config)
     classifier_config.num_labels = 1
-    lm = _on_meta(AutoModelForCausalLM, model_config)
-    classifier = _on_meta(AutoModelForSequenceClassification, classifier_config)
+    lm = registry.on_meta(AutoModelForCausalLM, model_config)
+    classifier = registry.on_meta(AutoModelForSequenceClassification, classifier_config)
     hidden, heads = model_config.hidden_size, model_config.num_attention_heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
     head_dim = getattr(model_config, "head_dim", None) or hidden // heads
@@ -116,17 +116,6 @@ def shape_of(model_config) -> Shape:
         quantized_weights=sum(fan_in * fan_out for fan_in, fan_out in body.values()),
         linear_widths=tuple(sorted(widths.items())),
     )
-
-
-def _on_meta(auto_class, model_config):
-    """auto_class's model of model_config on the meta device, built by its class itself: from_config would, in a
-    stage launched under ZeRO-3 (its manifest's figure), build it inside DeepSpeed's zero.Init, whose collectives
-    the other processes, which plan nothing, never join."""
-    import torch
-
-    model_class = auto_class._model_mapping.get(type(model_config), None)
-    with torch.device("meta"):
-        return model_class(model_config) if model_class else auto_class.from_config(model_config)
 
 
 def _count(model) -> int:
@@ -151,19 +140,6 @@ def _largest_block(model) -> int:
     return max([_count(layer) for layer in layers] + [p.numel() for p in model.parameters()])
 
 
-def model_config(name: str):
-    """(transformers config, registry entry) of a model: a registry entry's published shape (offline), a tiny
-    twin's built config, a local folder's config.json, or a hub id's from the local HF cache. A name that is none
-    of those raises registry.RegistryError saying what to do."""
-    from transformers import AutoConfig
-
-    spec = registry.MODELS.get(name)
-    if spec is not None and spec.architecture:
-        return AutoConfig.for_model(spec.family, **dict(spec.architecture)), spec
-    spec = spec or registry.get(name)  # a folder (checked for its config.json) or a hub id (checked in the cache)
-    return AutoConfig.from_pretrained(registry.resolve(spec), trust_remote_code=spec.trust_remote_code), spec
-
-
 class Model(NamedTuple):
     name: str
     shape: Shape
@@ -174,7 +150,7 @@ class Model(NamedTuple):
 @functools.cache
 def model(name: str) -> Model:
     """A named model's Shape and the entry settings the plan reads."""
-    model_config_, spec = model_config(name)
+    model_config_, spec = registry.model_config(name)
     return Model(name, shape_of(model_config_), spec.dtype, spec.lora_targets)
 
 

@@ -224,9 +224,44 @@ def get(name: str, template: str = "", tokenizer: str | Path = "") -> ModelSpec:
     spec = MODELS[name] if name in MODELS else _unregistered(name, template)
     if _is_hub_id(spec.source):
         _hub_unreachable()  # settled before any from_pretrained, which would retry for minutes (see there)
-    if template == AUTO:
+    if template == AUTO or (not template and spec.template == AUTO):
         return _with_chat_template(spec, tokenizer)
     return dataclasses.replace(spec, template=template) if template else spec
+
+
+_SAID_AUTO: set[str] = set()  # sources said to prompt with their own chat template (said once)
+
+
+def _named_entry(name: str, family: str) -> ModelSpec | None:
+    """The real registry entry a folder or hub id is a copy of, by name: its hub id, or its last path part spelled
+    as an entry's hub name or registry name (case aside), of the same family."""
+    last = Path(name.rstrip("/")).name.lower()
+    for spec in MODELS.values():
+        if spec.is_tiny or spec.family != family:
+            continue
+        if name == spec.source or last in (spec.source.rsplit("/", 1)[-1].lower(), spec.name.lower()):
+            return spec
+    return None
+
+
+def _ships_chat_template(source: str) -> bool:
+    """Whether the tokenizer at source (a folder, or a hub id in the local cache) has a chat template of its own,
+    read from its files without loading it."""
+    if Path(source).is_dir():
+        files = {name: Path(source, name) for name in ("chat_template.jinja", "tokenizer_config.json")}
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        files = {name: try_to_load_from_cache(source, name) for name in ("chat_template.jinja",
+                                                                            "tokenizer_config.json")}
+        files = {name: Path(f) for name, f in files.items() if isinstance(f, str)}
+    if files.get("chat_template.jinja") and files["chat_template.jinja"].is_file():
+        return True
+    config = files.get("tokenizer_config.json")
+    try:
+        return bool(config and config.is_file() and json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
 
 
 def _unregistered(name: str, template: str) -> ModelSpec:
@@ -243,9 +278,19 @@ def _unregistered(name: str, template: str) -> ModelSpec:
         raise RegistryError(f"unknown model {name!r}: not a registered name ({', '.join(sorted(MODELS))}), a local "
                             "model folder, or a hub id (org/name)")
     family = config.get("model_type", "")
+    named = _named_entry(name, family)
+    if named is not None:  # a download or copy of a registered model: its entry's settings, its own config.json
+        return dataclasses.replace(named, name=source, source=source, architecture=())
     base = next((s for s in MODELS.values() if s.family == family and not s.is_tiny), None)
     if base is not None:
-        return dataclasses.replace(base, name=source, source=source, architecture=())  # its own config.json
+        spec = dataclasses.replace(base, name=source, source=source, architecture=())  # its own config.json
+        if not template and _ships_chat_template(source):  # an instruct model: the prompts it was tuned on
+            if source not in _SAID_AUTO:
+                _SAID_AUTO.add(source)
+                print(f"[registry] {name}: its tokenizer ships a chat template, which prompts follow (template=auto; "
+                      f"template=<{'|'.join(TEMPLATES)}> chooses one of the registry's)")
+            return dataclasses.replace(spec, template=AUTO)
+        return spec
     if not template:
         families = sorted({s.family for s in MODELS.values()})
         raise RegistryError(
@@ -434,3 +479,38 @@ def _build_tiny(spec: ModelSpec, corpus: list[str], path: Path, vocab_size: int)
         os.rename(tmp, path)
     except OSError:  # someone else published it first
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- a model's shape, without its weights --------------------------------------------------------------------
+
+
+def model_config(name: str):
+    """(transformers config, registry entry) of a model: a registry entry's published shape (offline), a tiny
+    twin's built config, a local folder's config.json, or a hub id's from the local HF cache. A name that is none
+    of those raises RegistryError saying what to do."""
+    from transformers import AutoConfig
+
+    spec = MODELS.get(name)
+    if spec is not None and spec.architecture:
+        return AutoConfig.for_model(spec.family, **dict(spec.architecture)), spec
+    spec = spec or get(name)  # a folder (checked for its config.json) or a hub id (checked in the cache)
+    return AutoConfig.from_pretrained(resolve(spec), trust_remote_code=spec.trust_remote_code), spec
+
+
+def on_meta(auto_class, model_config_):
+    """auto_class's model of model_config_ on the meta device (no memory, no weights), built by its class itself:
+    from_config would, in a stage launched under ZeRO-3, build it inside DeepSpeed's zero.Init, whose collectives
+    the other processes never join."""
+    import torch
+
+    model_class = auto_class._model_mapping.get(type(model_config_), None)
+    with torch.device("meta"):
+        return model_class(model_config_) if model_class else auto_class.from_config(model_config_)
+
+
+@functools.cache
+def parameters(name: str) -> int:
+    """The parameters of name's causal LM (tied weights once), counted from its config alone."""
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in on_meta(AutoModelForCausalLM, model_config(name)[0]).parameters())

@@ -51,7 +51,8 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_
 class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate, ...: the keys every trainer stage has
     epochs: float = field(1.0, "passes over the preference pairs")
     batch_size: int = field(32, "pairs per device per forward")
-    learning_rate: float = field(2e-4, "peak AdamW learning rate (tiny models want high rates; 7B wants ~5e-7)")
+    learning_rate: float = field(2e-4, "peak AdamW learning rate; set by the model's size unless given "
+                                  "(alignment/presets.py: 2e-4 for the tiny twins, 5e-7 for 7B)")
     max_length: int = field(512, "longest prompt+response in tokens; a longer pair loses its end, a pair whose prompt "
                             "alone is that long is dropped (counted)")
     beta: float = field(0.1, "weight of the log-ratio to the reference in the implicit reward: higher keeps the "

@@ -41,7 +41,8 @@ from alignment.store import Store
 class RMSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate, ...: the keys every trainer stage has
     epochs: float = field(2.0, "passes over the preference pairs")
     batch_size: int = field(32, "pairs per device per forward")
-    learning_rate: float = field(5e-4, "peak AdamW learning rate")
+    learning_rate: float = field(5e-4, "peak AdamW learning rate; set by the model's size unless given "
+                                  "(alignment/presets.py: 5e-4 for the tiny twins, 1e-5 for 7B)")
     max_length: int = field(512, "longest prompt+response in tokens; longer pairs are dropped and counted")
     group_by_length: bool = field(True, "batch pairs of similar length together: less padding")
     validation: int = field(200, "pairs carved from the end of the training pairs to choose the checkpoint on")

@@ -40,7 +40,8 @@ from alignment.store import Store
 class SFTSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate, ...: the keys every trainer stage has
     epochs: float = field(3.0, "passes over the demonstrations")
     batch_size: int = field(32, "sequences per device per forward")
-    learning_rate: float = field(2e-3, "peak AdamW learning rate (tiny models want high rates; 7B wants ~2e-5)")
+    learning_rate: float = field(2e-3, "peak AdamW learning rate; set by the model's size unless given "
+                                  "(alignment/presets.py: 2e-3 for the tiny twins, 2e-5 for 7B)")
     max_length: int = field(512, "longest sequence in tokens; a longer one loses the beginning of its prompt (counted)")
     group_by_length: bool = field(
         False,

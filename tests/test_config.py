@@ -91,7 +91,7 @@ def test_help_starts_with_a_usage_line(capsys):
     with pytest.raises(SystemExit):
         config.cli(ppo_stage.Config, ["--help"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: python ") and "[--config FILE.yaml] [key=value ...]" in out
+    assert out.startswith("usage: python ") and "[--config FILE.yaml] [--print-config] [key=value ...]" in out
     assert "ppo.kl_coef = 0.3" in out
 
 

@@ -177,7 +177,10 @@ def test_hub_id_loads_from_the_local_cache_offline(hub_cache, chat_model):
     cache_as_download(hub_cache, "someorg/tiny-llama-chat", chat_model)
     spec, llama = registry.get("someorg/tiny-llama-chat"), registry.get("llama-2-7b")
     assert (spec.name, spec.source, spec.family) == ("someorg/tiny-llama-chat", "someorg/tiny-llama-chat", "llama")
-    assert dataclasses.replace(spec, name=llama.name, source=llama.source) == llama  # the family's settings
+    # the family's settings, but prompts in the chat template its tokenizer ships (an instruct model's)
+    assert spec.template == "auto" and spec.chat_template == CHAT_TEMPLATE
+    assert dataclasses.replace(spec, name=llama.name, source=llama.source, template=llama.template, chat_template="",
+                               chat_tokens=()) == llama
     path = registry.resolve(spec)
     model = loading.load_model(path, AutoModelForCausalLM, spec, tokenizer=loading.load_tokenizer(path, spec))
     assert model.config.model_type == "llama" and model.dtype == torch.bfloat16

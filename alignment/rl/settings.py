@@ -14,7 +14,8 @@ class RLSettings:
     steps: int = field(60, "iterations: rollout batches sampled, scored and trained on")
     batch_size: int = field(64, "prompts per rollout batch, per process")
     mini_batch_size: int = field(16, "sequences per optimizer step, per process (DeepSpeed's micro batch)")
-    learning_rate: float = field(1e-4, "AdamW learning rate")
+    learning_rate: float = field(1e-4, "AdamW learning rate; set by the model's size unless given "
+                                  "(alignment/presets.py: 1e-4 for the tiny twins, 1e-6 for 7B)")
     max_new_tokens: int = field(20, "longest response sampled")
     max_prompt_length: int = field(512, "longest prompt in tokens; longer ones lose their beginning (counted)")
     temperature: float = field(1.0, "sampling temperature; log-probs are computed at the same temperature")
