@@ -56,7 +56,11 @@ ALLOWED = {
     "MASTER_ADDR=10.0.0.1": "several machines; tests/test_distributed.py runs two launches as two machines here",
     "make sft rm ppo MODEL=/models/my-llama": "a model folder this machine does not have; tests/test_registry.py loads "
     "model folders built from config",
-    'make sft rm ppo MODEL=Qwen/Qwen2.5-0.5B-Instruct ARGS="template=auto"': "downloads from the hub",
+    "make sft rm ppo MODEL=Qwen/Qwen2.5-0.5B-Instruct": "downloads from the hub",
+    ".venv/bin/python -m stages.sft --print-config model=/models/Meta-Llama-3-8B-Instruct": "a model folder this "
+    "machine does not have; tests/test_presets.py prints the config of a folder of that shape",
+    'make sft MODEL=/models/Meta-Llama-3-8B-Instruct ARGS="--print-config"': "a model folder this machine does not "
+    "have; tests/test_presets.py prints the config of a folder of that shape",
     "HF_HUB_OFFLINE=1 make sft MODEL=Qwen/Qwen2.5-0.5B": "needs the model in the local hub cache",
     "make data-check DATA=~/mydata/mine.yaml": "a user's own file; tests/test_own_data.py runs make data-check on one",
     "make sft rm ppo DATA=~/mydata/mine.yaml": "a user's own file; tests/test_own_data.py runs the stages on one",
