@@ -43,14 +43,14 @@ class ReportProgress(TrainerCallback):
 
 class HeldOutCurve(TrainerCallback):
     """The held-out points of a TRL trainer's policy, at step 0 and every `every` optimizer steps (and the last):
-    measure(model, step) -> {"step", "eval_reward", "eval_gold", "eval_kl"} (evaluation.curve_point). The points,
-    with the seconds each took, go into the trainer's log_history, which its checkpoints save: a resumed run keeps
-    the earlier ones."""
+    measure(model, step) -> {"step", "eval_reward", "eval_gold", "eval_kl", ...} (evaluation.curve_point). The
+    points, with the seconds each took, go into the trainer's log_history, which its checkpoints save: a resumed run
+    keeps the earlier ones. watch(points, step) -> True stops training (the collapse guard, health.watch)."""
 
-    def __init__(self, every: int, measure, writer=None):
-        self.every, self.measure, self.writer = every, measure, writer
+    def __init__(self, every: int, measure, writer=None, watch=None):
+        self.every, self.measure, self.writer, self.watch = every, measure, writer, watch
 
-    def _add(self, state, model, step: int) -> None:
+    def _add(self, state, model, step: int, control=None) -> None:
         was_training = model.training
         model.eval()
         started = time.time()
@@ -62,14 +62,16 @@ class HeldOutCurve(TrainerCallback):
             for key, value in point.items():
                 if key != "step":
                     self.writer.add_scalar(key, value, step)
+        if self.watch is not None and self.watch(self.points(state), step) and control is not None:
+            control.should_training_stop = True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step == 0:
-            self._add(state, model, 0)
+            self._add(state, model, 0, control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and (state.global_step % self.every == 0 or state.global_step == state.max_steps):
-            self._add(state, model, state.global_step)
+            self._add(state, model, state.global_step, control)
 
     @staticmethod
     def points(state) -> list[dict]:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from alignment import forwards, ppo, scoring, stats, task, tokens
+from alignment import forwards, health, ppo, scoring, stats, task, tokens
 
 METRICS = {
     # name -> one sentence a reader of the report needs to interpret it
@@ -48,6 +48,18 @@ METRICS = {
     "distinct_1": "Distinct unigrams over all unigrams of all responses: lexical diversity.",
     "distinct_2": "Distinct bigrams over all bigrams of all responses.",
     "ended_with_eos": "Share of responses that end with EOS within the length limit.",
+    "distinct_responses": (
+        "Share of distinct responses across held-out prompts (one per prompt; case and spacing aside): 1 when every "
+        "prompt gets its own answer, low when the policy says the same thing to all."
+    ),
+    "top_response_share": "Share of held-out prompts answered with the single most frequent response.",
+    "distinct_1_all": "Distinct words over all words of all the responses together.",
+    "distinct_2_all": "Distinct word bigrams over all bigrams of all the responses together.",
+    "mean_length": "Mean response length in words (the answers-as-a-set table; response_length counts tokens).",
+    "prompt_overlap": (
+        "Mean share of a response's distinct words that its prompt contains: an answer that ignores its prompt "
+        "shares few."
+    ),
     "gold": (
         "Mean gold-judge score (embedded task only): share of right answer positions, minus 0.4 if anything follows "
         "the answer."
@@ -199,7 +211,15 @@ def curve_point(policy, ref_policy, scorer, tokenizer, spec, prompts: list, step
         torch.manual_seed(seed)
         r = rollout_scores(policy, ref_policy, scorer, tokenizer, spec, prompts, max_new_tokens=max_new_tokens,
                            temperature=temperature, greedy=False, gold=gold, max_prompt_tokens=max_prompt_tokens)
-    return {"step": step, **{f"eval_{k}": stats.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
+    return held_out_point(r, prompts, step)
+
+
+def held_out_point(r: dict, prompts: list, step: int) -> dict:
+    """A held-out point from rollout_scores of one sampled response per prompt: the means of reward, gold (where
+    defined) and KL, and the measures that need no judge (health.measures), each under eval_<name>."""
+    found = health.measures(prompts, r["responses"])
+    return {"step": step, **{f"eval_{k}": stats.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]},
+            **{f"eval_{k}": found[k] for k in health.POINT_KEYS if k in found}}
 
 
 def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) -> dict:
@@ -273,6 +293,8 @@ def compare_policies(
         section["kl"] = stats.mean(after["kl"])
         section["response_length"] = {"sft": stats.mean(before["length"]), "policy": stats.mean(after["length"])}
         section["ended_with_eos"] = {"sft": stats.mean(before["ended"]), "policy": stats.mean(after["ended"])}
+        section["health"] = {"sft": health.measures(prompts, before["responses"][::reps]),
+                             "policy": health.measures(prompts, after["responses"][::reps])}
         section["examples"] = [
             {"prompt": p, "sft": b, "policy": a}
             for p, b, a in list(zip(repeated, before["responses"], after["responses"]))[::reps][:3]

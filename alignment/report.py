@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jinja2
 
-from alignment import plots, task
+from alignment import health, plots, task
 
 METHODS = ("base", "ppo", "dpo", "grpo")  # compared with SFT in the headline, in this order
 TRAINED_ON = {"ppo": ("episodes", "episodes"), "grpo": ("episodes", "episodes"), "dpo": ("pairs_seen", "pairs")}
@@ -66,10 +66,31 @@ def headline(result: dict) -> list[dict]:
             field, unit = TRAINED_ON.get(stage, (None, None))
             seen = rec.get(field) if field else None
             rows.append({"method": label(run, stage, n_runs), "reference": False, "stage": stage,
+                         "collapsed": bool(collapse_signs(entry, stage)),
                          "prompts": vs["prompts"], "samples": vs["samples"], "kl": vs["kl"],
                          "duration_s": rec.get("duration_s"), "trained_on": f"{seen:,} {unit}" if seen else None,
                          **{f"{key}_{mode}": vs[mode][key]["difference"] for mode in ("greedy", "sampled")
                             for key in ("gold", "reward") if key in vs[mode]}})
+    return rows
+
+
+def collapse_signs(entry: dict, stage: str) -> list[str]:
+    """The signs that stage's greedy answers collapsed against its run's SFT policy's (health.collapse)."""
+    answers, sft = entry["checkpoints"][stage].get("answers"), entry["checkpoints"].get("sft", {}).get("answers")
+    return health.collapse(answers["greedy"], sft["greedy"]) if answers and sft and stage != "sft" else []
+
+
+def answers_table(entry: dict) -> list[dict]:
+    """Per policy of a run, its greedy answers as a set (health.measures), its length against SFT's and the
+    signs of collapse."""
+    sft = (entry["checkpoints"].get("sft", {}).get("answers") or {}).get("greedy")
+    rows = []
+    for stage, m in entry["checkpoints"].items():
+        if m["kind"] != "policy" or not m.get("answers"):
+            continue
+        a = m["answers"]["greedy"]
+        rows.append({"stage": stage, **a, "length_vs_sft": a["mean_length"] / sft["mean_length"]
+                     if sft and sft["mean_length"] else None, "signs": collapse_signs(entry, stage)})
     return rows
 
 
@@ -126,6 +147,14 @@ def warnings(result: dict) -> list[str]:
             out += _judge_prefers_base(judge, base["vs_sft"])
         for stage in (s for s in METHODS[1:] if s in checkpoints):
             vs, rec = checkpoints[stage]["vs_sft"], checkpoints[stage].get("recorded", {})
+            if collapse_signs(entry, stage):
+                out.append(health.collapse_line(name(stage), checkpoints[stage]["answers"]["greedy"],
+                                                checkpoints["sft"]["answers"]["greedy"],
+                                                vs["greedy"]["reward"]["difference"]["mean"]))
+            if guarded := rec.get("guard"):
+                out.append(f"{name(stage)} is the policy of step {guarded['published_step']}: its stage's guard "
+                           f"(guard_collapse) stopped training when the held-out point of step "
+                           f"{guarded['collapsed_at_step']} showed a collapse ({'; '.join(guarded['signs'])}).")
             out += _over_optimisation(name(stage), vs, rec.get("eval_curve", []), rec.get("curve_prompts"))
             out += _over_budget(name(stage), vs["kl"], rec.get("eval_curve", []), settings["kl_budget"])
             if rec.get("skipped_non_finite"):
@@ -367,7 +396,8 @@ Green: the interval lies above zero; red: below. KL to SFT is what the method sp
 <th>RM reward − SFT, greedy ↑</th><th>RM reward − SFT, sampled ↑</th><th>KL to SFT, nats/response ↓</th>
 <th>stage wall time, s ↓</th><th>trained on</th><th>n prompts</th></tr></thead><tbody>
 {% for row in headline %}
-<tr{% if row.reference %} class="ref"{% endif %}><td><b>{{ row.method }}</b></td>
+<tr{% if row.reference %} class="ref"{% endif %}><td><b>{{ row.method }}</b>{% if row.get("collapsed") %}
+<br><small class="down">its answers collapsed: see section 2 and the table below</small>{% endif %}</td>
 {% for key in keys %}
 {% if row.reference %}<td>{{ row.get(key) | num }} <small>(its own score)</small></td>
 {% else %}<td class="{{ row.get(key) | verdict }}">{{ row.get(key) | signed }}</td>{% endif %}
@@ -377,12 +407,25 @@ Green: the interval lies above zero; red: below. KL to SFT is what the method sp
 {% endfor %}
 </tbody></table>
 {% if "headline" in images %}<p><img src="{{ images.headline }}" alt="headline"></p>{% endif %}
+{% for run, e in r.runs.items() if answers[run] %}
+<p>Run <code>{{ run }}</code>: every policy's greedy answers to the {{ e.prompts }} held-out prompts as a set, which
+needs no judge: a policy that games its reward model with one answer to every prompt shows here even where there is
+no gold judge. Collapse: under half SFT's distinct share, one answer to at least 10% of the prompts and 3x SFT's
+most frequent share, or answers under half SFT's length (alignment/health.py).</p>
+<table><thead><tr><th>policy</th><th>distinct answers ↑</th><th>most frequent answer</th><th>distinct-1 / -2 over
+all</th><th>mean words</th><th>length / SFT's</th><th>words from the prompt</th><th>collapse</th></tr></thead><tbody>
+{% for a in answers[run] %}<tr><td>{{ a.stage }}</td><td>{{ a.distinct_responses | num }}</td>
+<td>{{ a.top_response_share | num }} <small class="out">{{ a.top_response[:60] }}</small></td>
+<td>{{ a.distinct_1_all | num }} / {{ a.distinct_2_all | num }}</td><td>{{ a.mean_length | num(1) }}</td>
+<td>{{ a.length_vs_sft | num(2) }}</td><td>{{ a.prompt_overlap | num }}</td>
+<td class="{{ 'down' if a.signs }}">{{ a.signs | join("; ") if a.signs else "no" }}</td></tr>{% endfor %}
+</tbody></table>{% endfor %}
 
 <h2 id="warnings">2. Warnings</h2>
 {% if warnings %}<ul class="warn">{% for w in warnings %}<li>{{ w }}</li>{% endfor %}</ul>
-{% else %}<p>None: no check below found anything to say (stale lineage, a reward model preferring the base, reward up
-while gold falls, KL over budget, responses cut off, a reward model near chance or below "shorter wins", two
-reward-model accuracies).</p>{% endif %}
+{% else %}<p>None: no check below found anything to say (stale lineage, a reward model preferring the base, answers
+collapsed, reward up while gold falls, KL over budget, responses cut off, a reward model near chance or below
+"shorter wins", two reward-model accuracies).</p>{% endif %}
 
 <h2 id="frontier">3. {{ "Gold" if gold else "Reward-model score" }} against KL to SFT</h2>
 <p>One curve per method from the held-out points its stage measured every <code>eval_every</code> steps; stars: this
@@ -491,6 +534,7 @@ def write(result: dict, run_dir: Path) -> Path:
             for run, e in result["runs"].items()
         },
         rm_columns=RM_COLUMNS,
+        answers={run: answers_table(e) for run, e in result["runs"].items()},
     )
     (run_dir / "report.html").write_text(page)
     return run_dir

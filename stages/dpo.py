@@ -31,6 +31,8 @@ from alignment import (
     distributed,
     evaluation,
     forwards,
+    guard,
+    health,
     loading,
     publish,
     registry,
@@ -68,6 +70,13 @@ class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate,
                                    "beginning")
     reward_model: str = field("", "store id run/rm of the reward model that judges the held-out evaluation; empty: "
                               "the run's")
+    guard_collapse: bool = field(False, "when a held-out point shows the policy's answers collapsed (alignment/"
+                                 "health.py), stop and publish the policy of the last healthy held-out point")
+
+    def check(self) -> None:
+        if self.guard_collapse and not self.eval_every:
+            raise config.ConfigError("guard_collapse needs held-out points to watch: set eval_every to a number "
+                                     "of steps")
 
 
 class DPOTrainer(batching.LengthGrouping, TRLDPOTrainer):
@@ -187,12 +196,30 @@ def main(argv: list[str]) -> None:
                 max_new_tokens=d.max_new_tokens, temperature=d.temperature, gold=gold,
                 max_prompt_tokens=d.max_prompt_length, seed=cfg.seed)
 
+    collapsed: dict = {}
+
+    def watch(points: list[dict], step: int) -> bool:  # every held-out point against SFT's (step 0); the guard
+        signs = health.watch(points, "dpo", trainer.is_world_process_zero())
+        if d.guard_collapse and signs:
+            collapsed.update(step=step, signs=signs)
+            return True
+        if d.guard_collapse:
+            guard.keep_healthy(store, run, "dpo", trainer.accelerator, trainer.model_wrapped, step)
+        return False
+
     writer = SummaryWriter(str(tensorboard)) if trainer.is_world_process_zero() else None
-    trainer.add_callback(callbacks.HeldOutCurve(d.eval_every, curve_point, writer))
+    trainer.add_callback(callbacks.HeldOutCurve(d.eval_every, curve_point, writer, watch))
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[dpo] {dropped} training pairs whose prompt fills dpo.max_length={d.max_length} tokens were dropped")
     result = training.train(trainer, "dpo", resume_from)
+    guarded = {}
+    if collapsed:  # the guard: the last healthy held-out point's weights are the ones measured and published
+        healthy = guard.restore_healthy(store, run, "dpo", trainer.accelerator, trainer.model_wrapped)
+        guarded = {"guard": {"collapsed_at_step": collapsed["step"], "published_step": healthy,
+                             "signs": collapsed["signs"]}}
+        print(f"[dpo] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse; training "
+              f"stops, and the policy of step {healthy}, the last healthy held-out point, is measured and published")
     held_out = trainer.evaluate()  # DPO's own loss and implicit-reward accuracy on the held-out pairs
 
     # 5. compare with the SFT policy on held-out prompts (every process its share), greedy and sampled, as PPO does
@@ -223,11 +250,13 @@ def main(argv: list[str]) -> None:
         "eval_pairs": len(trainer.eval_dataset),
         "pairs_seen": round(trainer.state.epoch * len(trainer.train_dataset)),  # over all processes
         "dropped_too_long": dropped,
+        **guarded,
     }
     publish.publish(trainer, result, store, cfg, spec, tokenizer, weights, stage="dpo", started=started, parent=sft,
                      splits=["prefs_train", "prefs_eval", "prompts_eval"],
                      skipped={"prefs_train": train_skipped, "prefs_eval": eval_skipped}, metrics=metrics,
                      evaluated_with={"reward_model": rm.id, "uid": rm.manifest["uid"]})
+    guard.clear_healthy(store, run, "dpo")
     print(f"[dpo] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}, held-out "
           f"implicit-reward accuracy {metrics['eval_reward_accuracy']:.3f} on {metrics['eval_pairs']} pairs")
     print(report.format_comparison(summary, "dpo"))

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import config, data, evaluation, loading, logs, registry, report, scoring, stats, task
+from alignment import config, data, evaluation, health, loading, logs, registry, report, scoring, stats, task
 from alignment.config import field
 from alignment.store import Checkpoint, Store, StoreError
 
@@ -110,7 +110,10 @@ def policy_figures(ref: Reference, policy, greedy: dict, sampled: dict, sft_gree
     differences to SFT's responses to the same prompts, greedy and sampled (the report's headline)."""
     return {"prompts": len(ref.prompts), **evaluation.cross_entropy(policy, ref.tokenizer, ref.spec, ref.demos),
             **evaluation.policy_metrics(sampled, sft_sampled, ref.gold),
-            "vs_sft": evaluation.versus_sft(greedy, sampled, sft_greedy, sft_sampled, samples, ref.gold)}
+            "vs_sft": evaluation.versus_sft(greedy, sampled, sft_greedy, sft_sampled, samples, ref.gold),
+            # the answers as a set, one per prompt (health.measures): greedy, and the first sample of each prompt
+            "answers": {"greedy": health.measures(ref.prompts, greedy["responses"]),
+                        "sampled": health.measures(ref.prompts, sampled["responses"][::samples])}}
 
 
 def lineage(store: Store, checkpoint: Checkpoint) -> dict:
@@ -136,8 +139,9 @@ def recorded(checkpoint: Checkpoint, stage: str, prompts: int) -> dict:
         "episodes": m.get("episodes"),
         "pairs_seen": m.get("pairs_seen"),
         "skipped_non_finite": m.get("skipped_non_finite"),
-        "reward_model": settings.get("reward_model") or None,
-    }  # a judge other than the run's, if it had one
+        "reward_model": settings.get("reward_model") or None,  # a judge other than the run's, if it had one
+        "guard": m.get("guard"),  # the guard stopped it at a collapse and published an earlier policy
+    }
 
 
 def reward_model_entry(store: Store, run: str, ref: Reference, cfg: Config) -> dict:

@@ -74,6 +74,8 @@ ALLOWED = {
     "ACCELERATE_CONFIG=configs/accelerate/multinode.yaml'": "a Slurm cluster; tests/test_distributed.py runs the "
     "same make line as two machines on one",
     "make data": "rewrites data/task in the checkout; tests/test_task.py checks the generator against the files",
+    'make ppo DATA=hh-rlhf ARGS="ppo.guard_collapse=true"': "the guard watches held-out points, which this check's "
+    "tiny settings turn off (ppo.eval_every=0); tests/test_faults.py runs the guard of PPO and DPO",
     "accelerate launch --multi_gpu --num_processes 2": "a launcher line the Makefile "
     "composes; make ... NPROC=2 runs it",
 }

@@ -183,6 +183,68 @@ def test_ppo_skips_nan_losses_and_stops_after_a_run(prepared, monkeypatch):
     assert state["step"] == 2  # two minibatches a step: calls 5-7 are steps 3-4; step 2 is the last saved
 
 
+def test_the_guard_publishes_the_policy_of_the_last_healthy_held_out_point(prepared, monkeypatch, capsys):
+    """ppo.guard_collapse: a held-out point whose answers collapsed (here: from step 3 on every held-out answer is
+    made the same) stops training, and the policy of step 2 is compared and published, the very weights a run of 2
+    steps publishes; the manifest says so, and the kept weights are gone once published."""
+    from safetensors.torch import load_file
+
+    from alignment import evaluation
+
+    root, base = prepared
+    args = [*COMMON, "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
+            "ppo.eval_samples=1", "ppo.eval_every=1", "ppo.eval_prompts=8", "save_every=100"]
+    two_steps, guarded = root / "guard-two-steps", root / "guard"
+    for store in (two_steps, guarded):
+        copy_inputs(base, store, ["sft", "rm"])
+    ppo_stage.main([f"store={two_steps}", *args, "ppo.steps=2"])
+    assert "collapsed" not in capsys.readouterr().out
+
+    point = evaluation.held_out_point
+    monkeypatch.setattr(evaluation, "held_out_point", lambda r, prompts, step: point(
+        {**r, "responses": ["a a a"] * len(r["responses"])} if step >= 3 else r, prompts, step))
+    ppo_stage.main([f"store={guarded}", *args, "ppo.steps=6", "ppo.guard_collapse=true"])
+    out = capsys.readouterr().out
+    assert "[ppo] held-out point of step 3: the policy's answers collapsed" in out
+    assert ("guard_collapse: the held-out point of step 3 shows a collapse; training stops, and the policy of "
+            "step 2") in out
+    published = Store(guarded).get("tiny-llama", "ppo")
+    assert published.metrics["guard"]["collapsed_at_step"] == 3 and published.metrics["guard"]["published_step"] == 2
+    assert [p["step"] for p in published.metrics["eval_curve"]] == [0, 1, 2, 3]
+    assert published.metrics["episodes"] == 3 * 8  # three steps trained, the third's undone
+    weights = load_file(published.path / "model.safetensors")
+    expected = load_file(Store(two_steps).get("tiny-llama", "ppo").path / "model.safetensors")
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+    assert not (guarded / "tiny-llama" / ".healthy-ppo").exists()
+
+
+def test_dpos_guard_publishes_its_last_healthy_held_out_point(prepared, monkeypatch, capsys):
+    """dpo.guard_collapse: held-out points at steps 0, 4, 8, 12; from step 8 on every held-out answer is made the
+    same: training stops there and the weights of step 4, as kept, are measured and published."""
+    from safetensors.torch import load_file
+
+    from alignment import evaluation
+    from alignment import guard as guard_module
+    from stages import dpo as dpo_stage
+
+    root, base = prepared
+    store = root / "dpo-guard"
+    copy_inputs(base, store, ["sft", "rm"])
+    point = evaluation.held_out_point
+    monkeypatch.setattr(evaluation, "held_out_point", lambda r, prompts, step: point(
+        {**r, "responses": ["a a a"] * len(r["responses"])} if step >= 8 else r, prompts, step))
+    monkeypatch.setattr(guard_module, "clear_healthy", lambda *args: None)  # kept, to compare with what was published
+    dpo_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["dpo"], "save_every=100", "dpo.guard_collapse=true"])
+    out = capsys.readouterr().out
+    assert "[dpo] held-out point of step 8: the policy's answers collapsed" in out
+    published = Store(store).get("tiny-llama", "dpo")
+    assert published.metrics["guard"]["collapsed_at_step"] == 8 and published.metrics["guard"]["published_step"] == 4
+    assert [p["step"] for p in published.metrics["eval_curve"]] == [0, 4, 8]
+    weights = load_file(published.path / "model.safetensors")
+    kept = load_file(store / "tiny-llama" / ".healthy-dpo" / "model.safetensors")
+    assert kept and all(torch.equal(weights[k], kept[k]) for k in kept)
+
+
 def test_pickled_checkpoint_is_refused(tmp_path, tiny_cache):
     spec = registry.get("tiny-llama")
     model = AutoModelForCausalLM.from_pretrained(registry.resolve(spec))

@@ -27,6 +27,7 @@ from alignment import (
     evaluation,
     forwards,
     guard,
+    health,
     loading,
     machine,
     ppo,
@@ -138,12 +139,14 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         algorithm.restore(state)
     elif s.eval_every:
         state.eval_log.append(evaluate(0))
+        if s.guard_collapse:  # the SFT policy: healthy by definition, published if training collapses at once
+            guard.keep_healthy(store, run, stage, accelerator, model, 0)
     config.PROGRESS.update(stage=stage, step=state.step, state=lambda: store.load_state_path(run, stage))
     per_step = s.batch_size * accelerator.num_processes  # prompts consumed per step, over all processes
     bf16 = machine.use_bf16(cfg.precision)
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
     seconds = dict.fromkeys(("generate", "score", "train", "loop"), 0.0)  # this session's time, by phase
-    loop_started, first_step = time.time(), state.step
+    loop_started, first_step, collapsed = time.time(), state.step, None
     trained = [q for q in model.parameters() if q.requires_grad]
     tokenizer, spec = models.tokenizer, models.spec
 
@@ -214,6 +217,12 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         if s.eval_every and (step % s.eval_every == 0 or step == s.steps):
             t4 = time.time()
             state.eval_log.append(evaluate(step))
+            signs = health.watch(state.eval_log, stage, main_process)
+            if s.guard_collapse and signs:
+                collapsed = {"step": step, "signs": signs}
+                break
+            if s.guard_collapse:
+                guard.keep_healthy(store, run, stage, accelerator, model, step)
             loop_started += time.time() - t4  # held-out evaluation is not training time
         if step % cfg.save_every == 0 or step == s.steps:  # the last too: a failure in the comparison or the save
             algorithm.keep(state)  # that follow then repeats no training
@@ -222,15 +231,23 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     seconds["loop"] = time.time() - loop_started
     distributed.release_optimizer_states(optimizer)  # (the resumable state holds them where it was saved)
     machine.give_back_freed_memory()
-    episodes = (s.steps - first_step) * per_step * algorithm.group_size  # sampled and trained on in this session
+    episodes = (state.step - first_step) * per_step * algorithm.group_size  # sampled and trained on in this session
+    guarded = {}
+    if collapsed:  # the guard: the weights of the last healthy held-out point are the ones compared and published
+        healthy = guard.restore_healthy(store, run, stage, accelerator, model)
+        guarded = {"guard": {"collapsed_at_step": collapsed["step"], "published_step": healthy,
+                             "signs": collapsed["signs"]}}
+        print(f"[{stage}] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse; training "
+              f"stops, and the policy of step {healthy}, the last healthy held-out point, is compared and published")
     if writer:
         writer.close()
     return Trained(model, models, state, {
         "steps": s.steps, "skipped_non_finite": state.skipped, "truncated_prompts": state.truncated_prompts,
         "processes": accelerator.num_processes, "deepspeed_zero_stage": zero, **speed(seconds, episodes, bf16),
-        **algorithm.final(state),
+        **algorithm.final(state), **guarded,
         "parameters_held_per_process": distributed.every_process(accelerator, held),
     }, eval_prompts)
+
 
 
 def finish(session: Session, models: Models, trained: Trained) -> None:
@@ -276,6 +293,7 @@ def save(session: Session, models: Models, model, weights: dict, state: RLState,
     checkpoint = store.publish(tmp, publish.manifest(cfg, spec, stage, parents=[session.sft, session.rm],
                                                      splits=["prompts_train", "prompts_eval"], metrics=metrics))
     store.clear_state(run, stage)  # published: a rerun starts a new training
+    guard.clear_healthy(store, run, stage)
     print(f"[{stage}] saved {checkpoint.id} -> {checkpoint.path}")
 
 

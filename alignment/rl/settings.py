@@ -31,6 +31,9 @@ class RLSettings:
     eval_prompts: int = field(64, "held-out prompts used by the evaluation during training")
     activation_checkpointing: bool = field(False, "recompute the trained models' activations in the backward pass "
                                            "instead of keeping them: less memory, more compute (for large models)")
+    guard_collapse: bool = field(False, "when a held-out point shows the policy's answers collapsed (alignment/"
+                                 "health.py: few distinct answers, one answer to many prompts, much shorter ones "
+                                 "than SFT's), stop and publish the policy of the last healthy held-out point")
     offload_frozen: str = field("auto", "under DeepSpeed ZeRO-3, where the reference's and the reward model's "
                                 "partitions live between uses: auto (as the launch file's offload_param), cpu, or "
                                 "none (the accelerator)")
@@ -38,6 +41,8 @@ class RLSettings:
     def check(self) -> None:
         if self.offload_frozen not in ("auto", "cpu", "none"):
             raise ConfigError(f"offload_frozen: {self.offload_frozen!r} is not 'auto', 'cpu' or 'none'")
+        if self.guard_collapse and not self.eval_every:
+            raise ConfigError("guard_collapse needs held-out points to watch: set eval_every to a number of steps")
 
 
 @dataclasses.dataclass

@@ -78,3 +78,4 @@ def resumed(store: Store, run: str, stage: str, cfg, fresh: RLState, accelerator
     state = dataclasses.replace(load(saved, accelerator, order, how or "same"), config=fresh.config)
     print(f"[{stage}] resuming after step {state.step} from {saved}")
     return state
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment import data, distributed, evaluation, forwards, guard, ppo, stats, tokens
+from alignment import data, distributed, evaluation, forwards, guard, ppo, tokens
 from alignment.rl.types import RLState, Rollout, Scores
 
 
@@ -99,7 +99,7 @@ def evaluate(accelerator, model, reference, scorer, tokenizer, spec, prompts: li
             temperature=settings.temperature, greedy=False, gold=data.get_profile(cfg.data).gold,
             max_prompt_tokens=settings.max_prompt_length,
         ), prompts[: settings.eval_prompts])
-    point = {"step": step, **{f"eval_{k}": stats.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]}}
+    point = evaluation.held_out_point(r, prompts[: settings.eval_prompts], step)
     for key, value in point.items():
         if key != "step" and writer:
             writer.add_scalar(f"{stage}/{key}", value, step)
