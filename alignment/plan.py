@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import yaml
 
-from alignment import config, registry
+from alignment import config, distributed, registry
 from alignment.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -469,9 +469,13 @@ def _trained_items(stage: str, shape: Shape, launch: Launch, work: Workload) -> 
     ]
     if not launch.zero and launch.processes > 1:
         items.append(Item("DDP gradient buckets", HELD, 4.0 * trained, "a second fp32 copy of the gradients"))
-    if launch.zero == 3:  # DeepSpeed 0.19, stage3.py: _prepare_fp32_grad_for_sub_group flattens them anew
-        items.append(Item("gradients flattened for the step", STEP, 4.0 * trained / launch.processes,
-                          f"fp32, 1/{launch.processes}: ZeRO-3 copies the gradient partition into one buffer",
+    if launch.zero == 3:  # DeepSpeed 0.19, stage3.py: _prepare_fp32_grad_for_sub_group flattens them anew, one
+        # sub-group at a time: the RL loop sizes those (distributed.zero3_sizes), the trainers leave DeepSpeed's 1e9
+        partition = trained / launch.processes
+        sub_group = distributed.zero3_sizes(shape.hidden)["sub_group_size"] if stage in RL_STAGES else 1e9
+        items.append(Item("gradients flattened for the step", STEP, 4.0 * min(partition, sub_group),
+                          f"fp32, 1/{launch.processes}: ZeRO-3 copies the gradient partition into one buffer"
+                          + (", a sub-group at a time" if sub_group < partition else ""),
                           host=bool(offloaded_states)))
     if not launch.zero and work.bf16:
         items.append(Item("autocast weight copies", TRAINING, 2.0 * trained, "bf16 casts of the trained weights"))

@@ -173,9 +173,13 @@ def train(session: Session, models: Models, algorithm) -> Trained:
 
         # 3. advantages, the algorithm's way
         adv = algorithm.advantages(accelerator, r, scores, state)
-        if adv is None:
+        save_now = step % cfg.save_every == 0 or step == s.steps  # the last too: a failure in the comparison or the
+        if adv is None:  # save that follow then repeats no training
             guard.count_skip(state, "reward", step, cfg.max_bad_steps, algorithm.method)
             state.step = step
+            if save_now:
+                algorithm.keep(state)
+                rl_state.save(store, run, stage, accelerator, order, state)
             continue
 
         # 4. update: the algorithm's loss over each epoch's minibatches
@@ -224,8 +228,8 @@ def train(session: Session, models: Models, algorithm) -> Trained:
             if s.guard_collapse:
                 guard.keep_healthy(store, run, stage, accelerator, model, step)
             loop_started += time.time() - t4  # held-out evaluation is not training time
-        if step % cfg.save_every == 0 or step == s.steps:  # the last too: a failure in the comparison or the save
-            algorithm.keep(state)  # that follow then repeats no training
+        if save_now:
+            algorithm.keep(state)
             rl_state.save(store, run, stage, accelerator, order, state)
 
     seconds["loop"] = time.time() - loop_started
