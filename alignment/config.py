@@ -127,6 +127,11 @@ def load(cls: type, yaml_path: str | Path | None = None, overrides: list[str] = 
     if not isinstance(by_size, dict) or set(by_size) - set(presets.LEARNING_RATES):
         raise ConfigError(f"{yaml_path}: presets: expected a mapping from a size class "
                           f"({', '.join(presets.LEARNING_RATES)}) to settings")
+    for size, section in by_size.items():  # every class's checked now, not when a model of its size comes
+        if not isinstance(section, dict) or {"model", "lora"} & set(section):
+            raise ConfigError(f"{yaml_path}: presets.{size}: expected stage settings (the model and LoRA choose the "
+                              "class, so they cannot be set there)")
+        _from_file(cls(), section, f"{yaml_path}: presets.{size}")
     tree = parse_overrides(list(overrides))
     probe = cls()  # what the file and the overrides say of the model and LoRA, which the presets depend on
     _from_file(probe, values, yaml_path)

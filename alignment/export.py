@@ -74,7 +74,8 @@ def _write(checkpoint: Checkpoint, folder: Path, merge: bool) -> None:
             # generate() as forwards.generate decodes: stop at EOS, pad after it, never emit the pad token (its
             # embedding row may be an added zero row, whose logit 0 can beat every real token's)
             pad, ends = tokenizer.pad_token_id, list(tokens.end_ids(tokenizer))
-            model.generation_config.update(pad_token_id=pad, eos_token_id=ends if len(ends) > 1 else ends[0],
+            eos = ends if len(ends) > 1 else ends[0] if ends else None
+            model.generation_config.update(pad_token_id=pad, eos_token_id=eos,
                                            suppress_tokens=[pad] if pad not in ends else None)
         model.save_pretrained(folder)  # safetensors
     loading.save_tokenizer(tokenizer, folder, spec)

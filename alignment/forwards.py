@@ -312,7 +312,8 @@ def generate(
         step = model
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     queries, query_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-    pad, ends = tokenizer.pad_token_id, torch.tensor(tokens.end_ids(tokenizer), device=device)
+    pad, ends = tokenizer.pad_token_id, torch.tensor(tokens.end_ids(tokenizer), dtype=torch.long, device=device)
+    suppress_pad = pad not in tokens.end_ids(tokenizer)  # (decided once: a test on a GPU tensor would sync per token)
     cache_name = "cache" if _takes(model, "cache") else "past_key_values"  # the name before transformers 5.x
     takes_positions = _takes(model, "position_ids")
     inputs = {"input_ids": queries, **_position_kwargs(model, query_mask), **_logits_kwargs(model, 1)}
@@ -321,7 +322,7 @@ def generate(
     for _ in range(max_new_tokens):
         out = step(**inputs, attention_mask=mask, use_cache=True)
         logits = out.logits[:, -1].float()
-        if pad not in ends and pad < logits.shape[1]:
+        if suppress_pad and pad < logits.shape[1]:
             logits[:, pad] = float("-inf")
         if greedy:
             token = logits.argmax(-1)

@@ -39,39 +39,68 @@ HEALTHY = ".healthy-{stage}"  # in the run's folder: the policy of the last heal
 
 def keep_healthy(store: Store, run: str, stage: str, accelerator, model, step: int) -> None:
     """The trained weights (policy and critic; with LoRA its adapters) of a held-out point that showed no collapse,
-    kept for the guard (guard_collapse) in the run's folder: written whole by the main process (under
-    ZeRO-3 gathered by all of them) and renamed into place, so a kill leaves the previous ones."""
+    kept for the guard (guard_collapse) in the run's folder: each gathered in turn (under ZeRO-3 every process
+    takes part) and copied by the main process alone, which writes them and renames them into place, so a kill
+    leaves the previous ones."""
     from safetensors.torch import save_file
 
-    weights = accelerator.get_state_dict(model)  # every process: under ZeRO-3 a collective
-    trained = {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    if accelerator.is_main_process:  # what training changes only (with LoRA the adapters)
+    main, weights = accelerator.is_main_process, {}
+    for name, parameter in _trained(accelerator, model):
+        with distributed.gathered([parameter]):
+            if main:
+                weights[name] = parameter.detach().to("cpu", copy=True).contiguous()
+    if main:
         folder = store.run_dir(run) / HEALTHY.format(stage=stage)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().clone() for k, v in weights.items() if k in trained},
-                  tmp / "model.safetensors")
+        save_file(weights, tmp / "model.safetensors")
         (tmp / "step.json").write_text(json.dumps({"step": step}))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     accelerator.wait_for_everyone()
 
 
-def restore_healthy(store: Store, run: str, stage: str, accelerator, model) -> int:
-    """The kept healthy weights back into the trained model (every process reads them from the shared store; under
-    ZeRO-3 the main process's copy reaches the shards); -> the step they were kept at."""
+def restore_healthy(store: Store, run: str, stage: str, accelerator, model) -> int | None:
+    """The kept healthy weights back into the trained model, each parameter in turn: under ZeRO-3 the main process
+    reads them and its copy reaches the shards, else every process reads them (from the shared store). -> the step
+    they were kept at, or None when none are kept."""
     from safetensors.torch import load_file
 
+    step = healthy_step(store, run, stage)
+    if step is None:
+        return None
+    trained = _trained(accelerator, model)
+    partitioned = any(hasattr(p, "ds_id") for _, p in trained)
     folder = store.run_dir(run) / HEALTHY.format(stage=stage)
-    weights = load_file(folder / "model.safetensors")
-    parameters = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if n in weights}
-    with torch.no_grad(), distributed.gathered(list(parameters.values()), modifier_rank=0):
-        for name, parameter in parameters.items():
-            parameter.copy_(weights[name].to(parameter.dtype))
+    weights = load_file(folder / "model.safetensors") if accelerator.is_main_process or not partitioned else {}
+    with torch.no_grad():
+        for name, parameter in trained:
+            with distributed.gathered([parameter], modifier_rank=0):
+                if name in weights:
+                    parameter.copy_(weights[name].to(parameter.dtype))
     accelerator.wait_for_everyone()
-    return json.loads((folder / "step.json").read_text())["step"]
+    return step
+
+
+def healthy_step(store: Store, run: str, stage: str) -> int | None:
+    """The step whose weights are kept as healthy, None when none are."""
+    found = store.run_dir(run) / HEALTHY.format(stage=stage) / "step.json"
+    return json.loads(found.read_text())["step"] if found.is_file() else None
+
+
+def forget_healthy_after(store: Store, run: str, stage: str, step: int, main: bool) -> None:
+    """At start: healthy weights kept by a run that went on past step (the one resumed from; 0: a new run) are not
+    this run's; the main process removes them."""
+    kept = healthy_step(store, run, stage)
+    if main and kept is not None and (step == 0 or kept > step):
+        clear_healthy(store, run, stage)
 
 
 def clear_healthy(store: Store, run: str, stage: str) -> None:
     shutil.rmtree(store.run_dir(run) / HEALTHY.format(stage=stage), ignore_errors=True)
+
+
+def _trained(accelerator, model) -> list:
+    """(name, parameter) of what training changes, in order."""
+    return [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]

@@ -95,6 +95,8 @@ def of_point(point: dict) -> dict:
 def watch(points: list[dict], stage: str, main_process: bool) -> list[str]:
     """The newest of a stage's held-out points against its first (the SFT policy's, before any step): the signs of
     collapse, said in the log in one line; [] when healthy."""
+    if not points:
+        return []
     point, first = of_point(points[-1]), of_point(points[0])
     signs = collapse(point, first)
     if signs and main_process:

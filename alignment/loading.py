@@ -35,10 +35,21 @@ def load_tokenizer(path: str | Path, spec: ModelSpec):
     response's end from the reward model, which scores a sequence at its last non-pad token. A new pad token gets
     an embedding row by fit_vocabulary()."""
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code)
-    tokenizer.end_ids = tokens.declared_end_ids(tokenizer, path)
+    tokenizer.end_ids = tokens.declared_end_ids(tokenizer, generation_source(path))
     tokens.choose_pad(tokenizer, tokenizer.end_ids)
     tokenizer.padding_side = spec.padding_side
     return tokenizer
+
+
+def generation_source(path: str | Path) -> str | Path:
+    """Where a checkpoint's generation config is: the checkpoint, or for a LoRA adapter (which has none) the base it
+    merges into, followed down to a model (a folder or a hub id)."""
+    path = Path(path)
+    for _ in range(8):  # (an adapter's base is a model or a parent checkpoint; never a cycle)
+        if not ((path / "adapter_config.json").is_file() and (path / MANIFEST).is_file()):
+            break
+        path = Path(adapter_base(load_checkpoint(path)))
+    return path
 
 
 def save_tokenizer(tokenizer, folder: str | Path, spec: ModelSpec) -> None:

@@ -471,8 +471,10 @@ def _trained_items(stage: str, shape: Shape, launch: Launch, work: Workload) -> 
         items.append(Item("DDP gradient buckets", HELD, 4.0 * trained, "a second fp32 copy of the gradients"))
     if launch.zero == 3:  # DeepSpeed 0.19, stage3.py: _prepare_fp32_grad_for_sub_group flattens them anew, one
         # sub-group at a time: the RL loop sizes those (distributed.zero3_sizes), the trainers leave DeepSpeed's 1e9
+        # a sub-group closes once past its size: up to one more parameter's partition (bounded by the largest block)
         partition = trained / launch.processes
         sub_group = distributed.zero3_sizes(shape.hidden)["sub_group_size"] if stage in RL_STAGES else 1e9
+        sub_group += shape.largest_block / launch.processes
         items.append(Item("gradients flattened for the step", STEP, 4.0 * min(partition, sub_group),
                           f"fp32, 1/{launch.processes}: ZeRO-3 copies the gradient partition into one buffer"
                           + (", a sub-group at a time" if sub_group < partition else ""),

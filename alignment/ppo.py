@@ -48,7 +48,8 @@ def response_mask(responses: torch.Tensor, end_ids: int | tuple[int, ...]) -> tu
 
     responses [B, T] -> (mask [B, T] float, ended [B] bool).
     """
-    ends = torch.tensor([end_ids] if isinstance(end_ids, int) else list(end_ids), device=responses.device)
+    ends = torch.tensor([end_ids] if isinstance(end_ids, int) else list(end_ids), dtype=responses.dtype,
+                        device=responses.device)
     is_eos = torch.isin(responses, ends)
     ended = is_eos.any(dim=1)
     # eos_before[t] = number of EOS strictly before t; keep t while it is 0

@@ -98,4 +98,17 @@ def of(cfg) -> Preset | None:
     if stage is None or not getattr(cfg, "model", ""):
         return None
     lora = bool(getattr(getattr(cfg, "lora", None), "enabled", False))
-    return Preset(stage, cfg.model, registry.parameters(cfg.model), lora)
+    spec = registry.MODELS.get(cfg.model)
+    # a tiny twin is built for its data (its tokenizer is trained on it): counted from its config, not built here
+    parameters = tiny_parameters(spec) if spec is not None and spec.is_tiny else registry.parameters(cfg.model)
+    return Preset(stage, cfg.model, parameters, lora)
+
+
+def tiny_parameters(spec) -> int:
+    """A tiny twin's parameter count without building its tokenizer: its vocabulary (the data file's
+    tokenizer_vocab: 512 for the embedded task, 4,096 for hh-rlhf) counted as 4,096."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(spec.family, vocab_size=4096, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                  **dict(spec.tiny_config))
+    return sum(p.numel() for p in registry.on_meta(AutoModelForCausalLM, config).parameters())

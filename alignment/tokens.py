@@ -39,8 +39,8 @@ def declared_end_ids(tokenizer, source: str | Path = "") -> tuple[int, ...]:
 
 def end_ids(tokenizer) -> tuple[int, ...]:
     """The ids that end a response for a tokenizer loaded by loading.load_tokenizer (declared_end_ids, kept on it),
-    else its EOS alone."""
-    return getattr(tokenizer, "end_ids", None) or (tokenizer.eos_token_id,)
+    else its EOS alone (none for a tokenizer without one: responses then run to their length limit)."""
+    return getattr(tokenizer, "end_ids", None) or tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
 
 
 def choose_pad(tokenizer, ends: tuple[int, ...]) -> None:

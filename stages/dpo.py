@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -199,7 +200,8 @@ def main(argv: list[str]) -> None:
     collapsed: dict = {}
 
     def watch(points: list[dict], step: int) -> bool:  # every held-out point against SFT's (step 0); the guard
-        signs = health.watch(points, "dpo", trainer.is_world_process_zero())
+        # (each process measured its own point: the main one's decides for all)
+        signs = distributed.main_decides(lambda: health.watch(points, "dpo", True))
         if d.guard_collapse and signs:
             collapsed.update(step=step, signs=signs)
             return True
@@ -209,6 +211,8 @@ def main(argv: list[str]) -> None:
 
     writer = SummaryWriter(str(tensorboard)) if trainer.is_world_process_zero() else None
     trainer.add_callback(callbacks.HeldOutCurve(d.eval_every, curve_point, writer, watch))
+    resumed_at = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0  # (checkpoint-<step>)
+    guard.forget_healthy_after(store, run, "dpo", resumed_at, trainer.is_world_process_zero())
     dropped = len(train_pairs) - len(trainer.train_dataset)
     if dropped:
         print(f"[dpo] {dropped} training pairs whose prompt fills dpo.max_length={d.max_length} tokens were dropped")
@@ -216,6 +220,10 @@ def main(argv: list[str]) -> None:
     guarded = {}
     if collapsed:  # the guard: the last healthy held-out point's weights are the ones measured and published
         healthy = guard.restore_healthy(store, run, "dpo", trainer.accelerator, trainer.model_wrapped)
+        if healthy is None:
+            raise SystemExit(f"[dpo] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse, "
+                             "and no healthy policy was kept to publish instead (a checkpoint resumed from before the "
+                             "guard was on); rerun with dpo.guard_collapse=false, or with resume=false")
         guarded = {"guard": {"collapsed_at_step": collapsed["step"], "published_step": healthy,
                              "signs": collapsed["signs"]}}
         print(f"[dpo] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse; training "

@@ -114,6 +114,16 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(prepared, s
     )
 
 
+def test_a_key_the_saved_config_lacks_is_not_compared():
+    """A state saved by a version without a setting (ppo.guard_collapse) resumes; a setting it has must match."""
+    saved = {"model": "tiny-llama", "ppo": {"steps": 8, "kl_coef": 0.3}}
+    resume.check_same_config(saved, {"model": "tiny-llama", "ppo": {"steps": 8, "kl_coef": 0.3,
+                                                                  "guard_collapse": False}}, Path("state"))
+    with pytest.raises(SystemExit, match="differs in: ppo"):
+        resume.check_same_config(saved, {"model": "tiny-llama", "ppo": {"steps": 8, "kl_coef": 0.1,
+                                                                      "guard_collapse": False}}, Path("state"))
+
+
 def test_resume_refuses_a_state_from_another_config(prepared):
     root, _ = prepared
     store = root / "refuse"

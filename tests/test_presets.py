@@ -78,10 +78,16 @@ def test_the_tiny_default_keeps_its_measured_rates_and_a_data_sets_own(tiny_cach
     assert cfg.rm.learning_rate == 1e-5  # not for a model of another size
 
 
-def test_a_presets_section_names_a_size_class(tmp_path, tiny_cache):
+@pytest.mark.parametrize("section, message", [
+    ("  huge:\n    rm:\n      learning_rate: 1.0e-5\n", "presets: expected a mapping from a size class"),
+    ("  large:\n    rm:\n      learnin_rate: 1.0e-5\n", "presets.large: unknown"),  # a class this model is not
+    ("  tiny: 5\n", "presets.tiny: expected stage settings"),
+    ("  tiny:\n    model: gpt2\n", "presets.tiny: expected stage settings"),
+])
+def test_a_presets_section_is_checked_whatever_the_models_size(tmp_path, tiny_cache, section, message):
     bad = tmp_path / "rm.yaml"
-    bad.write_text("presets:\n  huge:\n    rm:\n      learning_rate: 1.0e-5\n")
-    with pytest.raises(config.ConfigError, match="presets: expected a mapping from a size class"):
+    bad.write_text("presets:\n" + section)
+    with pytest.raises(config.ConfigError, match=message):
         config.load(_config_class("rm"), bad)
 
 

@@ -148,3 +148,16 @@ def test_an_exported_policy_stops_at_every_end_with_plain_transformers(tmp_path,
     prompt = AutoTokenizer.from_pretrained(out)("sort: b a", return_tensors="pt")
     generated = exported.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated[0, prompt.input_ids.shape[1]:].tolist() == [eom]  # plain generate() stops there too
+
+
+def test_a_lora_checkpoint_takes_its_ends_from_the_model_it_merges_into(tmp_path):
+    """An adapter checkpoint has no generation config of its own: the ends come from its base's."""
+    folder, *_ = build(tmp_path / "model", LLAMA_3)
+    adapter = tmp_path / "store" / "run" / "sft"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "manifest.json").write_text(json.dumps({"id": "run/sft", "stage": "sft", "base": str(folder)}))
+    PreTrainedTokenizerFast.from_pretrained(folder).save_pretrained(adapter)
+    assert loading.generation_source(adapter) == folder
+    tokenizer = loading.load_tokenizer(adapter, registry.get(str(folder), template="plain"))
+    assert set(tokenizer.end_ids) == set(ids(tokenizer, LLAMA_3["ends"]))

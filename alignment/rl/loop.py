@@ -137,7 +137,8 @@ def train(session: Session, models: Models, algorithm) -> Trained:
                                    s.batch_size * algorithm.group_size):
         state = resumed
         algorithm.restore(state)
-    elif s.eval_every:
+    guard.forget_healthy_after(store, run, stage, state.step if resumed else 0, main_process)
+    if not resumed and s.eval_every:
         state.eval_log.append(evaluate(0))
         if s.guard_collapse:  # the SFT policy: healthy by definition, published if training collapses at once
             guard.keep_healthy(store, run, stage, accelerator, model, 0)
@@ -221,13 +222,13 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         if s.eval_every and (step % s.eval_every == 0 or step == s.steps):
             t4 = time.time()
             state.eval_log.append(evaluate(step))
-            signs = health.watch(state.eval_log, stage, main_process)
+            signs = health.watch(state.eval_log, stage, main_process)  # (the same in every process: gathered)
+            if s.guard_collapse and not signs:
+                guard.keep_healthy(store, run, stage, accelerator, model, step)
+            loop_started += time.time() - t4  # held-out evaluation is not training time
             if s.guard_collapse and signs:
                 collapsed = {"step": step, "signs": signs}
                 break
-            if s.guard_collapse:
-                guard.keep_healthy(store, run, stage, accelerator, model, step)
-            loop_started += time.time() - t4  # held-out evaluation is not training time
         if save_now:
             algorithm.keep(state)
             rl_state.save(store, run, stage, accelerator, order, state)
@@ -239,6 +240,11 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     guarded = {}
     if collapsed:  # the guard: the weights of the last healthy held-out point are the ones compared and published
         healthy = guard.restore_healthy(store, run, stage, accelerator, model)
+        if healthy is None:
+            raise SystemExit(f"[{stage}] guard_collapse: the held-out point of step {collapsed['step']} shows a "
+                             f"collapse, and no healthy policy was kept to publish instead (a state resumed from "
+                             f"before the guard was on); the last resumable state is kept: rerun with "
+                             f"{stage}.guard_collapse=false to go on from it, or with resume=false")
         guarded = {"guard": {"collapsed_at_step": collapsed["step"], "published_step": healthy,
                              "signs": collapsed["signs"]}}
         print(f"[{stage}] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse; training "
@@ -246,7 +252,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     if writer:
         writer.close()
     return Trained(model, models, state, {
-        "steps": s.steps, "skipped_non_finite": state.skipped, "truncated_prompts": state.truncated_prompts,
+        "steps": state.step, "skipped_non_finite": state.skipped, "truncated_prompts": state.truncated_prompts,
         "processes": accelerator.num_processes, "deepspeed_zero_stage": zero, **speed(seconds, episodes, bf16),
         **algorithm.final(state), **guarded,
         "parameters_held_per_process": distributed.every_process(accelerator, held),
