@@ -420,6 +420,29 @@ def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path
 
 
 @pytest.mark.multiprocess
+def test_the_collapse_guard_under_zero3_publishes_the_kept_shards_whole(tmp_path, tmp_path_factory, tiny_cache):
+    """ppo.guard_collapse on 2 processes under ZeRO-3: the healthy weights are gathered a parameter at a time and
+    kept, a collapse at step 3 stops both processes, the main one's copy goes back into the shards, and what is
+    published is the policy a 2-step run publishes."""
+    inputs = Store(one_node_inputs(tmp_path_factory))
+    runs = {"two_steps": ("ppo.steps=2", {}),
+            "guarded": ("ppo.steps=5 ppo.guard_collapse=true", with_faults(ALIGNMENT_SAME_ANSWERS_FROM_STEP="3"))}
+    published = {}
+    for name, (steps, env) in runs.items():
+        store = tmp_path / name
+        copy_inputs(inputs, store)
+        out = make("ppo", store, "zero3", f"{COUNT_ARGS['ppo']} ppo.eval_every=1 ppo.eval_prompts=8 {steps}",
+                   env=env)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        published[name] = Store(store).get("tiny-llama", "ppo")
+    text = out.stdout + out.stderr
+    assert text.count("guard_collapse: the held-out point of step 3 shows a collapse") == 2  # both processes
+    assert published["guarded"].metrics["guard"]["published_step"] == 2
+    a, b = (load_file(published[n].path / "model.safetensors") for n in runs)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.multiprocess
 def test_a_nan_loss_in_one_process_is_skipped_by_all_under_deepspeed(tmp_path, tmp_path_factory, tiny_cache):
     """DeepSpeed steps inside backward(): the loss is checked first, over all processes, so a bad minibatch in
     one of them is applied by none (applied, NaN would reach the weights; applied by one, the processes would

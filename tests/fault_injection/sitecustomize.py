@@ -63,3 +63,15 @@ if os.environ.get("ALIGNMENT_FAIL_COMPARISON"):
         raise RuntimeError("fault injection: the run stops before the comparison")
 
     _evaluation.compare_policies = _failing_comparison
+
+# ALIGNMENT_SAME_ANSWERS_FROM_STEP=<step> makes every held-out point from that step on see the same answer to every
+# prompt: a collapse, for the guard (guard_collapse) to catch, in every process alike.
+if _spec := os.environ.get("ALIGNMENT_SAME_ANSWERS_FROM_STEP"):
+    from alignment import evaluation as _held_out
+
+    _from_step, _point = int(_spec), _held_out.held_out_point
+
+    def _same_answers(r, prompts, step):
+        return _point({**r, "responses": ["a a a"] * len(r["responses"])} if step >= _from_step else r, prompts, step)
+
+    _held_out.held_out_point = _same_answers
