@@ -205,21 +205,34 @@ def curve_point(policy, ref_policy, scorer, tokenizer, spec, prompts: list, step
                 temperature: float, gold: bool, max_prompt_tokens: int = 512, seed: int = 0) -> dict:
     """One point of a method's held-out curve (its `eval_every` points): the mean RM reward, gold score (where
     defined) and KL to the reference of sampled responses to prompts, with the same sampling noise at every
-    point. The caller's RNG is left as it was."""
+    point, and the greedy answers' health (held_out_rollouts). The caller's RNG is left as it was."""
     devices = [next(policy.parameters()).device] if next(policy.parameters()).is_cuda else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        r = rollout_scores(policy, ref_policy, scorer, tokenizer, spec, prompts, max_new_tokens=max_new_tokens,
-                           temperature=temperature, greedy=False, gold=gold, max_prompt_tokens=max_prompt_tokens)
+        r = held_out_rollouts(policy, ref_policy, scorer, tokenizer, spec, prompts, max_new_tokens=max_new_tokens,
+                              temperature=temperature, gold=gold, max_prompt_tokens=max_prompt_tokens)
     return held_out_point(r, prompts, step)
 
 
+def held_out_rollouts(policy, ref_policy, scorer, tokenizer, spec, prompts: list, **kwargs) -> dict[str, list]:
+    """What a held-out point measures: one sampled response per prompt, scored (rollout_scores), and the greedy
+    response to each, whose answers as a set are where a collapse shows first (sampling at temperature 1 keeps
+    answers apart long after the greedy ones have fallen together)."""
+    r = rollout_scores(policy, ref_policy, scorer, tokenizer, spec, prompts, greedy=False, **kwargs)
+    greedy = rollout_scores(policy, ref_policy, scorer, tokenizer, spec, prompts, greedy=True, kl=False,
+                            **{**kwargs, "gold": False})
+    return {**r, "greedy_responses": greedy["responses"]}
+
+
 def held_out_point(r: dict, prompts: list, step: int) -> dict:
-    """A held-out point from rollout_scores of one sampled response per prompt: the means of reward, gold (where
-    defined) and KL, and the measures that need no judge (health.measures), each under eval_<name>."""
+    """A held-out point from held_out_rollouts: the means of reward, gold (where defined) and KL of the sampled
+    responses, and the measures that need no judge (health.measures) of the sampled answers (eval_<name>) and of the
+    greedy ones (eval_greedy_<name>)."""
     found = health.measures(prompts, r["responses"])
+    greedy = health.measures(prompts, r["greedy_responses"]) if r.get("greedy_responses") else {}
     return {"step": step, **{f"eval_{k}": stats.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]},
-            **{f"eval_{k}": found[k] for k in health.POINT_KEYS if k in found}}
+            **{f"eval_{k}": found[k] for k in health.POINT_KEYS if k in found},
+            **{f"eval_greedy_{k}": greedy[k] for k in health.POINT_KEYS if k in greedy}}
 
 
 def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) -> dict:

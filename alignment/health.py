@@ -87,22 +87,27 @@ def collapse(policy: dict, sft: dict) -> list[str]:
 POINT_KEYS = ("distinct_responses", "top_response_share", "mean_length", "prompt_overlap")  # in held-out points
 
 
-def of_point(point: dict) -> dict:
-    """The measures a held-out point holds (as eval_<name>: evaluation.held_out_point), as measures() gives them."""
-    return {k: point[f"eval_{k}"] for k in POINT_KEYS if f"eval_{k}" in point}
+def of_point(point: dict, mode: str = "sampled") -> dict:
+    """The measures a held-out point holds of its sampled answers (eval_<name>) or its greedy ones
+    (eval_greedy_<name>: evaluation.held_out_point), as measures() gives them."""
+    prefix = "eval_greedy_" if mode == "greedy" else "eval_"
+    return {k: point[f"{prefix}{k}"] for k in POINT_KEYS if f"{prefix}{k}" in point}
 
 
 def watch(points: list[dict], stage: str, main_process: bool) -> list[str]:
-    """The newest of a stage's held-out points against its first (the SFT policy's, before any step): the signs of
-    collapse, said in the log in one line; [] when healthy."""
+    """The newest of a stage's held-out points against its first (the SFT policy's, before any step), greedy
+    answers and sampled ones: the signs of collapse, said in the log in one line each; [] when healthy."""
     if not points:
         return []
-    point, first = of_point(points[-1]), of_point(points[0])
-    signs = collapse(point, first)
-    if signs and main_process:
-        gain = points[-1].get("eval_reward", 0) - points[0].get("eval_reward", 0)
-        line = collapse_line("the policy", point, first, gain)
-        print(f"[{stage}] held-out point of step {points[-1]['step']}: {line}")
+    signs = []
+    gain = points[-1].get("eval_reward", 0) - points[0].get("eval_reward", 0)
+    for mode in ("greedy", "sampled"):
+        point, first = of_point(points[-1], mode), of_point(points[0], mode)
+        found = collapse(point, first)
+        signs += [f"{mode}: {sign}" for sign in found]
+        if found and main_process:
+            line = collapse_line(f"the policy's {mode}", point, first, gain).replace("'s answers", " answers", 1)
+            print(f"[{stage}] held-out point of step {points[-1]['step']}: {line}")
     return signs
 
 

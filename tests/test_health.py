@@ -66,3 +66,22 @@ def test_the_report_marks_and_tabulates_a_collapsed_policy():
     rows = {row["stage"]: row for row in report.answers_table(e)}
     assert rows["ppo"]["signs"] and not rows["sft"]["signs"] and rows["sft"]["length_vs_sft"] == 1.0
     assert rows["ppo"]["length_vs_sft"] == pytest.approx(4.8 / 10.4)
+
+
+def test_a_held_out_point_watches_greedy_and_sampled_answers(capsys):
+    """Sampled answers can stay apart while the greedy ones fall together: the point holds both, each is watched."""
+    from alignment import evaluation
+
+    def point(step, sampled, greedy, reward):
+        r = {"reward": [reward] * 5, "gold": [], "kl": [0.0] * 5, "responses": sampled, "greedy_responses": greedy}
+        return evaluation.held_out_point(r, PROMPTS, step)
+
+    first = point(0, SFT, SFT, 0.1)
+    assert first["eval_greedy_distinct_responses"] == 1.0 and first["eval_distinct_responses"] == 1.0
+    assert health.watch([first, point(10, SFT[::-1], SFT, 0.2)], "ppo", True) == []
+    signs = health.watch([first, point(20, SFT[::-1], COLLAPSED, 0.5)], "ppo", True)
+    assert signs and all(s.startswith("greedy: ") for s in signs)
+    out = capsys.readouterr().out
+    assert out.startswith("[ppo] held-out point of step 20: the policy's greedy answers collapsed while its "
+                          "reward-model score rose by +0.400")
+    assert health.watch([], "ppo", True) == []

@@ -94,9 +94,9 @@ def evaluate(accelerator, model, reference, scorer, tokenizer, spec, prompts: li
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
             distributed.whole_policy(accelerator, model) as policy:
         torch.manual_seed(cfg.seed)
-        r = distributed.on_all(accelerator)(lambda share: evaluation.rollout_scores(
+        r = distributed.on_all(accelerator)(lambda share: evaluation.held_out_rollouts(
             policy, reference, scorer, tokenizer, spec, share, max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature, greedy=False, gold=data.get_profile(cfg.data).gold,
+            temperature=settings.temperature, gold=data.get_profile(cfg.data).gold,
             max_prompt_tokens=settings.max_prompt_length,
         ), prompts[: settings.eval_prompts])
     point = evaluation.held_out_point(r, prompts[: settings.eval_prompts], step)

@@ -72,6 +72,7 @@ if _spec := os.environ.get("ALIGNMENT_SAME_ANSWERS_FROM_STEP"):
     _from_step, _point = int(_spec), _held_out.held_out_point
 
     def _same_answers(r, prompts, step):
-        return _point({**r, "responses": ["a a a"] * len(r["responses"])} if step >= _from_step else r, prompts, step)
+        same = ["a a a"] * len(r["responses"])  # sampled and greedy alike
+        return _point({**r, "responses": same, "greedy_responses": same} if step >= _from_step else r, prompts, step)
 
     _held_out.held_out_point = _same_answers
