@@ -49,7 +49,20 @@ def test_presets_by_size_and_lora():
     assert presets.for_stage("rm", 1_000_000, lora=True) == {"learning_rate": 5e-4}
 
 
-def test_a_folder_of_an_8b_config_resolves_to_7b_settings_and_warns_once(tmp_path, tiny_cache):
+def resolved(stage: str, capsys, *args: str) -> str:
+    """What `python -m stages.<stage> --print-config args` prints, run in this process (the command itself: above)."""
+    with pytest.raises(SystemExit) as stop:
+        config.cli(_config_class(stage), ["--print-config", *args], default_yaml=ROOT / "configs" / f"{stage}.yaml")
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def body_of(out: str) -> dict:
+    """The resolved settings printed after their header line."""
+    return yaml.safe_load(out.split("# resolved", 1)[1].split("\n", 1)[1])
+
+
+def test_a_folder_of_an_8b_config_resolves_to_7b_settings_and_warns_once(tmp_path, tiny_cache, capsys):
     folder = llama_8b_folder(tmp_path / "llama-8b")
     out = print_config("sft", f"model={folder}")
     assert out.returncode == 0, out.stderr
@@ -58,13 +71,14 @@ def test_a_folder_of_an_8b_config_resolves_to_7b_settings_and_warns_once(tmp_pat
     assert "8.0B parameters, class mid" in header and "configs/sft.yaml" in header
     assert "warning" not in out.stdout + out.stderr
 
-    out = print_config("sft", f"model={folder}", "sft.learning_rate=2e-3")
-    warnings = [line for line in out.stdout.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "sft.learning_rate=0.002 is 100x the preset" in warnings[0], out.stdout
-    assert yaml.safe_load(out.stdout.split("\n", 1)[1])["sft"]["learning_rate"] == 2e-3  # the user's value stands
+    capsys.readouterr()
+    out = resolved("sft", capsys, f"model={folder}", "sft.learning_rate=2e-3")
+    warnings = [line for line in out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "sft.learning_rate=0.002 is 100x the preset" in warnings[0], out
+    assert body_of(out)["sft"]["learning_rate"] == 2e-3  # the user's value stands
 
-    out = print_config("ppo", f"model={folder}", "lora.enabled=true")
-    ppo = yaml.safe_load(out.stdout.split("\n", 1)[1])["ppo"]
+    out = resolved("ppo", capsys, f"model={folder}", "lora.enabled=true")
+    ppo = body_of(out)["ppo"]
     assert ppo["learning_rate"] == 1e-5 and ppo["activation_checkpointing"] is True
 
 
