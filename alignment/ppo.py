@@ -248,6 +248,36 @@ def group_advantages(
     return GroupAdvantages(centered, group_std)
 
 
+def leave_one_out(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantages (Kool et al., 2019; Ahmadian et al., 2024): each response's reward less the mean reward of
+    the other responses to its prompt, a baseline that does not depend on the response itself (so the gradient stays
+    unbiased). rewards [B], B = groups * group_size, each group's responses consecutive -> [B]. Equal to
+    group_size / (group_size - 1) times the reward less the group's mean."""
+    if group_size < 2:
+        raise ValueError(f"group_size {group_size}: a leave-one-out baseline needs at least 2 responses a prompt")
+    grouped = rewards.float().view(-1, group_size)
+    others = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).flatten()
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Per-token returns G_t = r_t + gamma * G_{t+1} within each response (0 past its end). rewards, mask [B, T]."""
+    rewards = masked(rewards, mask)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return masked(returns, mask)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++'s advantages (Hu, 2025): the per-token returns of token_rewards' rewards (the KL penalty at every
+    token, the score at the last), normalised by the mean and std over every response token of the batch, with no
+    critic and no per-prompt baseline. rewards, mask [B, T] -> [B, T]."""
+    return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi: exp(d) - d - 1 with d = log pi_ref - log pi
     (Schulman's k3, DeepSeekMath's eq. 4): unbiased, never negative. [B, T] -> [B, T]."""

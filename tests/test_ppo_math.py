@@ -219,3 +219,41 @@ def test_grpo_loss_gradient_pushes_up_the_better_response():
     out.loss.backward()
     # at ratio 1 and pi = pi_ref: d loss / d log pi = -A / (tokens * responses) = -+1/6; the KL term's gradient is 0
     assert logprobs.grad.flatten().tolist() == pytest.approx([-1 / 6] * 3 + [1 / 6] * 3)
+
+
+def test_leave_one_out_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert ppo.leave_one_out(rewards, 2).tolist() == [-1.0, 1.0, -3.0, 3.0]  # each less the other of its pair
+    # groups of 4: 1 - (2+3+6)/3, 2 - (1+3+6)/3, 3 - (1+2+6)/3, 6 - (1+2+3)/3
+    assert ppo.leave_one_out(rewards, 4).tolist() == pytest.approx([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0])
+    # k / (k - 1) times the reward less the group's mean (mean 3): 4/3 * [-2, -1, 0, 3]
+    assert ppo.leave_one_out(rewards, 4).tolist() == pytest.approx([4 / 3 * x for x in (-2, -1, 0, 3)])
+    with pytest.raises(ValueError, match="at least 2"):
+        ppo.leave_one_out(rewards, 1)
+
+
+def test_discounted_returns_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the second response ended at its second token
+    assert ppo.discounted_returns(rewards, mask).tolist() == [[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]
+    assert ppo.discounted_returns(rewards, mask, gamma=0.5).tolist() == [[0.25, 0.5, 1.0], [1.0, 2.0, 0.0]]
+
+
+def test_reinforce_pp_normalises_returns_over_the_batch():
+    """Token rewards as token_rewards builds them (KL at every token, score at the last); returns whitened over
+    every response token of the batch: mean 0, std 1 there, 0 past the ends."""
+    scores = torch.tensor([1.0, -1.0])
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, -3.0]])
+    ref = torch.tensor([[-1.5, -2.0, -1.0], [-1.0, -2.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    r = ppo.token_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    # by hand: rewards [[-0.05, 0, 1], [0, -0.1 - 1, 0]] -> returns [[0.95, 1, 1], [-1.1, -1.1, 0]]
+    returns = ppo.discounted_returns(r.rewards, mask)
+    assert torch.allclose(returns, torch.tensor([[0.95, 1.0, 1.0], [-1.1, -1.1, 0.0]]))
+    adv = ppo.reinforce_pp_advantages(r.rewards, mask)
+    on = adv[mask.bool()]
+    assert on.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert on.std().item() == pytest.approx(1.0, abs=1e-4)  # unbiased, as masked_var
+    assert adv[1, 2].item() == 0.0
+    mean, std = sum([0.95, 1, 1, -1.1, -1.1]) / 5, torch.tensor([0.95, 1, 1, -1.1, -1.1]).std().item()
+    assert adv[0, 0].item() == pytest.approx((0.95 - mean) / std, rel=1e-4)
