@@ -168,11 +168,11 @@ def pairwise_accuracy(reward_model, tokenizer, spec, pairs: list[dict]) -> dict:
 def rollout_scores(
     policy, ref_policy, scorer, tokenizer, spec, prompts: list, *, max_new_tokens: int,
     temperature: float, greedy: bool, gold: bool, batch_size: int = 100, max_prompt_tokens: int = 512,
-    kl: bool = True, all_done=None,
+    kl: bool = True, all_done=None, reward: bool = True,
 ) -> dict[str, list]:
     """Responses of policy to prompts, with per-response RM score (scorer: a scoring.RewardScorer), gold score,
-    KL to the reference (unless kl is false: two forwards saved where it is not read) and length. all_done:
-    generate()'s stopping rule, for a policy whose forwards are collectives (a partitioned one)."""
+    KL to the reference (unless kl is false: two forwards saved where it is not read; reward false: no score) and
+    length. all_done: generate()'s stopping rule, for a policy whose forwards are collectives (a partitioned one)."""
     out = {"reward": [], "gold": [], "kl": [], "kl_tokens": [], "length": [], "ended": [], "responses": []}
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
@@ -191,7 +191,8 @@ def rollout_scores(
             token_kl = ppo.masked(logprobs - ref_logprobs, mask)
             out["kl"] += token_kl.sum(1).tolist()
             out["kl_tokens"] += token_kl.sum(1).div(mask.sum(1).clamp(min=1)).tolist()
-        out["reward"] += scorer(batch, query_responses, attention, responses).tolist()
+        if reward:
+            out["reward"] += scorer(batch, query_responses, attention, responses).tolist()
         texts = forwards.decode_responses(tokenizer, responses)
         out["responses"] += texts
         out["length"] += mask.sum(1).tolist()
@@ -220,7 +221,7 @@ def held_out_rollouts(policy, ref_policy, scorer, tokenizer, spec, prompts: list
     answers apart long after the greedy ones have fallen together)."""
     r = rollout_scores(policy, ref_policy, scorer, tokenizer, spec, prompts, greedy=False, **kwargs)
     greedy = rollout_scores(policy, ref_policy, scorer, tokenizer, spec, prompts, greedy=True, kl=False,
-                            **{**kwargs, "gold": False})
+                            reward=False, **{**kwargs, "gold": False})  # the answers alone
     return {**r, "greedy_responses": greedy["responses"]}
 
 

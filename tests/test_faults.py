@@ -230,7 +230,7 @@ def test_the_guard_publishes_the_policy_of_the_last_healthy_held_out_point(prepa
 
 
 def test_dpos_guard_publishes_its_last_healthy_held_out_point(prepared, monkeypatch, capsys):
-    """dpo.guard_collapse: held-out points at steps 0, 4, 8, 12; from step 8 on every held-out answer is made the
+    """dpo.guard_collapse: held-out points at steps 0, 4, 8; from step 8 on every held-out answer is made the
     same: training stops there and the weights of step 4, as kept, are measured and published."""
     from safetensors.torch import load_file
 
@@ -245,7 +245,8 @@ def test_dpos_guard_publishes_its_last_healthy_held_out_point(prepared, monkeypa
     monkeypatch.setattr(evaluation, "held_out_point", lambda r, prompts, step: point(
         {**r, "responses": same(r), "greedy_responses": same(r)} if step >= 8 else r, prompts, step))
     monkeypatch.setattr(guard_module, "clear_healthy", lambda *args: None)  # kept, to compare with what was published
-    dpo_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["dpo"], "save_every=100", "dpo.guard_collapse=true"])
+    dpo_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["dpo"], "dpo.epochs=2", "save_every=100",
+                    "dpo.guard_collapse=true"])  # 8 steps
     out = capsys.readouterr().out
     assert re.search(r"\[dpo\] held-out point of step 8: the policy's (greedy|sampled) answers collapsed", out)
     published = Store(store).get("tiny-llama", "dpo")

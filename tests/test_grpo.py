@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from alignment import config, guard, loading, ppo, registry
+from alignment import config, guard, health, loading, ppo, registry
 from alignment.store import Store
 from stages import grpo as grpo_stage
 from stages import rm as rm_stage
@@ -70,7 +70,9 @@ def test_grpo_end_to_end(inputs, tmp_path):
         lo, hi = metrics[mode]["gold"]["difference"]["ci95"]
         assert lo <= metrics[mode]["gold"]["difference"]["mean"] <= hi
     assert [p["step"] for p in metrics["eval_curve"]] == [0, 1, 2]
-    assert all(set(p) == {"step", "eval_reward", "eval_gold", "eval_kl"} for p in metrics["eval_curve"])
+    # the scores of the sampled answers, and the measures of the sampled and greedy answers as sets (health.py)
+    measures = {f"eval_{mode}{k}" for mode in ("", "greedy_") for k in health.POINT_KEYS}
+    assert all(set(p) == {"step", "eval_reward", "eval_gold", "eval_kl", *measures} for p in metrics["eval_curve"])
     assert metrics["eval_curve"][0]["eval_kl"] == 0.0  # step 0: the policy is the reference
     assert metrics["episodes"] == 2 * 4 * 4 and metrics["steps"] == 2 and metrics["skipped_non_finite"] == 0
     assert metrics["duration_s"] > 0
