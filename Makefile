@@ -46,18 +46,21 @@ export TOKENIZERS_PARALLELISM = false
 # one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help plan sft rm ppo grpo dpo eval test test-slow test-multiprocess test-docs lint store export data data-check install clean bench bench-memory gpu-check
+.PHONY: help plan sft rm ppo grpo rloo reinforce dpo eval test test-slow test-multiprocess test-docs lint store export data data-check install clean bench bench-memory gpu-check
 
 help:
 	@echo "Targets:"
 	@echo "  make sft rm ppo     the three stages, in order (each: make <stage>)"
 	@echo "  make grpo           stage 3 by GRPO (after sft rm): groups of responses per prompt, no critic"
+	@echo "  make rloo           stage 3 by RLOO (after sft rm): each response's baseline the others to its prompt"
+	@echo "  make reinforce      stage 3 by REINFORCE++ (after sft rm): returns normalised over the batch, no critic"
 	@echo "  make dpo            stage 3 by DPO (after sft rm): trained on the preference pairs, the RM only judges"
-	@echo "  make eval           the report: base, SFT, RM, PPO, DPO and GRPO of a run on held-out data, side by side"
+	@echo "  make eval           the report: base, SFT, RM and every stage-3 method of a run on held-out data, side by side"
 	@echo "  make plan           memory per process of every stage for MODEL, NPROC, ACCELERATE_CONFIG, GPU_MEMORY (GiB),"
 	@echo "                      ARGS; whether it fits and the first change that makes it fit (docs/memory-plan.md)"
 	@echo "  make store          the checkpoints in the store, with lineage and headline metrics"
-	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo> OUT=<folder> [MERGE=0]: a standalone transformers folder"
+	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo|rloo|reinforce> OUT=<folder> [MERGE=0]: a standalone"
+	@echo "                      transformers folder"
 	@echo "  make data-check     read every split of DATA without training: counts, skips, truncation, a first record"
 	@echo "  make test           the test suite (installs what it needs; make test-multiprocess: more launches of"
 	@echo "                      several processes; make test-slow: the slow checks; make lint)"
@@ -94,7 +97,7 @@ INSTALL ?= $(VENV)/.installed $(USES_DEEPSPEED)
 # and a YAML data file of yours use configs/<stage>.yaml. CONFIG=<file> replaces either.
 CONFIGS = configs$(if $(and $(DATA),$(wildcard configs/$(DATA)/sft.yaml)),/$(DATA))
 
-sft rm ppo grpo dpo: $(INSTALL)
+sft rm ppo grpo rloo reinforce dpo: $(INSTALL)
 	$(LAUNCH) -m stages.$@ --config $(or $(CONFIG),$(CONFIGS)/$@.yaml) $(STAGE_ARGS)
 
 # The memory each process holds in every stage, before renting GPUs (alignment/plan.py, docs/memory-plan.md): no
@@ -118,7 +121,7 @@ store: $(VENV)/.installed
 
 # A checkpoint as a standalone folder for plain transformers (alignment/export.py); MERGE=0 keeps a LoRA adapter apart.
 export: $(VENV)/.installed
-	$(if $(and $(RUN),$(STAGE),$(OUT)),,$(error make export needs RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo> OUT=<new folder>))
+	$(if $(and $(RUN),$(STAGE),$(OUT)),,$(error make export needs RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo|rloo|reinforce> OUT=<new folder>))
 	$(PY) -m alignment export $(RUN)/$(STAGE) $(OUT) $(if $(filter 0,$(MERGE)),--no-merge) $(if $(STORE),--root $(STORE))
 
 # Benchmark of every stage against the peers (bench/README.md). The PPO peer, TRL 1.12's PPOTrainer, gets a

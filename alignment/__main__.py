@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from alignment import pipeline
 from alignment.store import HISTORY, Store
 
 
@@ -57,9 +58,6 @@ def store_list(root: str, as_json: bool) -> None:
         print(f"{len(replaced)} replaced checkpoint(s) kept in {root}/<run>/{HISTORY}/: remove them when done")
 
 
-POLICY_STAGES = ("sft", "ppo", "dpo", "grpo")
-
-
 def find_checkpoint(checkpoint: str, root: str):
     """A checkpoint given as a folder or a store id run/stage (StoreError if there is none)."""
     from alignment.store import MANIFEST, StoreError, load_checkpoint
@@ -80,9 +78,9 @@ def load_policy(checkpoint: str, root: str):
 
     found = find_checkpoint(checkpoint, root)
     path, manifest = found.path, found.manifest
-    if manifest.get("stage") not in POLICY_STAGES:
+    if manifest.get("stage") not in pipeline.POLICIES:
         sys.exit(f"{checkpoint} is a {manifest.get('stage')!r} checkpoint, not a policy: generate and chat take "
-                 f"one of {', '.join(POLICY_STAGES)} (e.g. {manifest.get('run', 'RUN')}/ppo)")
+                 f"one of {', '.join(pipeline.POLICIES)} (e.g. {manifest.get('run', 'RUN')}/ppo)")
     spec = registry.get(manifest["model"], template=manifest.get("template", ""), tokenizer=path)  # as trained
     model = loading.on_device(loading.load_model(path, AutoModelForCausalLM, spec)).eval()
     return model, loading.load_tokenizer(path, spec), spec

@@ -19,7 +19,8 @@ A source is a local file (`.json` list, `.jsonl`, `.jsonl.gz`, `.parquet`; a rel
 the YAML file) or a hub data-set id read with `datasets.load_dataset`, with `format` one of `records` (already
 in those shapes), `alpaca` (instruction, input, output), `hh` (Anthropic HH-RLHF whole dialogues of
 "\\n\\nHuman: ... \\n\\nAssistant: ..." turns, split into the shared history and the two final answers) or
-`messages` (lists of {role, content}), and `start`/`stop` to take a range of records. An absent `*_eval`
+`messages` (lists of {role, content}), `start`/`stop` to take a range of records, and `keep` to keep more fields
+of each record as they are (`keep: [answer]`: a reward function gets them, alignment/rewards.py). An absent `*_eval`
 split is carved from its train split (`eval_share`, seeded by `seed`); absent `prompts_*` are the prompts
 of `prefs_*`. The built-in names `task` and `hh-rlhf` are such files in configs/data/.
 
@@ -69,6 +70,7 @@ class Source:
     stop: int | None = None
     fields: tuple[tuple[str, str], ...] = ()  # (our name, the source's name) for other schemas
     hub_split: str = "train"
+    keep: tuple[str, ...] = ()  # more fields of each record, kept as they are (e.g. an answer a reward function reads)
 
     @property
     def is_file(self) -> bool:
@@ -91,7 +93,8 @@ class Profile:
 
 _TOP_KEYS = {"template": str, "on_error": str, "tokenizer_vocab": int, "eval_share": float, "seed": int,
              "gold": bool, "rm_references": dict, "description": str}
-_SOURCE_KEYS = {"path": str, "format": str, "fields": dict, "start": int, "stop": int, "hub_split": str}
+_SOURCE_KEYS = {"path": str, "format": str, "fields": dict, "start": int, "stop": int, "hub_split": str, "keep": list}
+OURS = ("prompt", "completion", "chosen", "rejected")  # the fields of the record shapes: not a kept field's name
 
 
 def get_profile(name: str) -> Profile:
@@ -175,13 +178,16 @@ def _source(profile_path: Path, split: str, entry) -> Source:
     fields = entry.get("fields") or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
         raise DataError(f"{where}: fields maps our field names to the file's, both strings")
+    keep = entry.get("keep") or []
+    if not all(isinstance(k, str) and k and k not in OURS and not k.startswith("_") for k in keep):
+        raise DataError(f"{where}: keep lists the names of more fields to keep, none of {', '.join(OURS)}")
     raw = os.path.expandvars(str(entry["path"]))
     local = Path(raw).expanduser()
     local = local if local.is_absolute() else profile_path.parent / local
     # A path that exists, or that names a data file, is local; anything else is a hub data-set id.
     is_file = local.exists() or raw.endswith(FILE_TYPES) or raw.startswith((".", "/", "~"))
     return Source(str(local.resolve()) if is_file else raw, fmt, entry.get("start") or 0, entry.get("stop"),
-                  tuple(sorted(fields.items())), entry.get("hub_split") or "train")
+                  tuple(sorted(fields.items())), entry.get("hub_split") or "train", tuple(keep))
 
 
 # ---- reading sources ---------------------------------------------------------------------------------
@@ -484,7 +490,7 @@ def _split(prof: Profile, split: str, on_error: str) -> Loaded:
         return loaded
     if kind == "prompts" and ("prefs_train" in prof.splits or f"prefs_{part}" in prof.splits):
         loaded = _split(prof, f"prefs_{part}", on_error)
-        loaded.records = [{"prompt": r["prompt"], "_where": r["_where"]} for r in loaded.records]
+        loaded.records = [{k: v for k, v in r.items() if k not in ("chosen", "rejected")} for r in loaded.records]
         loaded.origin = f"the prompts of prefs_{part} ({loaded.origin})"
         return loaded
     need = f"{kind}_train" if part == "eval" else split
@@ -511,7 +517,8 @@ def _read(sources: tuple[Source, ...], kind: str, on_error: str) -> Loaded:
         read += len(raw)
         for r in raw:
             try:
-                records.append({**parse(r, source.format, kind, dict(source.fields)), "_where": r["_where"]})
+                records.append({**parse(r, source.format, kind, dict(source.fields)), **_kept(r, source.keep),
+                                "_where": r["_where"]})
             except DataError as e:
                 if on_error not in ("skip", "collect"):
                     raise DataError(f"{r['_where']}: {e}") from None
@@ -519,6 +526,14 @@ def _read(sources: tuple[Source, ...], kind: str, on_error: str) -> Loaded:
                 first.setdefault(str(e), r["_where"])
     origin = " + ".join(f"{s.path} ({s.format}{_range(s)})" for s in sources)
     return Loaded(records, skipped, first, read, origin)
+
+
+def _kept(record: dict, keep: tuple[str, ...]) -> dict:
+    """The fields a source keeps (its `keep`), as they are; a record without one is a DataError."""
+    missing = [k for k in keep if k not in record]
+    if missing:
+        raise DataError(f"no field {missing[0]!r}, which the data file keeps (keep: {', '.join(keep)})")
+    return {k: record[k] for k in keep}
 
 
 def _range(source: Source) -> str:
@@ -550,6 +565,8 @@ def fingerprint(profile: str, splits: list[str]) -> str:
         for name in made_of:
             for source in prof.splits[name]:
                 h.update(f"{split}<-{name}:{source.format}:{source.start}:{source.stop}:{source.fields}".encode())
+                if source.keep:  # (only then: the fingerprints of files without it stay as they were)
+                    h.update(f"keep:{source.keep}".encode())
                 h.update(
                     Path(source.path).read_bytes()
                     if source.is_file and Path(source.path).is_file()

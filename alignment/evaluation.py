@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from alignment import forwards, health, ppo, scoring, stats, task, tokens
+from alignment import forwards, health, ppo, rewards, scoring, stats, task, tokens
 
 METRICS = {
     # name -> one sentence a reader of the report needs to interpret it
@@ -173,7 +173,7 @@ def rollout_scores(
     """Responses of policy to prompts, with per-response RM score (scorer: a scoring.RewardScorer), gold score,
     KL to the reference (unless kl is false: two forwards saved where it is not read; reward false: no score) and
     length. all_done: generate()'s stopping rule, for a policy whose forwards are collectives (a partitioned one)."""
-    out = {"reward": [], "gold": [], "kl": [], "kl_tokens": [], "length": [], "ended": [], "responses": []}
+    out = {"reward": [], "gold": [], "kl": [], "kl_tokens": [], "length": [], "ended": [], "responses": [], "ids": []}
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i : i + batch_size]
         templated = [spec.format_prompt(p) for p in batch]
@@ -195,6 +195,7 @@ def rollout_scores(
             out["reward"] += scorer(batch, query_responses, attention, responses).tolist()
         texts = forwards.decode_responses(tokenizer, responses)
         out["responses"] += texts
+        out["ids"] += [row[:n] for row, n in zip(responses.tolist(), mask.sum(1).long().tolist(), strict=True)]
         out["length"] += mask.sum(1).tolist()
         out["ended"] += ended.float().tolist()
         if gold:
@@ -275,9 +276,27 @@ def versus_sft(greedy: dict, sampled: dict, sft_greedy: dict, sft_sampled: dict,
     return out
 
 
+def term_versus_sft(term, prompts: list, before: dict, after: dict, columns: dict, reps: int, seed: int) -> dict:
+    """A reward function's values for the SFT policy's and the trained policy's responses (rollout_scores of the same
+    prompts, each repeated reps times): the means and the paired difference over the prompts where the function
+    applies to both (None nowhere in the prompt's responses)."""
+    def per_prompt(r: dict) -> list[float]:
+        v = rewards.values(term, prompts, r["responses"], r["ids"], columns, "[eval] held-out comparison").tolist()
+        return [stats.mean(v[i : i + reps]) for i in range(0, len(v), reps)]  # NaN where it did not apply
+
+    b, a = per_prompt(before), per_prompt(after)
+    both = [(x, y) for x, y in zip(a, b, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    if not both:
+        return {"prompts": 0}
+    a, b = [x for x, _ in both], [y for _, y in both]
+    return {"sft": stats.mean(b), "policy": stats.mean(a), "prompts": len(both),
+            "difference": stats.paired_difference(a, b, seed=seed)}
+
+
 def compare_policies(
     policy, sft_policy, scorer, tokenizer, spec, prompts: list, *, gold: bool, max_new_tokens: int,
     temperature: float, samples: int, seed: int, max_prompt_tokens: int = 512, on_all=None, all_done=None,
+    terms: list | None = None, columns: dict | None = None,
 ) -> dict:
     """The trained policy against the SFT policy on the same held-out prompts, greedy and sampled.
 
@@ -285,7 +304,9 @@ def compare_policies(
     interval of the difference is over prompts. KL is the per-sequence estimate sum_t log pi - log pi_ref
     on the trained policy's own samples. on_all(fn, prompts), if given, runs fn(prompts) -> {key: list} spread
     over the processes of a distributed run and gathers the lists in order; all_done: generate()'s stopping rule
-    where the SFT policy's forwards are collectives (partitioned under ZeRO-3).
+    where the SFT policy's forwards are collectives (partitioned under ZeRO-3). terms: reward functions
+    (rewards.Term) the policy was also rewarded by, each compared like the reward model's score over the prompts it
+    applies to (its values called with columns, the data's kept fields of each prompt).
     """
     on_all = on_all or (lambda fn, xs: fn(xs))
     out: dict = {"eval_prompts": len(prompts)}
@@ -304,6 +325,9 @@ def compare_policies(
             b, a = per_prompt(before[key]), per_prompt(after[key])
             section[key] = {"sft": stats.mean(b), "policy": stats.mean(a),
                             "difference": stats.paired_difference(a, b, seed=seed)}
+        if terms:
+            kept = {k: [v for v in vs for _ in range(reps)] for k, vs in (columns or {}).items()}
+            section["terms"] = {t.name: term_versus_sft(t, repeated, before, after, kept, reps, seed) for t in terms}
         section["kl"] = stats.mean(after["kl"])
         section["response_length"] = {"sft": stats.mean(before["length"]), "policy": stats.mean(after["length"])}
         section["ended_with_eos"] = {"sft": stats.mean(before["ended"]), "policy": stats.mean(after["ended"])}

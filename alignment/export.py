@@ -20,10 +20,10 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import loading, registry, tokens
+from alignment import loading, pipeline, registry, tokens
 from alignment.store import Checkpoint
 
-AUTO_CLASSES = {**dict.fromkeys(("sft", "ppo", "dpo", "grpo"), AutoModelForCausalLM),
+AUTO_CLASSES = {**dict.fromkeys(pipeline.POLICIES, AutoModelForCausalLM),
                 "rm": AutoModelForSequenceClassification}
 
 

@@ -83,6 +83,23 @@ def restore_healthy(store: Store, run: str, stage: str, accelerator, model) -> i
     return step
 
 
+def publish_healthy(store: Store, run: str, stage: str, accelerator, model, collapsed: dict, kept: str,
+                    done: str) -> dict:
+    """After a held-out point showed a collapse (`collapsed`: its step and signs), with the guard on: the last
+    healthy point's weights back into the model, said in one line. -> the manifest's `guard` entry. Stops the
+    stage in one line when none were kept (a run resumed from before the guard was on); `kept` names what is
+    left to resume from, `done` what happens to the restored policy."""
+    healthy = restore_healthy(store, run, stage, accelerator, model)
+    if healthy is None:
+        raise SystemExit(f"[{stage}] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse, "
+                         f"and no healthy policy was kept to publish instead (a run resumed from before the guard was "
+                         f"on); {kept} is kept: rerun with {stage}.guard_collapse=false to go on from it, or with "
+                         f"resume=false")
+    print(f"[{stage}] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse; training stops, "
+          f"and the policy of step {healthy}, the last healthy held-out point, is {done}")
+    return {"guard": {"collapsed_at_step": collapsed["step"], "published_step": healthy, "signs": collapsed["signs"]}}
+
+
 def healthy_step(store: Store, run: str, stage: str) -> int | None:
     """The step whose weights are kept as healthy, None when none are."""
     found = store.run_dir(run) / HEALTHY.format(stage=stage) / "step.json"

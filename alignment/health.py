@@ -14,7 +14,10 @@ short line to every prompt. None of that needs a judge to see. Per policy, on th
 
 A policy has collapsed, relative to the SFT policy on the same prompts (collapse()), when fewer than
 DISTINCT_FALL of SFT's distinct share of its answers are distinct, or its most frequent answer covers at least
-TOP_SHARE of the prompts and TOP_GROWTH times SFT's share, or its answers are shorter than LENGTH_FALL of SFT's.
+TOP_SHARE of the prompts and TOP_GROWTH times SFT's share; answers shorter than LENGTH_FALL of SFT's are then said as
+one more sign. Shorter answers alone are no collapse: on the embedded task the right answers are the short ones
+(RLOO dropped the SFT policy's habit of adding "i am happy to help" to its answers: 11.2 -> 5.4 words on average,
+with a greedy gold gain of +0.365).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+
+from alignment import stats
 
 DISTINCT_FALL = 0.5  # distinct_responses below half SFT's
 TOP_SHARE, TOP_GROWTH = 0.1, 3.0  # one answer to at least 10% of the prompts, 3x as many as SFT's most frequent
@@ -34,12 +39,6 @@ def _words(text: str) -> list[str]:
 
 def _normal(text: str) -> str:
     return " ".join(text.lower().split())
-
-
-def distinct_over_all(texts: Sequence[str], n: int) -> float:
-    """Distinct word n-grams over all word n-grams of all texts together (0 when there are none)."""
-    grams = [tuple(w[i : i + n]) for w in map(_words, texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def prompt_text(prompt) -> str:
@@ -60,8 +59,8 @@ def measures(prompts: Sequence, responses: Sequence[str]) -> dict:
         "distinct_responses": len(counts) / len(responses),
         "top_response_share": counts.most_common(1)[0][1] / len(responses),
         "top_response": counts.most_common(1)[0][0],
-        "distinct_1_all": distinct_over_all(responses, 1),
-        "distinct_2_all": distinct_over_all(responses, 2),
+        "distinct_1_all": stats.distinct_n(responses, 1, _words),
+        "distinct_2_all": stats.distinct_n(responses, 2, _words),
         "mean_length": sum(len(_words(r)) for r in responses) / len(responses),
         "prompt_overlap": sum(overlaps) / len(overlaps),
     }
@@ -79,7 +78,7 @@ def collapse(policy: dict, sft: dict) -> list[str]:
     if top >= TOP_SHARE and top >= TOP_GROWTH * sft_top:
         which = f", {_quote(policy['top_response'])}" if policy.get("top_response") is not None else ""
         out.append(f"{top:.0%} of the prompts get the same answer{which} (SFT's most frequent: {sft_top:.0%})")
-    if sft["mean_length"] and policy["mean_length"] < LENGTH_FALL * sft["mean_length"]:
+    if out and sft["mean_length"] and policy["mean_length"] < LENGTH_FALL * sft["mean_length"]:
         out.append(f"its answers average {policy['mean_length']:.1f} words against SFT's {sft['mean_length']:.1f}")
     return out
 

@@ -50,12 +50,12 @@ from typing import NamedTuple
 
 import yaml
 
-from alignment import config, distributed, registry
+from alignment import config, distributed, pipeline, registry
 from alignment.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("sft", "rm", "ppo", "grpo", "dpo")
-RL_STAGES = ("ppo", "grpo")
+STAGES = pipeline.ALL
+RL_STAGES = pipeline.RL
 GiB = 2**30
 CUDA_CONTEXT = 0.5 * GiB  # assumed, not measured: a CUDA context with torch's kernels loaded takes 0.3-0.8 GiB
 EVAL_ROWS = 100  # prompts per generate() call of the held-out evaluation (evaluation.rollout_scores' batch_size)

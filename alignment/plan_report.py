@@ -10,7 +10,6 @@ from alignment.plan import (
     HELD,
     PHASES,
     RL_STAGES,
-    STAGES,
     Fit,
     GiB,
     Launch,
@@ -133,18 +132,19 @@ def header(name: str, shape: Shape, launch: Launch, budget: float, fixed: tuple[
 
 TABLE_MODELS = ("llama-3.2-1b-instruct", "llama-3-8b-instruct", "llama-2-13b", "llama-3-70b-instruct")
 TABLE_PROCESSES = (1, 8, 16, 64)
+TABLE_STAGES = ("sft", "rm", "ppo", "grpo", "dpo")  # RLOO and REINFORCE++ hold what GRPO holds, at their own batch
 
 
 def table(configs: str | Path = plan.ROOT / "configs", budget: float = 80 * GiB, overrides: list[str] = ()) -> str:
     """A markdown table: for each model and number of GPUs, each stage's lightest setup that fits
     (plan.lightest_fit) with its peak per GPU, or what stands in the way."""
-    cfgs = plan.stage_configs(STAGES, configs, list(overrides))
-    lines = ["| model | GPUs | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    cfgs = plan.stage_configs(TABLE_STAGES, configs, list(overrides))
+    lines = ["| model | GPUs | " + " | ".join(TABLE_STAGES) + " |", "|---|---|" + "---|" * len(TABLE_STAGES)]
     for name in TABLE_MODELS:
         m = plan.model(name)
         for n in TABLE_PROCESSES:
             cells = []
-            for stage in STAGES:
+            for stage in TABLE_STAGES:
                 setup = Setup(Launch(n), plan.workload(stage, cfgs[stage], m))
                 cells.append(_cell(plan.lightest_fit(stage, m.shape, setup, budget, plan.CUDA_CONTEXT), setup))
             lines.append(f"| {name} ({plan.count_text(m.shape.lm_parameters)}) | {n} | " + " | ".join(cells) + " |")

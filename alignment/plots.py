@@ -19,7 +19,7 @@ HIGHER, LOWER = "higher is better", "lower is better"
 # one color per stage in every figure (a method is the same color in the frontier, the curves and the bars);
 # the runs of a report with several are told apart by line style
 COLORS = {"sft": "tab:gray", "base": "tab:brown", "rm": "tab:purple", "ppo": "tab:blue", "dpo": "tab:orange",
-          "grpo": "tab:green"}
+          "grpo": "tab:green", "rloo": "tab:red", "reinforce": "tab:cyan"}
 LINE_STYLES = ("-", "--", ":", "-.")
 
 

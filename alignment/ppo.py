@@ -5,11 +5,14 @@ response tokens up to and including the first EOS and 0.0 after it, so padding n
 a statistic. Conventions follow Ziegler et al. (2019) and "The N Implementation Details of RLHF with
 PPO" (Huang et al., 2023): per-token reward -kl_coef * (log pi - log pi_ref), the reward model's score
 added at the last response token, GAE on top, whitened advantages, clipped policy and value losses.
-GRPO's (at the end) replaces the critic by a group of responses to each prompt, and moves the KL into the loss.
+GRPO's (at the end) replaces the critic by a group of responses to each prompt, and moves the KL into the loss;
+RLOO's baseline is the other responses to the prompt, REINFORCE++'s the whole batch.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -271,11 +274,21 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return masked(returns, mask)
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """REINFORCE++'s advantages (Hu, 2025): the per-token returns of token_rewards' rewards (the KL penalty at every
-    token, the score at the last), normalised by the mean and std over every response token of the batch, with no
-    critic and no per-prompt baseline. rewards, mask [B, T] -> [B, T]."""
-    return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
+    token, the score at the last), normalised by the mean and (unbiased) std over every response token of the batch,
+    with no critic and no per-prompt baseline. rewards, mask [B, T] -> [B, T]. With several processes each holding a
+    share of the batch, total sums a tensor over them (the batch's moments are the whole batch's)."""
+    returns = discounted_returns(rewards, mask, gamma)
+    on = masked(returns, mask)
+    sums = torch.stack([on.sum(), (on * on).sum(), mask.sum()]).double()
+    s, squares, n = (total(sums) if total is not None else sums).tolist()
+    mean = s / max(n, 1)
+    var = max(squares / max(n, 1) - mean * mean, 0.0) * (n / (n - 1) if n > 1 else 1.0)
+    return masked((returns - mean) / math.sqrt(var + 1e-8), mask)
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -297,7 +310,8 @@ def grpo_loss(
     mask: torch.Tensor, clip: float, kl_coef: float, aggregation: str = "sequence", max_tokens: int = 0,
 ) -> GRPOLoss:
     """GRPO's objective as a loss. logprobs, old_logprobs, ref_logprobs, mask [B, T]; advantages [B], one per response,
-    the same at each of its tokens. Per token: max(-A r, -A clip(r, 1-eps, 1+eps)) + kl_coef * k3, r = pi / pi_old.
+    the same at each of its tokens (or [B, T], one per token: REINFORCE++). Per token: max(-A r, -A clip(r, 1-eps,
+    1+eps)) + kl_coef * k3, r = pi / pi_old.
 
     aggregation: "sequence" each response's mean over its tokens, then the mean over responses (DeepSeekMath; a
     long response's tokens weigh less); "token" the mean over all tokens of the batch (DAPO); "constant" the sum over
@@ -305,7 +319,7 @@ def grpo_loss(
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     kl = kl_k3(logprobs, ref_logprobs)
     per_token = masked(torch.max(unclipped, clipped) + kl_coef * kl, mask)

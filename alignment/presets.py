@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from alignment import registry
+from alignment import pipeline, registry
 
 TINY_BELOW, LARGE_FROM = 50e6, 20e9
 CHECKPOINT_ACTIVATIONS_FROM = 1e9
-RL_STAGES = ("ppo", "grpo")
 
 # size class -> stage -> learning rate, full-parameter training
-LEARNING_RATES = {
-    "tiny": {"sft": 2e-3, "rm": 5e-4, "ppo": 1e-4, "grpo": 1e-4, "dpo": 2e-4},
-    "mid": {"sft": 2e-5, "rm": 1e-5, "ppo": 1e-6, "grpo": 1e-6, "dpo": 5e-7},
-    "large": {"sft": 1e-5, "rm": 5e-6, "ppo": 1e-6, "grpo": 1e-6, "dpo": 5e-7},
+LEARNING_RATES = {  # RLOO and REINFORCE++ take GRPO's: no critic, the same clipped ratio on sampled responses
+    "tiny": {"sft": 2e-3, "rm": 5e-4, "ppo": 1e-4, "grpo": 1e-4, "rloo": 1e-4, "reinforce": 1e-4, "dpo": 2e-4},
+    "mid": {"sft": 2e-5, "rm": 1e-5, "ppo": 1e-6, "grpo": 1e-6, "rloo": 1e-6, "reinforce": 1e-6, "dpo": 5e-7},
+    "large": {"sft": 1e-5, "rm": 5e-6, "ppo": 1e-6, "grpo": 1e-6, "rloo": 1e-6, "reinforce": 1e-6, "dpo": 5e-7},
 }
 LORA_SFT = {"mid": 2e-4, "large": 1e-4}
 LORA_FACTOR = 10  # LoRA's rate over full fine-tuning's, for the stages QLoRA did not publish (2e-4 / 2e-5)
@@ -54,7 +53,7 @@ def for_stage(stage: str, parameters: int, lora: bool) -> dict:
     if lora and size != "tiny":
         rate = LORA_SFT[size] if stage == "sft" else float(f"{rate * LORA_FACTOR:.3g}")
     settings = {"learning_rate": rate}
-    if stage in RL_STAGES and parameters >= CHECKPOINT_ACTIVATIONS_FROM:
+    if stage in pipeline.RL and parameters >= CHECKPOINT_ACTIVATIONS_FROM:
         settings["activation_checkpointing"] = True
     return settings
 

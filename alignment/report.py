@@ -21,10 +21,10 @@ from pathlib import Path
 
 import jinja2
 
-from alignment import health, plots, task
+from alignment import health, pipeline, plots, rewards, task
 
-METHODS = ("base", "ppo", "dpo", "grpo")  # compared with SFT in the headline, in this order
-TRAINED_ON = {"ppo": ("episodes", "episodes"), "grpo": ("episodes", "episodes"), "dpo": ("pairs_seen", "pairs")}
+METHODS = ("base", *pipeline.STAGE3)  # compared with SFT in the headline, in this order
+TRAINED_ON = {**{stage: ("episodes", "episodes") for stage in pipeline.RL}, "dpo": ("pairs_seen", "pairs")}
 POLICY_COLUMNS = ["cross_entropy", "perplexity", "reward", "win_rate_vs_sft", "kl_per_token", "kl_per_response",
                   "response_length", "distinct_1", "distinct_2", "ended_with_eos", "gold", "gold_win_rate_vs_sft"]
 LOWER_BETTER = {"cross_entropy", "perplexity", "kl_per_token", "kl_per_response"}  # no mark: length, distinct, eos
@@ -67,11 +67,28 @@ def headline(result: dict) -> list[dict]:
             seen = rec.get(field) if field else None
             rows.append({"method": label(run, stage, n_runs), "reference": False, "stage": stage,
                          "collapsed": bool(collapse_signs(entry, stage)),
+                         "judge_trained": any(s.endswith(rewards.JUDGE_FUNCTIONS) for s in rec.get("rewards") or []),
+                         "terms": term_lines(m.get("terms") or {}),
                          "prompts": vs["prompts"], "samples": vs["samples"], "kl": vs["kl"],
                          "duration_s": rec.get("duration_s"), "trained_on": f"{seen:,} {unit}" if seen else None,
                          **{f"{key}_{mode}": vs[mode][key]["difference"] for mode in ("greedy", "sampled")
                             for key in ("gold", "reward") if key in vs[mode]}})
     return rows
+
+
+def term_lines(terms: dict) -> list[str]:
+    """The reward functions a policy was also rewarded by, each against SFT (stages/eval.py's reward_terms), in
+    words: 'length_penalty: greedy +5.33 [+4.95, +5.69], sampled ...'."""
+    out = []
+    for name in terms.get("greedy", {}):
+        parts = []
+        for mode in ("greedy", "sampled"):
+            t = terms.get(mode, {}).get(name) or {}
+            if t.get("prompts"):
+                d = t["difference"]
+                parts.append(f"{mode} {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+        out.append(f"{name} − SFT: " + (", ".join(parts) if parts else "applies to no held-out prompt"))
+    return out
 
 
 def collapse_signs(entry: dict, stage: str) -> list[str]:
@@ -151,6 +168,9 @@ def warnings(result: dict) -> list[str]:
                 out.append(health.collapse_line(name(stage), checkpoints[stage]["answers"]["greedy"],
                                                 checkpoints["sft"]["answers"]["greedy"],
                                                 vs["greedy"]["reward"]["difference"]["mean"]))
+            if judged := [s for s in rec.get("rewards") or [] if s.endswith(rewards.JUDGE_FUNCTIONS)]:
+                out.append(f"{name(stage)} was rewarded by the gold judge itself ({', '.join(judged)}): its gold "
+                           "gains measure what it was trained on, not an independent improvement.")
             if guarded := rec.get("guard"):
                 out.append(f"{name(stage)} is the policy of step {guarded['published_step']}: its stage's guard "
                            f"(guard_collapse) stopped training when the held-out point of step "
@@ -301,16 +321,21 @@ def figures(result: dict, rows: list[dict]) -> dict[str, bytes]:
         return found
 
     batches = lambda stage: lambda e, _: f"batches of {_setting(e, stage, 'batch_size')}"
+    terms = sorted({k for e in result["runs"].values() for stage in pipeline.RL
+                    for x in e.get("training_logs", {}).get(stage, {}).get("records", []) for k in x
+                    if k.startswith("reward/")})  # each reward term's own values, where several were mixed
     loops = [
-        (t, b, "step", {k: v for stage in ("ppo", "grpo") for k, v in lines(stage, key, batches(stage)).items()})
+        (t, b, "step", {k: v for stage in pipeline.RL for k, v in lines(stage, key, batches(stage)).items()})
         for key, t, b in (
-            ("reward", "train reward (raw RM score)", plots.HIGHER),
+            ("reward", "train reward (the RM's raw score; the terms' mix where several)", plots.HIGHER),
+            *((term, f"train reward term {term.removeprefix('reward/')} (raw)", "") for term in terms),
             ("kl", "train KL, nats/response", ""),
             ("entropy", "policy entropy", ""),
             ("value_loss", "PPO value loss", plots.LOWER),
         )
     ]
-    out["rl_training"] = plots.by_step(loops, "PPO and GRPO training, per step (the stages' own logs)")
+    out["rl_training"] = plots.by_step(loops, "RL training (PPO, GRPO, RLOO, REINFORCE++), per step (the stages' "
+                                              "own logs)")
     trainers = [(t, b, "optimizer step", lines(stage, key, batches(stage) if not key.startswith("eval_") else
                                                    lambda e, records: _evaluated(records)))
                 for stage, key, t, b in (("sft", "loss", "SFT train loss", plots.LOWER),
@@ -397,7 +422,10 @@ Green: the interval lies above zero; red: below. KL to SFT is what the method sp
 <th>stage wall time, s ↓</th><th>trained on</th><th>n prompts</th></tr></thead><tbody>
 {% for row in headline %}
 <tr{% if row.reference %} class="ref"{% endif %}><td><b>{{ row.method }}</b>{% if row.get("collapsed") %}
-<br><small class="down">its answers collapsed: see section 2 and the table below</small>{% endif %}</td>
+<br><small class="down">its answers collapsed: see section 2 and the table below</small>{% endif %}
+{% if row.get("judge_trained") %}<br><small class="down">rewarded by the gold judge: its gold gain is no independent
+measure</small>{% endif %}{% for line in row.get("terms") or [] %}<br><small>reward term {{ line }}</small>{% endfor %}
+</td>
 {% for key in keys %}
 {% if row.reference %}<td>{{ row.get(key) | num }} <small>(its own score)</small></td>
 {% else %}<td class="{{ row.get(key) | verdict }}">{{ row.get(key) | signed }}</td>{% endif %}
@@ -410,8 +438,8 @@ Green: the interval lies above zero; red: below. KL to SFT is what the method sp
 {% for run, e in r.runs.items() if answers[run] %}
 <p>Run <code>{{ run }}</code>: every policy's greedy answers to the {{ e.prompts }} held-out prompts as a set, which
 needs no judge: a policy that games its reward model with one answer to every prompt shows here even where there is
-no gold judge. Collapse: under half SFT's distinct share, one answer to at least 10% of the prompts and 3x SFT's
-most frequent share, or answers under half SFT's length (alignment/health.py).</p>
+no gold judge. Collapse: under half SFT's distinct share, or one answer to at least 10% of the prompts and 3x SFT's
+most frequent share; answers under half SFT's length are then one more sign (alignment/health.py).</p>
 <table><thead><tr><th>policy</th><th>distinct answers ↑</th><th>most frequent answer</th><th>distinct-1 / -2 over
 all</th><th>mean words</th><th>length / SFT's</th><th>words from the prompt</th><th>collapse</th></tr></thead><tbody>
 {% for a in answers[run] %}<tr><td>{{ a.stage }}</td><td>{{ a.distinct_responses | num }}</td>
@@ -548,6 +576,7 @@ def text_summary(result: dict) -> str:
                           for k in ("gold_greedy", "gold_sampled", "reward_greedy", "reward_sampled") if k in row)
         kl = "" if row["reference"] else f" kl={row['kl']['mean']:.2f}"
         lines.append(f"  {row['method']:24s} {scores}{kl}")
+        lines += [f"  {'':24s} reward term {line}" for line in row.get("terms") or []]
     for run, e in result["runs"].items():
         if "rm" in e["checkpoints"]:
             m = e["checkpoints"]["rm"]
@@ -572,6 +601,13 @@ def format_comparison(summary: dict, method: str = "ppo") -> str:
                     f"  {mode:8s} {key:7s} sft {s[key]['sft']:+.3f} -> {method} {s[key]['policy']:+.3f}   "
                     f"diff {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
                 )
+        for name, t in (s.get("terms") or {}).items():  # the reward functions it was also rewarded by
+            if not t["prompts"]:
+                lines.append(f"  {mode:8s} {name}: applies to no held-out prompt")
+                continue
+            d = t["difference"]
+            lines.append(f"  {mode:8s} {name} sft {t['sft']:+.3f} -> {method} {t['policy']:+.3f}   diff "
+                         f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] on {t['prompts']} prompts")
         lines.append(
             f"  {mode:8s} KL({method}||sft) {s['kl']:.3f} nats/response   length sft {s['response_length']['sft']:.1f}"
             f" -> {method} {s['response_length']['policy']:.1f}"

@@ -52,9 +52,10 @@ def wins(a: Sequence[float], b: Sequence[float]) -> list[float]:
     return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct word n-grams over all word n-grams in texts (0 when there are none)."""
-    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+def distinct_n(texts: Sequence[str], n: int, words: Callable[[str], list[str]] = str.split) -> float:
+    """Distinct word n-grams over all word n-grams of all texts together (0 when there are none); `words` splits a
+    text into words (by default at white space)."""
+    grams = [tuple(w[i : i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 

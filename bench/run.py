@@ -95,9 +95,9 @@ def model_flops_per_token(path: Path, mean_length: float, reward_model: bool = F
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="sft,rm,ppo,dpo,grpo,memory", help="stages to measure, comma-separated "
+    ap.add_argument("--only", default="sft,rm,ppo,dpo,grpo,rloo,memory", help="stages to measure, comma-separated "
                     "(memory: bench/memory.py's PPO memory with 1 and 2 processes, on its own model; rm needs sft; "
-                    "ppo, dpo and grpo need sft and rm)")
+                    "ppo, dpo, grpo and rloo need sft and rm)")
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--sft-records", type=int, default=1024, help="Alpaca records trained on (one epoch)")
     ap.add_argument("--sft-batch", type=int, default=32)
@@ -121,6 +121,11 @@ def main() -> None:
     ap.add_argument("--grpo-prompts", type=int, default=8)
     ap.add_argument("--grpo-group", type=int, default=8)
     ap.add_argument("--grpo-mini-batch", type=int, default=32)
+    ap.add_argument("--rloo-steps", type=int, default=6, help="RLOO rollout batches, each --rloo-prompts x "
+                    "--rloo-group responses; lengths as PPO's")
+    ap.add_argument("--rloo-prompts", type=int, default=16)
+    ap.add_argument("--rloo-group", type=int, default=4)
+    ap.add_argument("--rloo-mini-batch", type=int, default=32)
     ap.add_argument("--peer-default-records", type=int, default=128,
                     help="records (SFT) and pairs (RM) the TRL-default peers train on: their default, bf16 "
                          "autocast, runs 10-20x slower on a CPU without bf16 units, so they measure on the first N; "
@@ -189,14 +194,14 @@ def main() -> None:
         report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s", reward_model=True,
                                               per_sample=2)
 
-    if {"ppo", "dpo", "grpo"} & set(stages):
+    if {"ppo", "dpo", "grpo", "rloo"} & set(stages):
         if a.ppo_from:  # copied in, so ours and the peer start from the same files and the source stays as it was
             source = Store(a.ppo_from)
             for stage in ("sft", "rm"):
                 shutil.rmtree(store.path(RUN, stage), ignore_errors=True)
                 shutil.copytree(source.get(a.ppo_run, stage).path, store.path(RUN, stage))
         if not (store.path(RUN, "sft").exists() and store.path(RUN, "rm").exists()):
-            raise SystemExit("[bench] ppo, dpo and grpo need the sft and rm measurements' checkpoints: run with "
+            raise SystemExit("[bench] ppo, dpo, grpo and rloo need the sft and rm measurements' checkpoints: run with "
                              "--only sft,rm,... or give --ppo-from")
         sft, rm = store.get(RUN, "sft"), store.get(RUN, "rm")
         tokenizer = loading.load_tokenizer(sft.path, spec)
@@ -267,26 +272,30 @@ def main() -> None:
         # a pair is two sequences; the reference's forward adds 2 FLOPs per parameter to training's 6
         report["stages"]["dpo"] = _train_stage(ours, peers, base, peaks, "samples_per_s", per_sample=2, flops=8 / 6)
 
-    if "grpo" in stages:  # on PPO's prompts and lengths
+    for method in ("grpo", "rloo"):  # on PPO's prompts and lengths; the peer: TRL's GRPOTrainer, RLOOTrainer
+        if method not in stages:
+            continue
+        steps, prompts_per_step, group, mini_batch = (getattr(a, f"{method}_{k}") for k in
+                                                      ("steps", "prompts", "group", "mini_batch"))
         texts = tokenizer.batch_decode(ids, skip_special_tokens=False)  # the prompts as cut to --ppo-prompt-length
-        (work / "grpo_prompts.json").write_text(json.dumps(texts))
-        run_process("grpo-ours", [py, "-m", "stages.grpo", "--config", "configs/hh-rlhf/grpo.yaml", *common,
-                                  f"grpo.steps={a.grpo_steps}", f"grpo.batch_size={a.grpo_prompts}",
-                                  f"grpo.group_size={a.grpo_group}", f"grpo.mini_batch_size={a.grpo_mini_batch}",
-                                  f"grpo.max_new_tokens={a.ppo_response_length}",
-                                  f"grpo.max_prompt_length={a.ppo_prompt_length}", "grpo.eval_every=0",
-                                  "grpo.eval_samples=1", "resume=false"], work)
-        ours = store.get(RUN, "grpo")
-        cfg, peer_dir = ours.manifest["config"]["grpo"], work / "grpo-trl"
-        run_process("grpo-trl", [
-            py, "bench/peers/trl_grpo.py", "--sft", str(sft.path), "--rm", str(rm.path),
-            "--prompts", str(work / "grpo_prompts.json"), "--out", str(peer_dir), "--steps", str(a.grpo_steps),
-            "--prompts-per-step", str(a.grpo_prompts), "--group", str(a.grpo_group),
-            "--mini-batch", str(a.grpo_mini_batch), "--response-length", str(a.ppo_response_length),
-            "--lr", str(cfg["learning_rate"]), "--beta", str(cfg["kl_coef"]), "--seed", "0",
+        (work / f"{method}_prompts.json").write_text(json.dumps(texts))
+        run_process(f"{method}-ours", [
+            py, "-m", f"stages.{method}", "--config", f"configs/hh-rlhf/{method}.yaml", *common,
+            f"{method}.steps={steps}", f"{method}.batch_size={prompts_per_step}", f"{method}.group_size={group}",
+            f"{method}.mini_batch_size={mini_batch}", f"{method}.max_new_tokens={a.ppo_response_length}",
+            f"{method}.max_prompt_length={a.ppo_prompt_length}", f"{method}.eval_every=0",
+            f"{method}.eval_samples=1", "resume=false"], work)
+        ours = store.get(RUN, method)
+        cfg, peer_dir = ours.manifest["config"][method], work / f"{method}-trl"
+        run_process(f"{method}-trl", [
+            py, "bench/peers/trl_grpo.py", "--trainer", method, "--sft", str(sft.path), "--rm", str(rm.path),
+            "--prompts", str(work / f"{method}_prompts.json"), "--out", str(peer_dir), "--steps", str(steps),
+            "--prompts-per-step", str(prompts_per_step), "--group", str(group), "--mini-batch", str(mini_batch),
+            "--response-length", str(a.ppo_response_length), "--lr", str(cfg["learning_rate"]),
+            "--beta", str(cfg["kl_coef"]), "--seed", "0",
             *(["--fp32"] if ours.manifest["metrics"]["precision"] == "fp32" else [])], work)
         peer = json.loads((peer_dir / "bench.json").read_text())
-        report["stages"]["grpo"] = _rl_stage(ours, peer, "trl", peer_dir / "policy", sft, rm, spec, a)
+        report["stages"][method] = _rl_stage(ours, peer, "trl", peer_dir / "policy", sft, rm, spec, a)
 
     if "memory" in stages:  # bench/memory.py: PPO on an 85M LLaMA, 1 process and 2 under ZeRO-3, each one's peak
         run_process("memory", [py, "-m", "bench.memory", "--out", str(work / "memory.json")], work)
@@ -390,7 +399,7 @@ def format_table(report: dict) -> str:
                 f"{100 * r['share_of_matmul_peak']:>6.1f}% {r['peak_memory_mb']:>8.0f}  {ratio}"
             )
     for key, rows in report["stages"].items():
-        if not key.startswith(("ppo", "grpo")):
+        if not key.startswith(("ppo", "grpo", "rloo")):
             continue
         stage, peer = key.split("-")[0], rows.get("peer", "trl112")  # reports before GRPO: PPO against TRL 1.12
         if stage == "ppo":

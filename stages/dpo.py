@@ -217,17 +217,10 @@ def main(argv: list[str]) -> None:
     if dropped:
         print(f"[dpo] {dropped} training pairs whose prompt fills dpo.max_length={d.max_length} tokens were dropped")
     result = training.train(trainer, "dpo", resume_from)
-    guarded = {}
-    if collapsed:  # the guard: the last healthy held-out point's weights are the ones measured and published
-        healthy = guard.restore_healthy(store, run, "dpo", trainer.accelerator, trainer.model_wrapped)
-        if healthy is None:
-            raise SystemExit(f"[dpo] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse, "
-                             "and no healthy policy was kept to publish instead (a checkpoint resumed from before the "
-                             "guard was on); rerun with dpo.guard_collapse=false, or with resume=false")
-        guarded = {"guard": {"collapsed_at_step": collapsed["step"], "published_step": healthy,
-                             "signs": collapsed["signs"]}}
-        print(f"[dpo] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse; training "
-              f"stops, and the policy of step {healthy}, the last healthy held-out point, is measured and published")
+    guarded = {}  # the guard: the last healthy held-out point's weights are the ones measured and published
+    if collapsed:
+        guarded = guard.publish_healthy(store, run, "dpo", trainer.accelerator, trainer.model_wrapped, collapsed,
+                                        "the last checkpoint", "measured and published")
     held_out = trainer.evaluate()  # DPO's own loss and implicit-reward accuracy on the held-out pairs
 
     # 5. compare with the SFT policy on held-out prompts (every process its share), greedy and sampled, as PPO does

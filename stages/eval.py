@@ -22,17 +22,31 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import config, data, evaluation, health, loading, logs, registry, report, scoring, stats, task
+from alignment import (
+    config,
+    data,
+    evaluation,
+    health,
+    loading,
+    logs,
+    pipeline,
+    registry,
+    report,
+    rewards,
+    scoring,
+    stats,
+    task,
+)
 from alignment.config import field
 from alignment.store import Checkpoint, Store, StoreError
 
-STAGES = ("base", "sft", "rm", "ppo", "dpo", "grpo")  # in the report's order
+STAGES = ("base", *pipeline.ALL)  # in the report's order
 
 
 @dataclasses.dataclass
 class EvalSettings:
-    checkpoints: list[str] = field([], "ids run/stage to measure (stage: base, sft, rm, ppo, dpo, grpo); empty: "
-                                   "every one each run holds")
+    checkpoints: list[str] = field([], "ids run/stage to measure (stage: base, sft, rm, ppo, dpo, grpo, rloo, "
+                                   "reinforce); empty: every one each run holds")
     runs: list[str] = field([], "more runs to put in the same report, e.g. one per base model")
     max_new_tokens: int = field(20, "longest response sampled")
     temperature: float = field(1.0, "sampling temperature of the policy rollouts")
@@ -60,6 +74,7 @@ class Reference(NamedTuple):
     demos: list[dict]  # held-out demonstrations (cross-entropy)
     pairs: list[dict]  # held-out preference pairs (reward-model accuracy)
     prompts: list  # held-out prompts (rollouts)
+    columns: dict  # the data's kept fields of each held-out prompt (for reward functions): name -> list
 
 
 def latest_run(store: Store) -> str:
@@ -88,7 +103,8 @@ def load_reference(store: Store, run: str, cfg: Config) -> Reference:
         data.load(profile, split, cfg.limit, cfg.on_error) for split in ("sft_eval", "prefs_eval", "prompts_eval")
     ]
     return Reference(tokenizer, spec, sft_policy, reward_model, scorer, data.get_profile(profile).gold,
-                     held_out[0], held_out[1], [x["prompt"] for x in held_out[2]])
+                     held_out[0], held_out[1], [x["prompt"] for x in held_out[2]],
+                     {k: [x[k] for x in held_out[2]] for k in held_out[2][0] if k != "prompt"})
 
 
 def rollouts(ref: Reference, policy, cfg: Config) -> tuple[dict, dict]:
@@ -116,6 +132,24 @@ def policy_figures(ref: Reference, policy, greedy: dict, sampled: dict, sft_gree
                         "sampled": health.measures(ref.prompts, sampled["responses"][::samples])}}
 
 
+def reward_terms(ref: Reference, checkpoint, stage: str, greedy: dict, sampled: dict, sft_greedy: dict,
+                 sft_sampled: dict, cfg: Config) -> dict:
+    """The reward functions an RL policy was also rewarded by (its config's rewards, alignment/rewards.py), each
+    against SFT on the same responses, greedy and sampled: {"terms": {mode: {name: ...}}}; {} for none."""
+    sources = ((checkpoint.manifest.get("config") or {}).get(stage) or {}).get("rewards") if checkpoint else None
+    functions = [t for t in rewards.terms(sources, []) if t.function is not None] if sources else []
+    if not functions:
+        return {}
+    out = {}
+    for mode, after, before, n in (("greedy", greedy, sft_greedy, 1), ("sampled", sampled, sft_sampled,
+                                                                        cfg.eval.samples)):
+        prompts = [p for p in ref.prompts for _ in range(n)]
+        columns = {k: [v for v in vs for _ in range(n)] for k, vs in ref.columns.items()}
+        out[mode] = {t.name: evaluation.term_versus_sft(t, prompts, before, after, columns, n, cfg.seed)
+                     for t in functions}
+    return {"terms": out}
+
+
 def lineage(store: Store, checkpoint: Checkpoint) -> dict:
     """Who a checkpoint is, what it came from, whether that still holds, how long it took and how it was made."""
     m = checkpoint.manifest
@@ -141,6 +175,7 @@ def recorded(checkpoint: Checkpoint, stage: str, prompts: int) -> dict:
         "skipped_non_finite": m.get("skipped_non_finite"),
         "reward_model": settings.get("reward_model") or None,  # a judge other than the run's, if it had one
         "guard": m.get("guard"),  # the guard stopped it at a collapse and published an earlier policy
+        "rewards": settings.get("rewards") or ["model"],  # what it was rewarded by (alignment/rewards.py)
     }
 
 
@@ -222,6 +257,7 @@ def main(argv: list[str]) -> None:
                 "kind": "policy", "path": str(path), **policy_figures(ref, policy, greedy, sampled, sft_greedy,
                                                                       sft_sampled, e.samples),
                 **({"recorded": recorded(checkpoint, stage, len(ref.prompts))} if stage not in ("base", "sft") else {}),
+                **reward_terms(ref, checkpoint, stage, greedy, sampled, sft_greedy, sft_sampled, cfg),
             }
             for row, i in zip(entry["side_by_side"], shown):
                 row[stage] = {"response": greedy["responses"][i], "reward": greedy["reward"][i],

@@ -23,7 +23,7 @@ from alignment import config
 from alignment.config import ConfigError, field
 from alignment.rl import loop, models
 from alignment.rl.algorithms import GRPO
-from alignment.rl.settings import RLConfig, RLSettings
+from alignment.rl.settings import RLConfig, RLSettings, check_aggregation
 
 
 @dataclasses.dataclass
@@ -55,9 +55,7 @@ class Config(RLConfig):
                               "baseline)")
         if g.scale_rewards not in ("group", "batch", "none"):
             raise ConfigError(f"grpo.scale_rewards: {g.scale_rewards!r} is not 'group', 'batch' or 'none'")
-        if g.loss_aggregation not in ("sequence", "token", "constant"):
-            raise ConfigError(f"grpo.loss_aggregation: {g.loss_aggregation!r} is not 'sequence', 'token' or "
-                              "'constant'")
+        check_aggregation("grpo", g.loss_aggregation)
 
 
 def main(argv: list[str]) -> None:

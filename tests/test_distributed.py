@@ -67,9 +67,9 @@ def two_process_store(mode, tmp_path_factory):
     return _stores[mode]
 
 
+@pytest.mark.multiprocess  # (2.5 minutes a mode on 2 cores: CI runs them beside the default suite)
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "dpo"])
-@pytest.mark.parametrize("mode", [mode if mode == "zero3" else pytest.param(mode, marks=pytest.mark.multiprocess)
-                                  for mode in MODES])  # ZeRO-3's partitions in the default suite, the rest beside
+@pytest.mark.parametrize("mode", MODES)
 def test_two_processes_stay_identical(tmp_path_factory, tiny_cache, mode, stage):
     store, outputs = two_process_store(mode, tmp_path_factory)
     text = outputs[stage]
@@ -380,6 +380,32 @@ def test_grpo_on_fewer_prompts_than_a_step_gives_every_process_a_whole_share(tmp
     assert [json.loads(x)["step"] for x in open(ckpt.path / "grpo_log.jsonl")] == [1, 2]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("method", ["rloo", "reinforce"])
+def test_critic_free_estimators_under_zero3_share_their_batch_statistics(tmp_path, tmp_path_factory, tiny_cache,
+                                                                        method):
+    """RLOO and REINFORCE++ on 2 processes under ZeRO-3: REINFORCE++ normalises its returns over both processes'
+    tokens (a sum over processes in every step), RLOO gathers its groups' rewards; both processes train in step
+    (check_sync) and the policy is published whole."""
+    copy_inputs(Store(one_node_inputs(tmp_path_factory)), tmp_path)
+    group = 2 if method == "rloo" else 1
+    args = (f"limit=64 threads=1 precision=fp32 check_sync=true {method}.steps=2 {method}.batch_size=4 "
+            f"{method}.group_size={group} {method}.mini_batch_size=8 {method}.max_new_tokens=8 "
+            f"{method}.eval_every=0 {method}.eval_samples=1")
+    out = make(method, tmp_path, "zero3", args)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert len(re.findall(r"\[sync\] [^:]+: 2 processes hold identical parameters", text)) == 2 * 2  # 2 steps x 2
+    ckpt = Store(tmp_path).get("tiny-llama", method)
+    assert ckpt.metrics["processes"] == 2 and ckpt.metrics["episodes"] == 2 * 2 * 4 * group
+    assert ckpt.metrics["deepspeed_zero_stage"] == 3
+    log = [json.loads(x) for x in open(ckpt.path / f"{method}_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    policy = AutoModelForCausalLM.from_pretrained(ckpt.path)
+    assert torch.isfinite(policy(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.multiprocess
 def test_ppo_killed_under_zero2_resumes_where_an_uninterrupted_run_ends(tmp_path, tmp_path_factory, tiny_cache):
     """SIGKILL of both processes after a state was saved; the resumed run loads every process's optimizer shard,
     the fp32 master weights and RNG states, and ends where a run never stopped does."""

@@ -29,6 +29,10 @@ TINY = {
            "ppo.eval_samples=1 ppo.max_new_tokens=8",
     "grpo": "limit=32 grpo.steps=2 grpo.batch_size=2 grpo.group_size=4 grpo.mini_batch_size=8 grpo.eval_every=0 "
             "grpo.eval_samples=1 grpo.max_new_tokens=8",
+    "rloo": "limit=32 rloo.steps=2 rloo.batch_size=2 rloo.group_size=4 rloo.mini_batch_size=8 rloo.eval_every=0 "
+            "rloo.eval_samples=1 rloo.max_new_tokens=8",
+    "reinforce": "limit=32 reinforce.steps=2 reinforce.batch_size=8 reinforce.mini_batch_size=8 "
+                 "reinforce.eval_every=0 reinforce.eval_samples=1 reinforce.max_new_tokens=8",
     "dpo": "limit=32 dpo.epochs=1 dpo.eval_every=0 dpo.eval_samples=1 dpo.max_new_tokens=8",
     "eval": "limit=16 eval.max_new_tokens=8",
 }
@@ -73,6 +77,8 @@ ALLOWED = {
     "srun bash -c 'make ppo NPROC=8 NNODES=$SLURM_NNODES NODE_RANK=$SLURM_NODEID "
     "ACCELERATE_CONFIG=configs/accelerate/multinode.yaml'": "a Slurm cluster; tests/test_distributed.py runs the "
     "same make line as two machines on one",
+    "make grpo ARGS='grpo.rewards=[model,my_rewards.py:exact_answer]'": "a user's own file; tests/test_rewards.py "
+    "runs GRPO with a reward function of a file of its own",
     "make data": "rewrites data/task in the checkout; tests/test_task.py checks the generator against the files",
     'make ppo DATA=hh-rlhf ARGS="ppo.guard_collapse=true"': "the guard watches held-out points, which this check's "
     "tiny settings turn off (ppo.eval_every=0); tests/test_faults.py runs the guard of PPO and DPO",

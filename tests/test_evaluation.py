@@ -457,8 +457,8 @@ def test_generate_and_chat_commands(evaluated_store):
     refused = subprocess.run([sys.executable, "-m", "alignment", "generate", "tiny-llama/rm", "sort: b a", "--root",
                               store_root], capture_output=True, text=True, env=env)
     assert refused.returncode == 1 and refused.stderr.strip().endswith(
-        "tiny-llama/rm is a 'rm' checkpoint, not a policy: generate and chat take one of sft, ppo, dpo, grpo "
-        "(e.g. tiny-llama/ppo)"
+        "tiny-llama/rm is a 'rm' checkpoint, not a policy: generate and chat take one of sft, ppo, dpo, grpo, "
+        "rloo, reinforce (e.g. tiny-llama/ppo)"
     )
     listing = subprocess.run(f"{sys.executable} -m alignment store list --json --root {store_root} | head -1",
                              shell=True, capture_output=True, text=True, env=env)

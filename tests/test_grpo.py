@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from alignment import config, guard, health, loading, ppo, registry
+from alignment import config, guard, health, loading, ppo, registry, report
 from alignment.store import Store
 from stages import grpo as grpo_stage
+from stages import reinforce as reinforce_stage
+from stages import rloo as rloo_stage
 from stages import rm as rm_stage
 from stages import sft as sft_stage
 
@@ -196,3 +198,42 @@ def test_shipped_yaml_loads_and_impossible_settings_stop_at_start(tmp_path):
                               ("grpo.loss_aggregation=mean", "is not 'sequence', 'token' or 'constant'")):
         with pytest.raises(SystemExit, match=message):
             grpo_stage.main([f"store={tmp_path}", override])
+
+
+@pytest.mark.parametrize("method", ["rloo", "reinforce"])
+def test_critic_free_estimators_train_and_publish(inputs, tmp_path, method):
+    """RLOO and REINFORCE++ through the same loop: finite log with their own fields, trained weights, lineage, no
+    critic saved, the comparison with SFT; the report's headline takes them (report.METHODS)."""
+    root = store_with_inputs(inputs, tmp_path / "store")
+    group = 4 if method == "rloo" else 1
+    stage = {"rloo": rloo_stage, "reinforce": reinforce_stage}[method]
+    stage.main([f"store={root}", *COMMON, f"{method}.steps=2", f"{method}.batch_size=4",
+                f"{method}.group_size={group}", f"{method}.mini_batch_size=8", f"{method}.max_new_tokens=8",
+                f"{method}.eval_every=0", f"{method}.eval_samples=1"])
+    store = Store(root)
+    sft, rm, trained = (store.get("tiny-llama", s) for s in ("sft", "rm", method))
+    m = trained.manifest
+    assert m["stage"] == method and m["parents"] == [sft.id, rm.id] and store.stale(trained) is None
+    log = [json.loads(line) for line in open(trained.path / f"{method}_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2]
+    own = ("loss", "clip_frac", "approx_kl", "kl", "reward") + (("penalized_reward",) if method == "rloo" else ())
+    for record in log:
+        for key in own:
+            assert math.isfinite(record[key]), key
+    assert trained.metrics["episodes"] == 2 * 4 * group and trained.metrics["skipped_non_finite"] == 0
+    assert {"gold", "reward", "kl"} <= set(trained.metrics["greedy"])
+    assert not (trained.path / "value_model").exists()  # no critic
+    before, after = load_file(str(sft.path / "model.safetensors")), load_file(str(trained.path / "model.safetensors"))
+    assert sum(not torch.equal(before[k], after[k]) for k in before) / len(before) > 0.9
+    assert method in report.METHODS
+
+
+def test_critic_free_settings_that_cannot_work_stop_at_start(tmp_path):
+    with pytest.raises(config.ConfigError, match="leave-one-out baseline needs 2"):
+        config.load(rloo_stage.Config, ROOT / "configs" / "rloo.yaml", ["rloo.group_size=1"])
+    with pytest.raises(config.ConfigError, match="is not 'sequence'"):
+        config.load(reinforce_stage.Config, ROOT / "configs" / "reinforce.yaml", ["reinforce.loss_aggregation=x"])
+    for method, module in (("rloo", rloo_stage), ("reinforce", reinforce_stage)):
+        for folder in ("configs", "configs/hh-rlhf"):
+            cfg = config.load(module.Config, ROOT / folder / f"{method}.yaml", [])
+            assert getattr(cfg, method).learning_rate == 1e-4  # the tiny class's preset (alignment/presets.py)

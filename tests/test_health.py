@@ -54,6 +54,15 @@ def test_one_shared_answer_alone_is_not_a_collapse():
     assert health.collapse(policy, sft) == []
 
 
+def test_shorter_distinct_answers_alone_are_not_a_collapse():
+    """Each answer cut to its first two words, all still distinct (the embedded task's right answers are short):
+    no sign, though they average under half SFT's length."""
+    sft = health.measures(PROMPTS, SFT)
+    short = health.measures(PROMPTS, [" ".join(a.split()[:2]) for a in SFT])
+    assert short["mean_length"] < health.LENGTH_FALL * sft["mean_length"] and short["distinct_responses"] == 1.0
+    assert health.collapse(short, sft) == []
+
+
 def entry(answers_by_stage: dict) -> dict:
     """A report run entry with what collapse_signs and answers_table read."""
     return {"checkpoints": {stage: {"kind": "policy", "answers": {"greedy": health.measures(PROMPTS, answers)}}

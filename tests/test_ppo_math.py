@@ -1,11 +1,13 @@
 """PPO math against values worked out by hand."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from alignment import ppo
+from alignment.rl import algorithms
 
 
 def test_response_mask_keeps_tokens_up_to_first_eos():
@@ -257,3 +259,79 @@ def test_reinforce_pp_normalises_returns_over_the_batch():
     assert adv[1, 2].item() == 0.0
     mean, std = sum([0.95, 1, 1, -1.1, -1.1]) / 5, torch.tensor([0.95, 1, 1, -1.1, -1.1]).std().item()
     assert adv[0, 0].item() == pytest.approx((0.95 - mean) / std, rel=1e-4)
+
+
+def test_reinforce_pp_moments_are_the_whole_batch_over_processes():
+    """Two processes, each with half the batch, summing their moments (total): each half's advantages are the
+    whole batch's, not its own half's whitening."""
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [2.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    whole = ppo.reinforce_pp_advantages(rewards, mask)
+    assert torch.allclose(whole, ppo.masked_whiten(ppo.discounted_returns(rewards, mask), mask), atol=1e-6)
+    halves = [(rewards[:2], mask[:2]), (rewards[2:], mask[2:])]
+
+    def sums(r, m):
+        on = ppo.masked(ppo.discounted_returns(r, m), m)
+        return torch.stack([on.sum(), (on * on).sum(), m.sum()]).double()
+
+    total_sums = sums(*halves[0]) + sums(*halves[1])
+    split = [ppo.reinforce_pp_advantages(r, m, total=lambda t: total_sums) for r, m in halves]
+    assert torch.allclose(torch.cat(split), whole, atol=1e-6)
+    alone = ppo.reinforce_pp_advantages(*halves[0])  # its own half's moments: not the batch's
+    assert not torch.allclose(alone, whole[:2], atol=1e-3)
+
+
+def test_clipped_loss_takes_one_advantage_per_token():
+    """grpo_loss with [B, T] advantages (REINFORCE++): at ratio 1 the token mean of -A; each token's gradient is
+    -A_t / tokens."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    out = ppo.grpo_loss(logprobs, logprobs.detach(), logprobs.detach(), adv, mask, 0.2, 0.0, "token")
+    assert out.loss.item() == pytest.approx(-(1.0 - 2.0 + 0.5) / 3)
+    out.loss.backward()
+    assert logprobs.grad.flatten().tolist() == pytest.approx([-1 / 3, 2 / 3, -0.5 / 3, 0.0])
+    per_response = ppo.grpo_loss(logprobs, logprobs.detach(), logprobs.detach(), torch.tensor([1.0, 0.5]), mask,
+                                 0.2, 0.0, "token")
+    by_token = ppo.grpo_loss(logprobs, logprobs.detach(), logprobs.detach(), torch.tensor([[1.0, 1.0], [0.5, 0.5]]),
+                             mask, 0.2, 0.0, "token")
+    assert per_response.loss.item() == pytest.approx(by_token.loss.item())
+
+
+class _OneProcess:
+    num_processes, process_index = 1, 0
+
+    def gather(self, t):
+        return t
+
+    def reduce(self, t, reduction):
+        return t
+
+
+def test_rloo_puts_the_kl_in_the_reward_before_leaving_one_out():
+    """Scores [1, 2, 3, 6] in pairs; the second response's log-ratio sums to 2, at kl_coef 0.5 its reward falls to
+    1: penalised [1, 1, 3, 6], each less the other of its pair -> [0, 0, -3, 3]."""
+    settings = SimpleNamespace(epochs=1, group_size=2, kl_coef=0.5, normalize_advantages=False)
+    logprobs = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-2.0, -2.0], [-1.0, -1.0]])
+    ref = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-2.0, -2.0], [-1.0, -1.0]])
+    mask = torch.ones(4, 2)
+    r = SimpleNamespace(mask=mask)
+    s = SimpleNamespace(logprobs=logprobs, ref_logprobs=ref, rewards=torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    adv = algorithms.RLOO(settings).advantages(_OneProcess(), r, s, None)
+    assert adv.rewards.tolist() == [1.0, 1.0, 3.0, 6.0]
+    assert adv.advantages.tolist() == [0.0, 0.0, -3.0, 3.0]
+    s.rewards = torch.tensor([1.0, float("nan"), 3.0, 6.0])
+    assert algorithms.RLOO(settings).advantages(_OneProcess(), r, s, None) is None  # a step every process skips
+
+
+def test_reinforce_pp_algorithm_whitens_ppo_token_rewards():
+    settings = SimpleNamespace(epochs=1, group_size=1, kl_coef=0.1, gamma=1.0)
+    scores = torch.tensor([1.0, -1.0])
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, -3.0]])
+    ref = torch.tensor([[-1.5, -2.0, -1.0], [-1.0, -2.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = algorithms.Reinforce(settings).advantages(
+        _OneProcess(), SimpleNamespace(mask=mask), SimpleNamespace(logprobs=logprobs, ref_logprobs=ref,
+                                                                   rewards=scores), None)
+    expected = ppo.reinforce_pp_advantages(ppo.token_rewards(scores, logprobs, ref, mask, 0.1).rewards, mask)
+    assert torch.allclose(adv, expected, atol=1e-6) and adv[1, 2].item() == 0.0

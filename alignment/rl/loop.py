@@ -33,6 +33,7 @@ from alignment import (
     ppo,
     publish,
     report,
+    rewards,
 )
 from alignment.rl import state as rl_state
 from alignment.rl import steps
@@ -68,6 +69,8 @@ class Trained:
     state: RLState
     metrics: dict
     eval_prompts: list
+    eval_columns: dict  # the data's kept fields of each held-out prompt, for the reward functions
+    rewards: object  # rewards.Rewards: what the policy was rewarded by
 
 
 def start(cfg, stage: str) -> Session:
@@ -121,8 +124,10 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     print(f"[{stage}] policy and reference from {session.sft.id}, reward model"
           f"{' and critic' if algorithm.critic else ''} from {session.rm.id}; {accelerator.num_processes} "
           f"process(es) x {s.batch_size} prompts{responses} per step" + (f", DeepSpeed ZeRO-{zero}" if zero else ""))
-    prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_train", cfg.limit, cfg.on_error)]
-    eval_prompts = [r["prompt"] for r in data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)]
+    records = data.load(cfg.data, "prompts_train", cfg.limit, cfg.on_error)  # (with the fields the data keeps)
+    prompts = [r["prompt"] for r in records]
+    eval_records = data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)
+    eval_prompts = [r["prompt"] for r in eval_records]
 
     def evaluate(step: int) -> dict:
         return steps.evaluate(accelerator, model, reference, scorer, models.tokenizer, models.spec,
@@ -133,10 +138,12 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     state = RLState(config={**config.to_dict(cfg), "parent_uids": [session.sft.manifest["uid"],
                                                                    session.rm.manifest["uid"]]},
                     kl_coef=s.kl_coef, moments=algorithm.fresh_moments())
+    rewarder = rewards.Rewards(rewards.terms(s.rewards, s.reward_weights))
     if resumed := rl_state.resumed(store, run, stage, cfg, state, accelerator, order, session.resume_how,
                                    s.batch_size * algorithm.group_size):
         state = resumed
         algorithm.restore(state)
+        rewarder.load_state_dict(state.reward_moments)
     guard.forget_healthy_after(store, run, stage, state.step if resumed else 0, main_process)
     if not resumed and s.eval_every:
         state.eval_log.append(evaluate(0))
@@ -156,17 +163,20 @@ def train(session: Session, models: Models, algorithm) -> Trained:
                              initial=state.step, total=s.steps, dynamic_ncols=True)):
         # 1. rollout: each process samples group_size responses to each prompt of its share of the batch
         mine = steps.next_prompts(state, len(prompts), per_step, order, accelerator)
+        batch = [records[i] for i in mine for _ in range(algorithm.group_size)]
         t0 = time.time()
         with distributed.whole_policy(accelerator, model) as policy, autocast:
-            r = steps.rollout(policy, tokenizer, spec,
-                              [prompts[i] for i in mine for _ in range(algorithm.group_size)], s, all_done)
+            r = steps.rollout(policy, tokenizer, spec, [x["prompt"] for x in batch], s, all_done)
         machine.give_back_freed_memory()  # (under ZeRO-3 the gathered policy)
         t1 = time.time()
         # 2. score: old log-probs (and values) by the training forward, reference log-probs, reward
         epochs = [ppo.minibatches(r.attention.sum(1), s.mini_batch_size, order, s.group_by_length)
                   for _ in range(algorithm.epochs)]
         with autocast:  # (the reference runs only where a KL term reads it: kl_coef 0 needs none)
-            scores = steps.score(model, reference if algorithm.needs_reference else None, scorer, r, s, epochs[0])
+            scores = steps.score(model, reference if algorithm.needs_reference else None,
+                                 scorer if rewarder.uses_model else None, r, s, epochs[0])
+        columns = {k: [x[k] for x in batch] for k in batch[0] if k != "prompt"}  # the data's kept fields
+        scores = steps.reward(rewarder, accelerator, tokenizer, r, scores, columns, s, step, stage)
         state.truncated_prompts += sum(len(ids) > s.max_prompt_length for ids in
                                        tokenizer([spec.format_prompt(prompts[i]) for i in mine]).input_ids)
         machine.give_back_freed_memory()
@@ -180,6 +190,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
             state.step = step
             if save_now:
                 algorithm.keep(state)
+                state.reward_moments = rewarder.state_dict()
                 rl_state.save(store, run, stage, accelerator, order, state)
             continue
 
@@ -209,6 +220,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
             **algorithm.record(accelerator, r, scores, adv, state),
             "entropy": ppo.masked_mean(scores.entropy, r.mask).item(), "response_length": r.mask.sum(1).mean().item(),
             "ended": r.ended.float().mean().item(), **{k: sum(v) / len(v) for k, v in stats.items() if v},
+            **term_means(accelerator, scores.terms, rewarder),
             "skipped_non_finite": state.skipped, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
             "step_s": time.time() - t0,
         }
@@ -231,24 +243,17 @@ def train(session: Session, models: Models, algorithm) -> Trained:
                 break
         if save_now:
             algorithm.keep(state)
+            state.reward_moments = rewarder.state_dict()
             rl_state.save(store, run, stage, accelerator, order, state)
 
     seconds["loop"] = time.time() - loop_started
     distributed.release_optimizer_states(optimizer)  # (the resumable state holds them where it was saved)
     machine.give_back_freed_memory()
     episodes = (state.step - first_step) * per_step * algorithm.group_size  # sampled and trained on in this session
-    guarded = {}
-    if collapsed:  # the guard: the weights of the last healthy held-out point are the ones compared and published
-        healthy = guard.restore_healthy(store, run, stage, accelerator, model)
-        if healthy is None:
-            raise SystemExit(f"[{stage}] guard_collapse: the held-out point of step {collapsed['step']} shows a "
-                             f"collapse, and no healthy policy was kept to publish instead (a state resumed from "
-                             f"before the guard was on); the last resumable state is kept: rerun with "
-                             f"{stage}.guard_collapse=false to go on from it, or with resume=false")
-        guarded = {"guard": {"collapsed_at_step": collapsed["step"], "published_step": healthy,
-                             "signs": collapsed["signs"]}}
-        print(f"[{stage}] guard_collapse: the held-out point of step {collapsed['step']} shows a collapse; training "
-              f"stops, and the policy of step {healthy}, the last healthy held-out point, is compared and published")
+    guarded = {}  # the guard: the weights of the last healthy held-out point are the ones compared and published
+    if collapsed:
+        guarded = guard.publish_healthy(store, run, stage, accelerator, model, collapsed,
+                                        "the last resumable state", "compared and published")
     if writer:
         writer.close()
     return Trained(model, models, state, {
@@ -256,7 +261,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         "processes": accelerator.num_processes, "deepspeed_zero_stage": zero, **speed(seconds, episodes, bf16),
         **algorithm.final(state), **guarded,
         "parameters_held_per_process": distributed.every_process(accelerator, held),
-    }, eval_prompts)
+    }, eval_prompts, {k: [r[k] for r in eval_records] for k in eval_records[0] if k != "prompt"}, rewarder)
 
 
 
@@ -273,6 +278,7 @@ def finish(session: Session, models: Models, trained: Trained) -> None:
             gold=data.get_profile(cfg.data).gold, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
             samples=s.eval_samples, seed=cfg.seed, max_prompt_tokens=s.max_prompt_length,
             on_all=distributed.on_all(accelerator), all_done=all_done,
+            terms=[t for t in trained.rewards.terms if t.function is not None], columns=trained.eval_columns,
         )
     machine.give_back_freed_memory()
     weights = accelerator.get_state_dict(trained.model)  # every process: under ZeRO-3 the main one gets whole tensors
@@ -305,6 +311,19 @@ def save(session: Session, models: Models, model, weights: dict, state: RLState,
     store.clear_state(run, stage)  # published: a rerun starts a new training
     guard.clear_healthy(store, run, stage)
     print(f"[{stage}] saved {checkpoint.id} -> {checkpoint.path}")
+
+
+def term_means(accelerator, terms: dict, rewarder: rewards.Rewards) -> dict:
+    """reward/<name>: each reward term's mean raw value over the responses it applies to (every process's), where
+    the reward is more than the reward model alone; NaN where it applied to none."""
+    if [t.function for t in rewarder.terms] == [None]:
+        return {}
+    out = {}
+    for name, values in terms.items():
+        everyone = accelerator.gather(values.float())
+        applicable = everyone[~torch.isnan(everyone)]
+        out[f"reward/{name}"] = applicable.mean().item() if applicable.numel() else float("nan")
+    return out
 
 
 def speed(seconds: dict, episodes: int, bf16: bool) -> dict:

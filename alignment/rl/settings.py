@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from alignment import config
+from alignment import config, rewards
 from alignment.config import ConfigError, field
 
 
@@ -27,6 +27,10 @@ class RLSettings:
     eval_samples: int = field(4, "sampled responses per held-out prompt in the final comparison")
     reward_model: str = field("", "store id run/rm of the reward model; empty: the run's. Any tokenizer: "
                               "when it differs from the policy's, responses are scored from their text")
+    rewards: list[str] = field(["model"], "what rewards a response (alignment/rewards.py): model (the reward "
+                               "model), module:function or file.py:function (TRL's reward-function signature); "
+                               "several are each normalised by their running statistics, weighted and summed")
+    reward_weights: list[float] = field([], "one weight per entry of rewards; empty: 1 each")
     eval_every: int = field(10, "evaluate on held-out prompts every N steps (and before the first); 0: off")
     eval_prompts: int = field(64, "held-out prompts used by the evaluation during training")
     activation_checkpointing: bool = field(False, "recompute the trained models' activations in the backward pass "
@@ -39,10 +43,19 @@ class RLSettings:
                                 "none (the accelerator)")
 
     def check(self) -> None:
+        rewards.terms(self.rewards, self.reward_weights)  # (a function not found: one line now)
         if self.offload_frozen not in ("auto", "cpu", "none"):
             raise ConfigError(f"offload_frozen: {self.offload_frozen!r} is not 'auto', 'cpu' or 'none'")
         if self.guard_collapse and not self.eval_every:
             raise ConfigError("guard_collapse needs held-out points to watch: set eval_every to a number of steps")
+
+
+AGGREGATIONS = ("sequence", "token", "constant")  # how a clipped ratio loss sums its tokens (ppo.grpo_loss)
+
+
+def check_aggregation(section: str, value: str) -> None:
+    if value not in AGGREGATIONS:
+        raise ConfigError(f"{section}.loss_aggregation: {value!r} is not 'sequence', 'token' or 'constant'")
 
 
 @dataclasses.dataclass

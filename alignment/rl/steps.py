@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment import data, distributed, evaluation, forwards, guard, ppo, tokens
+from alignment import data, distributed, evaluation, forwards, guard, ppo, rewards, tokens
 from alignment.rl.types import RLState, Rollout, Scores
 
 
@@ -38,7 +38,7 @@ def score(model, reference, scorer, r: Rollout, settings, minibatches: list[torc
     """2. Log-probs (and values, with a critic) from the training forward, on the minibatches the first epoch
     trains on: its ratio starts at 1 exactly (other minibatches give other widths, and in bf16 log-probs up to
     3e-3 nats apart on a tiny model); reference log-probs (unless reference is None: no KL term reads them) and
-    reward-model scores alike."""
+    reward-model scores (unless scorer is None: no reward term reads them) alike."""
     B, T = r.responses.shape
     logprobs, values, ref_logprobs, entropy = (torch.zeros(B, T, device=r.mask.device) for _ in range(4))
     raw = torch.zeros(B, device=r.mask.device)
@@ -52,10 +52,25 @@ def score(model, reference, scorer, r: Rollout, settings, minibatches: list[torc
             values[idx], critic = scored.values, True
         if reference is not None:
             ref_logprobs[idx] = forwards.policy_forward(reference, qr, att, r.context, settings.temperature)[0]
-        raw[idx] = scorer([r.prompts[i] for i in idx.tolist()], qr, att, r.responses[idx])
-    rewards = torch.where(r.ended, raw, raw - settings.missing_eos_penalty)
+        if scorer is not None:
+            raw[idx] = scorer([r.prompts[i] for i in idx.tolist()], qr, att, r.responses[idx])
     return Scores(logprobs, values if critic else None, ref_logprobs if reference is not None else None, entropy,
-                  rewards)
+                  raw)
+
+
+def reward(rewarder: rewards.Rewards, accelerator, tokenizer, r: Rollout, scores: Scores, columns: dict, settings,
+           step: int, stage: str) -> Scores:
+    """2b. The reward of each response: the terms' values (the reward model's scores from score(), the functions'
+    on the decoded responses and the data's kept fields: columns) mixed (rewards.Rewards.mix), less the missing-EOS
+    penalty for a response that never ended."""
+    terms = {rewards.MODEL: scores.rewards} if rewarder.uses_model else {}
+    if len(terms) < len(rewarder.terms):
+        ids = [row[:n] for row, n in zip(r.responses.tolist(), r.mask.sum(1).long().tolist(), strict=True)]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)  # (up to and with the end token)
+        called = rewarder.call_functions(r.prompts, texts, ids, columns, step, stage)
+        terms.update({name: values.to(r.mask.device) for name, values in called.items()})
+    mixed = rewarder.mix(accelerator.gather, terms)
+    return scores._replace(rewards=torch.where(r.ended, mixed, mixed - settings.missing_eos_penalty), terms=terms)
 
 
 def optimizer_step(accelerator, model, optimizer, trained: list, loss: torch.Tensor, cfg, state: RLState,

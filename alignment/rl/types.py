@@ -28,7 +28,9 @@ class Scores(NamedTuple):
     values: torch.Tensor | None  # [B, T] the critic's; None without a critic (GRPO)
     ref_logprobs: torch.Tensor | None  # [B, T] the frozen reference's; None where no KL term needs it
     entropy: torch.Tensor  # [B, T] of the policy's distribution
-    rewards: torch.Tensor  # [B] the reward model's raw score, less the missing-EOS penalty
+    rewards: torch.Tensor  # [B] the reward model's raw score; after steps.reward the terms' mix less the
+    # missing-EOS penalty (with the reward model alone: its score less the penalty)
+    terms: dict | None = None  # name -> [B] each reward term's raw values (NaN: a function's None), after steps.reward
 
 
 @dataclasses.dataclass
@@ -45,3 +47,4 @@ class RLState:
     in_a_row: int = 0
     truncated_prompts: int = 0
     moments: dict = dataclasses.field(default_factory=dict)  # running statistics of the reward model's scores
+    reward_moments: dict = dataclasses.field(default_factory=dict)  # each reward term's, when several are mixed
