@@ -191,7 +191,7 @@ def rollout_scores(
             token_kl = ppo.masked(logprobs - ref_logprobs, mask)
             out["kl"] += token_kl.sum(1).tolist()
             out["kl_tokens"] += token_kl.sum(1).div(mask.sum(1).clamp(min=1)).tolist()
-        if reward:
+        if reward and scorer is not None:  # (None: no reward model, a stage rewarded by functions alone)
             out["reward"] += scorer(batch, query_responses, attention, responses).tolist()
         texts = forwards.decode_responses(tokenizer, responses)
         out["responses"] += texts
@@ -321,7 +321,7 @@ def compare_policies(
                        repeated)
         per_prompt = lambda xs, n=reps: [stats.mean(xs[i : i + n]) for i in range(0, len(xs), n)]
         section = {}
-        for key in ("reward", "gold") if gold else ("reward",):
+        for key in [k for k, measured in (("reward", scorer is not None), ("gold", gold)) if measured]:
             b, a = per_prompt(before[key]), per_prompt(after[key])
             section[key] = {"sft": stats.mean(b), "policy": stats.mean(a),
                             "difference": stats.paired_difference(a, b, seed=seed)}

@@ -174,6 +174,13 @@ def length_penalty(completion_ids: list[list[int]], **_) -> list[float]:
     return [-float(len(ids)) for ids in completion_ids]
 
 
+def exact_answer(completions: list[str], answer: list[str], **_) -> list[float]:
+    """1 where the completion is the data's `answer` (kept by the data file: `keep: [answer]`), case and spacing
+    aside, else 0: a verifiable reward (configs/data/task-exact.yaml)."""
+    return [float(" ".join(c.lower().split()) == " ".join(str(a).lower().split()))
+            for c, a in zip(completions, answer, strict=True)]
+
+
 def task_gold(prompts: list, completions: list[str], **_) -> list[float | None]:
     """The embedded task's gold judge (alignment/task.py) as a reward: 1 for the right answer, partial credit as
     the judge gives it; None for a prompt that is not one of the task's. A policy trained on it is trained on the

@@ -141,7 +141,7 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
     def demonstrations(n: int) -> list[dict]:
         return [{"prompt": p, "completion": demonstration(p, rng)} for p in (fresh_prompt() for _ in range(n))]
 
-    return {
+    splits = {
         "sft": demonstrations(SIZES["sft"]),
         "sft_eval": demonstrations(SIZES["sft_eval"]),
         "prefs_train": pairs(SIZES["prefs_train"]),
@@ -149,6 +149,12 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
         "prompts_train": [{"prompt": fresh_prompt()} for _ in range(SIZES["prompts_train"])],
         "prompts_eval": [{"prompt": p} for p in sorted(eval_prompts)],
     }
+    # the same prompts with their exact answers: the verifiable form of the task (configs/data/task-exact.yaml),
+    # checked by alignment/rewards.py's exact_answer
+    for split in ("train", "eval"):
+        splits[f"answers_{split}"] = [{"prompt": r["prompt"], "answer": " ".join(ideal_answer(r["prompt"]))}
+                                      for r in splits[f"prompts_{split}"]]
+    return splits
 
 
 def write(out_dir: Path = DATA_DIR, seed: int = SEED) -> None:
@@ -160,4 +166,4 @@ def write(out_dir: Path = DATA_DIR, seed: int = SEED) -> None:
 
 if __name__ == "__main__":
     write()
-    print(f"wrote {', '.join(f'{k} ({v})' for k, v in SIZES.items())} to {DATA_DIR}")
+    print(f"wrote {', '.join(f'{k} ({v})' for k, v in SIZES.items())} and answers_train, answers_eval to {DATA_DIR}")

@@ -369,7 +369,8 @@ def test_data_file_mistakes_are_one_line(tmp_path, text, message):
 
 def test_unknown_data_names_the_built_in_ones_and_what_to_do(tmp_path):
     with pytest.raises(
-        DataError, match=r"unknown data 'alpaca': give a built-in name \(hh-rlhf, task\) or the path of a YAML"
+        DataError,
+        match=r"unknown data 'alpaca': give a built-in name \(hh-rlhf, task, task-exact\) or the path of a YAML",
     ):
         data.get_profile("alpaca")
     with pytest.raises(DataError, match="data file nothere.yaml not found"):

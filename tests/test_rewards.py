@@ -1,5 +1,6 @@
 """Reward terms (alignment/rewards.py): sources found or refused in one line, the mix by hand, the functions'
-values checked, the data's kept fields, and a GRPO run rewarded by a function of a file alone beside the model."""
+values checked, the data's kept fields, GRPO rewarded by the model and a function of a file reading a kept field,
+and PPO rewarded by that function alone with no reward model in the store."""
 
 import json
 import math
@@ -14,6 +15,7 @@ from alignment.config import ConfigError
 from alignment.data import DataError
 from alignment.store import Store
 from stages import grpo as grpo_stage
+from stages import ppo as ppo_stage
 from stages import rm as rm_stage
 from stages import sft as sft_stage
 
@@ -183,3 +185,17 @@ def test_grpo_rewarded_by_the_model_and_a_function_reading_a_kept_field(tmp_path
         assert term["difference"]["ci95"][0] <= term["difference"]["mean"] <= term["difference"]["ci95"][1]
     assert all(a == " ".join(task.ideal_answer(p)) for c in calls for p, a in zip(c["prompts"], c["answer"]))
     assert ckpt.manifest["config"]["grpo"]["rewards"] == ["model", f"{tmp_path}/exact.py:exact"]
+    # 2. rewarded by the function alone, with no reward model in the store: PPO's critic starts from the SFT body,
+    #    the policy's parents are the SFT policy alone, the comparison holds the function's term and no RM score
+    shutil.rmtree(store / "kept" / "rm")
+    seen.unlink()
+    ppo_stage.main([*common, "ppo.steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1",
+                    "ppo.max_new_tokens=8", "ppo.eval_every=1", "ppo.eval_prompts=8", "ppo.eval_samples=1",
+                    f"ppo.rewards=[{tmp_path}/exact.py:exact]"])
+    ckpt = Store(store).get("kept", "ppo")
+    assert ckpt.manifest["parents"] == ["kept/sft"] and (ckpt.path / "value_model" / "config.json").is_file()
+    log = [json.loads(line) for line in open(ckpt.path / "ppo_log.jsonl")]
+    assert all(0.0 <= r["reward/exact"] <= 1.0 and "reward/model" not in r for r in log)
+    for mode in ("greedy", "sampled"):
+        assert "reward" not in ckpt.metrics[mode] and ckpt.metrics[mode]["terms"]["exact"]["prompts"] == 24
+    assert all("eval_reward" not in p and "eval_gold" in p for p in ckpt.metrics["eval_curve"])

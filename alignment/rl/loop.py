@@ -54,7 +54,7 @@ class Session:
     store: Store
     run: str
     sft: object
-    rm: object
+    rm: object  # None where the stage is rewarded by functions alone
     started: float
     planned_peak_mb: float | None  # the memory plan's figure for the run, for the manifest
     resume_how: str | None  # how a saved state resumes on this launch (resume.how_to_resume), None: none to resume
@@ -88,8 +88,10 @@ def start(cfg, stage: str) -> Session:
     distributed.check_shared_store(store.root)  # every process (every node) sees one store
     resume_how = rl_state.check_launch(store, run, stage, cfg, accelerator)  # (before any model loads)
     sft = store.get(run, "sft")
-    rm = store.get(*settings.reward_model.split("/", 1)) if settings.reward_model else store.get(run, "rm")
-    store.require_fresh(sft, rm, allow_stale=cfg.allow_stale)  # e.g. an rm trained on an SFT since replaced
+    rm = None  # rewarded by functions alone: no reward model is read (rewards.py)
+    if rewards.MODEL in settings.rewards:
+        rm = store.get(*settings.reward_model.split("/", 1)) if settings.reward_model else store.get(run, "rm")
+    store.require_fresh(*(c for c in (sft, rm) if c), allow_stale=cfg.allow_stale)  # e.g. an rm on an older SFT
     return Session(cfg, settings, stage, accelerator, store, run, sft, rm, started, planned, resume_how)
 
 
@@ -111,18 +113,20 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     reference, scorer = models.reference, models.scorer
     if not cfg.lora.enabled:
         reference = distributed.frozen(accelerator, reference, s.offload_frozen)
-    scorer.model = distributed.frozen(accelerator, scorer.model, s.offload_frozen)
+    if scorer is not None:
+        scorer.model = distributed.frozen(accelerator, scorer.model, s.offload_frozen)
     models = models._replace(reference=reference)
     machine.give_back_freed_memory()  # what loading and building the engines freed
     unwrapped = accelerator.unwrap_model(model)
     held = {name: round(distributed.held_share(m), 4) for name, m in (
         ("policy", unwrapped.policy), ("critic", unwrapped.critic), ("reference", reference),
-        ("reward_model", scorer.model)) if m is not None}  # (with LoRA the reference is the policy)
+        ("reward_model", scorer and scorer.model)) if m is not None}  # (with LoRA the reference is the policy)
     zero = distributed.deepspeed_stage()
     all_done = distributed.all_processes_done(accelerator) if zero == 3 else None
     responses = f" x {algorithm.group_size} responses" if algorithm.group_size > 1 else ""
-    print(f"[{stage}] policy and reference from {session.sft.id}, reward model"
-          f"{' and critic' if algorithm.critic else ''} from {session.rm.id}; {accelerator.num_processes} "
+    judged = (f"reward model{' and critic' if algorithm.critic else ''} from {session.rm.id}" if session.rm else
+              f"rewarded by {', '.join(s.rewards)}{', critic from the SFT body' if algorithm.critic else ''}")
+    print(f"[{stage}] policy and reference from {session.sft.id}, {judged}; {accelerator.num_processes} "
           f"process(es) x {s.batch_size} prompts{responses} per step" + (f", DeepSpeed ZeRO-{zero}" if zero else ""))
     records = data.load(cfg.data, "prompts_train", cfg.limit, cfg.on_error)  # (with the fields the data keeps)
     prompts = [r["prompt"] for r in records]
@@ -135,8 +139,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
 
     order = torch.Generator().manual_seed(cfg.seed)  # prompt order and minibatches: the same in every process
     # the parents' uids belong to the state: a state trained on checkpoints since replaced is not resumed
-    state = RLState(config={**config.to_dict(cfg), "parent_uids": [session.sft.manifest["uid"],
-                                                                   session.rm.manifest["uid"]]},
+    state = RLState(config={**config.to_dict(cfg), "parent_uids": [c.manifest["uid"] for c in parents(session)]},
                     kl_coef=s.kl_coef, moments=algorithm.fresh_moments())
     rewarder = rewards.Rewards(rewards.terms(s.rewards, s.reward_weights))
     if resumed := rl_state.resumed(store, run, stage, cfg, state, accelerator, order, session.resume_how,
@@ -306,11 +309,16 @@ def save(session: Session, models: Models, model, weights: dict, state: RLState,
         model.critic.save_pretrained(tmp / "value_model", state_dict=_part(weights, "critic."))
     with open(tmp / f"{stage}_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in state.log)
-    checkpoint = store.publish(tmp, publish.manifest(cfg, spec, stage, parents=[session.sft, session.rm],
+    checkpoint = store.publish(tmp, publish.manifest(cfg, spec, stage, parents=parents(session),
                                                      splits=["prompts_train", "prompts_eval"], metrics=metrics))
     store.clear_state(run, stage)  # published: a rerun starts a new training
     guard.clear_healthy(store, run, stage)
     print(f"[{stage}] saved {checkpoint.id} -> {checkpoint.path}")
+
+
+def parents(session: Session) -> list:
+    """The checkpoints the policy is trained from: the SFT policy, and the reward model where one rewards it."""
+    return [c for c in (session.sft, session.rm) if c is not None]
 
 
 def term_means(accelerator, terms: dict, rewarder: rewards.Rewards) -> dict:

@@ -17,16 +17,15 @@ class Models(NamedTuple):
     spec: registry.ModelSpec
     model: forwards.ActorCritic  # the trained policy, and the critic where there is one
     reference: object  # the frozen SFT policy (with LoRA: the policy with its adapters off)
-    scorer: scoring.RewardScorer
+    scorer: scoring.RewardScorer | None  # None where the stage is rewarded by functions alone
 
 
 def load(cfg, accelerator, sft, rm, stage: str, critic: bool) -> Models:
-    """The policy from the SFT checkpoint (LoRA: with new adapters), the reference, the reward model; with critic,
-    a critic that starts as the reward model or, if that reads other tokens, as the SFT body."""
+    """The policy from the SFT checkpoint (LoRA: with new adapters), the reference, the reward model (rm None: none,
+    the scorer None); with critic, a critic that starts as the reward model or, if that reads other tokens or there
+    is none, as the SFT body."""
     spec = registry.get(cfg.model, template=sft.manifest["template"], tokenizer=sft.path)
-    rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"], tokenizer=rm.path)
     tokenizer = loading.load_tokenizer(sft.path, spec)
-    rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
     quantized = dict(quantization=cfg.quantization, compute_dtype=cfg.compute_dtype)
     # Under ZeRO-3 every model loads partitioned over the processes (transformers' zero.Init): the frozen ones
     # become inference engines of their own once the trained model is prepared (distributed.frozen).
@@ -39,20 +38,28 @@ def load(cfg, accelerator, sft, rm, stage: str, critic: bool) -> Models:
         reference = loading.load_model(sft.path, AutoModelForCausalLM, spec, **quantized, tokenizer=tokenizer,
                                        precision=cfg.precision)
         reference.requires_grad_(False)
-    reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized,
-                                      tokenizer=rm_tokenizer, precision=cfg.precision)
-    reward_model.requires_grad_(False)
+    scorer = reward_model = None
+    if rm is not None:
+        rm_spec = registry.get(rm.manifest["model"], template=rm.manifest["template"], tokenizer=rm.path)
+        rm_tokenizer = loading.load_tokenizer(rm.path, rm_spec)
+        reward_model = loading.load_model(rm.path, AutoModelForSequenceClassification, rm_spec, **quantized,
+                                          tokenizer=rm_tokenizer, precision=cfg.precision)
+        reward_model.requires_grad_(False)
+        scorer = scoring.RewardScorer(reward_model, rm_tokenizer, rm_spec, tokenizer, spec)
     if not partitioned:
         for frozen in (reference, reward_model):
-            frozen.to(accelerator.device)
-    scorer = scoring.RewardScorer(reward_model, rm_tokenizer, rm_spec, tokenizer, spec)
-    for name, m in (("policy", policy), ("reference", reference), ("reward model", reward_model)):
+            if frozen is not None:
+                frozen.to(accelerator.device)
+    loaded = [(n, m) for n, m in (("policy", policy), ("reference", reference), ("reward model", reward_model))
+              if m is not None]
+    for name, m in loaded:
         shared = " (the policy's weights, adapters off)" if name == "reference" and cfg.lora.enabled else ""
         print(f"[{stage}] {loading.footprint(name, m)}{shared}")
-    for m in (policy, reference, reward_model):
+    for _, m in loaded:
         loading.disable_dropout(m)
         m.eval()  # no dropout anywhere; gradients still flow in eval mode
-    value_model = load_critic(cfg, sft if scorer.by_text else rm, spec, tokenizer, stage) if critic else None
+    source = rm if scorer is not None and not scorer.by_text else sft  # a critic reads the policy's tokens
+    value_model = load_critic(cfg, source, spec, tokenizer, stage) if critic else None
     return Models(tokenizer, spec, forwards.ActorCritic(policy, value_model), reference, scorer)
 
 
