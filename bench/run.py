@@ -150,6 +150,7 @@ def main() -> None:
     print(f"[bench] {machine}; matmul peak fp32 {peaks['fp32']['gflops']} GFLOP/s, bf16 {peaks['bf16']['gflops']}")
     report = {"stamp": stamp, "machine": machine, "matmul_peak_gflops": peaks, "model": a.model,
               "base": str(base), "settings": vars(a), "stages": {}}
+    run = RUN  # the RL stages' run: the bench's own, or --ppo-run's copied in
     common = [f"model={a.model}", "data=hh-rlhf", f"store={store.root}", f"run={RUN}", "save_every=100000"]
     py = sys.executable
 
@@ -195,15 +196,17 @@ def main() -> None:
                                               per_sample=2)
 
     if {"ppo", "dpo", "grpo", "rloo"} & set(stages):
-        if a.ppo_from:  # copied in, so ours and the peer start from the same files and the source stays as it was
+        if a.ppo_from:  # copied in, so ours and the peer start from the same files and the source stays as it was;
+            run = a.ppo_run  # under their own run's name: the reward model's manifest names its SFT parent by it
+            common = [*common[:3], f"run={run}", *common[4:]]
             source = Store(a.ppo_from)
             for stage in ("sft", "rm"):
-                shutil.rmtree(store.path(RUN, stage), ignore_errors=True)
-                shutil.copytree(source.get(a.ppo_run, stage).path, store.path(RUN, stage))
-        if not (store.path(RUN, "sft").exists() and store.path(RUN, "rm").exists()):
+                shutil.rmtree(store.path(run, stage), ignore_errors=True)
+                shutil.copytree(source.get(a.ppo_run, stage).path, store.path(run, stage))
+        if not (store.path(run, "sft").exists() and store.path(run, "rm").exists()):
             raise SystemExit("[bench] ppo, dpo, grpo and rloo need the sft and rm measurements' checkpoints: run with "
                              "--only sft,rm,... or give --ppo-from")
-        sft, rm = store.get(RUN, "sft"), store.get(RUN, "rm")
+        sft, rm = store.get(run, "sft"), store.get(run, "rm")
         tokenizer = loading.load_tokenizer(sft.path, spec)
         tokenizer.truncation_side = "left"  # as our stages: a long prompt loses its oldest turns
         prompts = [spec.format_prompt(r["prompt"]) for r in data.load("hh-rlhf", "prompts_train")]
@@ -221,7 +224,7 @@ def main() -> None:
                    "ppo.eval_every=0", "ppo.eval_samples=1", "resume=false"]
             run_process(f"{key}-ours", [py, "-m", "stages.ppo", "--config", "configs/hh-rlhf/ppo.yaml", *common, *ppo],
                         work)
-            ours = store.get(RUN, "ppo")
+            ours = store.get(run, "ppo")
             cfg = ours.manifest["config"]["ppo"]
             peer_dir = work / f"{key}-trl112"
             run_process(f"{key}-trl112", [
@@ -241,7 +244,7 @@ def main() -> None:
                                  f"limit={a.rm_pairs}", "dpo.epochs=1", f"dpo.batch_size={a.rm_batch}",
                                  f"dpo.max_length={a.rm_max_length}", f"dpo.beta={a.dpo_beta}", "dpo.eval_every=0",
                                  "dpo.eval_samples=1", "resume=false"], work)
-        ours = store.get(RUN, "dpo").manifest["metrics"]
+        ours = store.get(run, "dpo").manifest["metrics"]
         pairs = [{"prompt": spec.format_prompt(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
                  for r in data.load("hh-rlhf", "prefs_train", a.rm_pairs)]
         (work / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
@@ -261,7 +264,7 @@ def main() -> None:
                 "--max-length",
                 str(a.rm_max_length),
                 "--lr",
-                str(ours_lr(store, "dpo")),
+                str(ours_lr(store, run, "dpo")),
                 "--beta",
                 str(a.dpo_beta),
                 *(["--fp32"] if ours["precision"] == "fp32" else []),
@@ -285,7 +288,7 @@ def main() -> None:
             f"{method}.mini_batch_size={mini_batch}", f"{method}.max_new_tokens={a.ppo_response_length}",
             f"{method}.max_prompt_length={a.ppo_prompt_length}", f"{method}.eval_every=0",
             f"{method}.eval_samples=1", "resume=false"], work)
-        ours = store.get(RUN, method)
+        ours = store.get(run, method)
         cfg, peer_dir = ours.manifest["config"][method], work / f"{method}-trl"
         run_process(f"{method}-trl", [
             py, "bench/peers/trl_grpo.py", "--trainer", method, "--sft", str(sft.path), "--rm", str(rm.path),
@@ -308,9 +311,9 @@ def main() -> None:
     print(f"[bench] {report['wall_s']:.0f} s in all; results: {work / 'bench.json'}")
 
 
-def ours_lr(store: Store, stage: str) -> float:
+def ours_lr(store: Store, run: str, stage: str) -> float:
     """The learning rate our stage trained with (its config's), for the peer to use the same."""
-    return store.get(RUN, stage).manifest["config"][stage]["learning_rate"]
+    return store.get(run, stage).manifest["config"][stage]["learning_rate"]
 
 
 def _train_stage(ours: dict, peers: dict, base: Path, peaks: dict, rate: str, reward_model: bool = False,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignment import data, rewards, task
+from alignment import data, report, rewards, task
 from alignment.config import ConfigError
 from alignment.data import DataError
 from alignment.store import Store
@@ -199,3 +199,15 @@ def test_grpo_rewarded_by_the_model_and_a_function_reading_a_kept_field(tmp_path
     for mode in ("greedy", "sampled"):
         assert "reward" not in ckpt.metrics[mode] and ckpt.metrics[mode]["terms"]["exact"]["prompts"] == 24
     assert all("eval_reward" not in p and "eval_gold" in p for p in ckpt.metrics["eval_curve"])
+
+
+def test_the_report_says_each_term_against_sft():
+    diff = {"mean": 5.328, "ci95": [4.953, 5.688]}
+    terms = {"greedy": {"length_penalty": {"prompts": 64, "sft": -10.9, "policy": -5.5, "difference": diff},
+                        "exact": {"prompts": 0}},
+             "sampled": {"length_penalty": {"prompts": 64, "sft": -9.3, "policy": -8.4,
+                                            "difference": {"mean": 0.891, "ci95": [-0.094, 1.844]}},
+                         "exact": {"prompts": 0}}}
+    assert report.term_lines(terms) == [
+        "length_penalty − SFT: greedy +5.328 [+4.953, +5.688], sampled +0.891 [-0.094, +1.844]",
+        "exact − SFT: applies to no held-out prompt"]
