@@ -94,7 +94,8 @@ class Profile:
 _TOP_KEYS = {"template": str, "on_error": str, "tokenizer_vocab": int, "eval_share": float, "seed": int,
              "gold": bool, "rm_references": dict, "description": str}
 _SOURCE_KEYS = {"path": str, "format": str, "fields": dict, "start": int, "stop": int, "hub_split": str, "keep": list}
-OURS = ("prompt", "completion", "chosen", "rejected")  # the fields of the record shapes: not a kept field's name
+# not a kept field's name: the fields of the record shapes, and the arguments a reward function gets beside them
+OURS = ("prompt", "completion", "chosen", "rejected", "prompts", "completions", "completion_ids")
 
 
 def get_profile(name: str) -> Profile:

@@ -87,7 +87,9 @@ def term_lines(terms: dict) -> list[str]:
             if t.get("prompts"):
                 d = t["difference"]
                 parts.append(f"{mode} {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
-        out.append(f"{name} − SFT: " + (", ".join(parts) if parts else "applies to no held-out prompt"))
+        error = (terms.get("greedy", {}).get(name) or {}).get("error")
+        said = f"not measured ({error})" if error else "applies to no held-out prompt"
+        out.append(f"{name} − SFT: " + (", ".join(parts) if parts else said))
     return out
 
 

@@ -55,13 +55,15 @@ def terms(sources: list[str], weights: list[float]) -> list[Term]:
     if weights and len(weights) != len(sources):
         raise ConfigError(f"reward_weights has {len(weights)} weights for {len(sources)} rewards: give one "
                           "per source, or none (1 each)")
-    out, names = [], set()
+    if sources.count(MODEL) > 1:
+        raise ConfigError(f"rewards names {MODEL} {sources.count(MODEL)} times: the reward model is one term")
+    out, names = [], {MODEL}
     for source, weight in zip(sources, weights or [1.0] * len(sources), strict=True):
         if not math.isfinite(weight):
             raise ConfigError(f"reward_weights: {weight} is not a finite number")
         function = None if source == MODEL else load_function(source)
-        name = MODEL if function is None else function.__name__
-        while name in names:  # two functions of one name: the second is name_2, ...
+        name = MODEL if function is None else source.rpartition(":")[2]  # (a function is never named model)
+        while function is not None and name in names:  # two of one name, or one named model: name_2, ...
             name = re.sub(r"(_\d+)?$", lambda m: f"_{int(m.group(0)[1:] or 1) + 1}", name, count=1)
         names.add(name)
         out.append(Term(name, float(weight), function))
@@ -147,8 +149,8 @@ def values(term: Term, prompts: list, completions: list[str], completion_ids: li
     try:
         out = term.function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
     except Exception as e:  # noqa: BLE001 - the user's function: its error, said in one line
-        raise SystemExit(f"{where}: reward function {term.name} ({inspect.getsourcefile(term.function) or '?'}) "
-                         f"raised {type(e).__name__}: {e}") from None
+        raise SystemExit(f"{where}: reward function {term.name} ({_source_file(term.function)}) raised "
+                         f"{type(e).__name__}: {e}") from None
     n = len(completions)
     if not isinstance(out, list | tuple) or len(out) != n:
         got = f"{len(out)} values" if isinstance(out, list | tuple) else type(out).__name__
@@ -156,14 +158,45 @@ def values(term: Term, prompts: list, completions: list[str], completion_ids: li
                          "return a list of one float (or None) per completion")
     checked = []
     for i, v in enumerate(out):
+        number = _number(v)
         if v is None:
             checked.append(math.nan)
-        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            checked.append(float(v))
+        elif number is not None and math.isfinite(number):
+            checked.append(number)
         else:
             raise SystemExit(f"{where}: reward function {term.name} returned {v!r} for completion {i}: each value "
                              "should be a finite number, or None where the term does not apply")
     return torch.tensor(checked)
+
+
+def _number(value) -> float | None:
+    """A function's value as a float: any real number (numpy's and 0-d tensors too), not a bool or a string."""
+    if isinstance(value, bool | str | bytes) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _source_file(function) -> str:
+    try:
+        return inspect.getsourcefile(function) or "?"
+    except TypeError:  # a builtin, a callable object
+        return "?"
+
+
+def kept_columns(train: list[dict], held_out: list[dict], stage: str) -> list[str]:
+    """The fields the data keeps beside each prompt (a source's `keep`), the same for every record of both prompt
+    splits; else the stage stops in one line before training (a reward function would miss one after it)."""
+    names = sorted(set(train[0]) - {"prompt"})
+    for split, records in (("prompts_train", train), ("prompts_eval", held_out)):
+        for i, record in enumerate(records):
+            if sorted(set(record) - {"prompt"}) != names:
+                raise SystemExit(f"[{stage}] {split} record {i + 1} keeps the fields {sorted(set(record) - {'prompt'})}"
+                                 f" where prompts_train's first keeps {names}: give every prompt source of the data "
+                                 "file the same keep (a reward function gets them)")
+    return names
 
 
 # ---- functions shipped with the pipeline ------------------------------------------------------------------

@@ -135,19 +135,28 @@ def policy_figures(ref: Reference, policy, greedy: dict, sampled: dict, sft_gree
 def reward_terms(ref: Reference, checkpoint, stage: str, greedy: dict, sampled: dict, sft_greedy: dict,
                  sft_sampled: dict, cfg: Config) -> dict:
     """The reward functions an RL policy was also rewarded by (its config's rewards, alignment/rewards.py), each
-    against SFT on the same responses, greedy and sampled: {"terms": {mode: {name: ...}}}; {} for none."""
+    against SFT on the same responses, greedy and sampled: {"terms": {mode: {name: ...}}}; {} for none. A function
+    that cannot be loaded here, or fails on this run's held-out data (a field it reads not kept), is reported as
+    not measured, with why, and the report goes on."""
     sources = ((checkpoint.manifest.get("config") or {}).get(stage) or {}).get("rewards") if checkpoint else None
-    functions = [t for t in rewards.terms(sources, []) if t.function is not None] if sources else []
-    if not functions:
-        return {}
+    try:
+        functions = [t for t in rewards.terms(sources, []) if t.function is not None] if sources else []
+    except config.ConfigError as e:
+        print(f"[eval] {checkpoint.id}: its reward functions are not measured: {e}")
+        return {"terms": {"greedy": {"(functions)": {"prompts": 0, "error": str(e)}}}}
     out = {}
     for mode, after, before, n in (("greedy", greedy, sft_greedy, 1), ("sampled", sampled, sft_sampled,
                                                                         cfg.eval.samples)):
         prompts = [p for p in ref.prompts for _ in range(n)]
         columns = {k: [v for v in vs for _ in range(n)] for k, vs in ref.columns.items()}
-        out[mode] = {t.name: evaluation.term_versus_sft(t, prompts, before, after, columns, n, cfg.seed)
-                     for t in functions}
-    return {"terms": out}
+        out[mode] = {}
+        for t in functions:
+            try:
+                out[mode][t.name] = evaluation.term_versus_sft(t, prompts, before, after, columns, n, cfg.seed)
+            except SystemExit as e:  # (its one line: a field the function reads is not kept by this data)
+                print(f"[eval] {checkpoint.id}: {t.name} not measured: {e}")
+                out[mode][t.name] = {"prompts": 0, "error": str(e)}
+    return {"terms": out} if functions else {}
 
 
 def lineage(store: Store, checkpoint: Checkpoint) -> dict:

@@ -58,6 +58,9 @@ def test_sources_that_cannot_work_are_one_line(sources, weights, message):
 def test_the_stage_refuses_them_at_start(tmp_path):
     with pytest.raises(SystemExit, match="alignment.rewards has no function 'nothing'"):
         grpo_stage.main([f"store={tmp_path}", "grpo.rewards=[model,alignment.rewards:nothing]"])
+    with pytest.raises(SystemExit, match="names a reward model that rewards .without model. never reads"):
+        grpo_stage.main([f"store={tmp_path}", "grpo.rewards=[alignment.rewards:length_penalty]",
+                         "grpo.reward_model=other/rm"])
 
 
 def test_the_reward_model_alone_is_its_score_unchanged():
@@ -147,9 +150,10 @@ def test_a_data_file_keeps_the_fields_it_names(tmp_path):
     profile.write_text(text)
     with pytest.raises(DataError, match=r"prompts_train.jsonl:1: no field 'solution', which the data file keeps"):
         data.load(str(profile), "prompts_train")
-    profile.write_text(text.replace("keep: [solution]", "keep: [prompt]"))
-    with pytest.raises(DataError, match="keep lists the names of more fields"):
-        data.load(str(profile), "prompts_train")
+    for reserved in ("prompt", "completions"):  # ours, or an argument the reward functions get
+        profile.write_text(text.replace("keep: [solution]", f"keep: [{reserved}]"))
+        with pytest.raises(DataError, match="keep lists the names of more fields"):
+            data.load(str(profile), "prompts_train")
 
 
 def test_grpo_rewarded_by_the_model_and_a_function_reading_a_kept_field(tmp_path, tiny_cache):
@@ -211,3 +215,24 @@ def test_the_report_says_each_term_against_sft():
     assert report.term_lines(terms) == [
         "length_penalty − SFT: greedy +5.328 [+4.953, +5.688], sampled +0.891 [-0.094, +1.844]",
         "exact − SFT: applies to no held-out prompt"]
+
+
+def test_names_and_values_a_user_may_give():
+    import numpy as np
+
+    terms = rewards.terms(["alignment.rewards:length_penalty", "model", "alignment.rewards:length_penalty"], [])
+    assert [t.name for t in terms] == ["length_penalty", "model", "length_penalty_2"]
+    with pytest.raises(ConfigError, match="names model 2 times"):
+        rewards.terms(["model", "model"], [])
+    numbers = rewards.Term("numbers", 1.0, lambda completions, **_: [np.float32(0.5), torch.tensor(2.0), None])
+    assert rewards.values(numbers, ["p"] * 3, ["a"] * 3, [[1]] * 3, {}, "[ppo] step 1")[:2].tolist() == [0.5, 2.0]
+    flag = rewards.Term("flag", 1.0, lambda completions, **_: [True])
+    with pytest.raises(SystemExit, match="returned True for completion 0"):
+        rewards.values(flag, ["p"], ["a"], [[1]], {}, "[ppo] step 1")
+
+
+def test_prompt_splits_that_keep_other_fields_stop_before_training():
+    train, held_out = [{"prompt": "a", "answer": "x"}], [{"prompt": "b"}]
+    with pytest.raises(SystemExit, match=r"\[grpo\] prompts_eval record 1 keeps the fields \[\] where prompts_train"):
+        rewards.kept_columns(train, held_out, "grpo")
+    assert rewards.kept_columns(train, [{"prompt": "b", "answer": "y"}], "grpo") == ["answer"]

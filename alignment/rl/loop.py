@@ -124,14 +124,17 @@ def train(session: Session, models: Models, algorithm) -> Trained:
     zero = distributed.deepspeed_stage()
     all_done = distributed.all_processes_done(accelerator) if zero == 3 else None
     responses = f" x {algorithm.group_size} responses" if algorithm.group_size > 1 else ""
-    judged = (f"reward model{' and critic' if algorithm.critic else ''} from {session.rm.id}" if session.rm else
-              f"rewarded by {', '.join(s.rewards)}{', critic from the SFT body' if algorithm.critic else ''}")
+    functions = [x for x in s.rewards if x != rewards.MODEL]
+    judged = (f"reward model{' and critic' if algorithm.critic else ''} from {session.rm.id}"
+              + (f", and {', '.join(functions)}" if functions else "") if session.rm else
+              f"rewarded by {', '.join(functions)}{', critic from the SFT body' if algorithm.critic else ''}")
     print(f"[{stage}] policy and reference from {session.sft.id}, {judged}; {accelerator.num_processes} "
           f"process(es) x {s.batch_size} prompts{responses} per step" + (f", DeepSpeed ZeRO-{zero}" if zero else ""))
     records = data.load(cfg.data, "prompts_train", cfg.limit, cfg.on_error)  # (with the fields the data keeps)
     prompts = [r["prompt"] for r in records]
     eval_records = data.load(cfg.data, "prompts_eval", cfg.limit, cfg.on_error)
     eval_prompts = [r["prompt"] for r in eval_records]
+    kept = rewards.kept_columns(records, eval_records, stage)  # the same fields beside every prompt, or one line
 
     def evaluate(step: int) -> dict:
         return steps.evaluate(accelerator, model, reference, scorer, models.tokenizer, models.spec,
@@ -178,7 +181,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         with autocast:  # (the reference runs only where a KL term reads it: kl_coef 0 needs none)
             scores = steps.score(model, reference if algorithm.needs_reference else None,
                                  scorer if rewarder.uses_model else None, r, s, epochs[0])
-        columns = {k: [x[k] for x in batch] for k in batch[0] if k != "prompt"}  # the data's kept fields
+        columns = {k: [x[k] for x in batch] for k in kept}  # the data's kept fields, for the reward functions
         scores = steps.reward(rewarder, accelerator, tokenizer, r, scores, columns, s, step, stage)
         state.truncated_prompts += sum(len(ids) > s.max_prompt_length for ids in
                                        tokenizer([spec.format_prompt(prompts[i]) for i in mine]).input_ids)
@@ -264,7 +267,7 @@ def train(session: Session, models: Models, algorithm) -> Trained:
         "processes": accelerator.num_processes, "deepspeed_zero_stage": zero, **speed(seconds, episodes, bf16),
         **algorithm.final(state), **guarded,
         "parameters_held_per_process": distributed.every_process(accelerator, held),
-    }, eval_prompts, {k: [r[k] for r in eval_records] for k in eval_records[0] if k != "prompt"}, rewarder)
+    }, eval_prompts, {k: [r[k] for r in eval_records] for k in kept}, rewarder)
 
 
 

@@ -44,6 +44,9 @@ class RLSettings:
 
     def check(self) -> None:
         rewards.terms(self.rewards, self.reward_weights)  # (a function not found: one line now)
+        if self.reward_model and rewards.MODEL not in self.rewards:
+            raise ConfigError(f"reward_model={self.reward_model} names a reward model that rewards (without "
+                              f"{rewards.MODEL}) never reads: add {rewards.MODEL} to rewards, or leave it out")
         if self.offload_frozen not in ("auto", "cpu", "none"):
             raise ConfigError(f"offload_frozen: {self.offload_frozen!r} is not 'auto', 'cpu' or 'none'")
         if self.guard_collapse and not self.eval_every:

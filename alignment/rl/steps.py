@@ -66,7 +66,7 @@ def reward(rewarder: rewards.Rewards, accelerator, tokenizer, r: Rollout, scores
     terms = {rewards.MODEL: scores.rewards} if rewarder.uses_model else {}
     if len(terms) < len(rewarder.terms):
         ids = [row[:n] for row, n in zip(r.responses.tolist(), r.mask.sum(1).long().tolist(), strict=True)]
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)  # (up to and with the end token)
+        texts = forwards.decode_responses(tokenizer, ids)  # (as the held-out comparison decodes them)
         called = rewarder.call_functions(r.prompts, texts, ids, columns, step, stage)
         terms.update({name: values.to(r.mask.device) for name, values in called.items()})
     mixed = rewarder.mix(accelerator.gather, terms)
