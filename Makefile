@@ -46,7 +46,7 @@ export TOKENIZERS_PARALLELISM = false
 # one (~/.cache/torch_extensions) is rebuilt each time another checkout with other source paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help plan sft rm ppo grpo rloo reinforce dpo eval test test-slow test-multiprocess test-docs lint store export data data-check install clean bench bench-memory gpu-check
+.PHONY: help plan sft rm ppo grpo rloo reinforce dpo eval serve-rm test test-slow test-multiprocess test-docs lint store export data data-check install clean bench bench-memory gpu-check
 
 help:
 	@echo "Targets:"
@@ -59,6 +59,7 @@ help:
 	@echo "  make plan           memory per process of every stage for MODEL, NPROC, ACCELERATE_CONFIG, GPU_MEMORY (GiB),"
 	@echo "                      ARGS; whether it fits and the first change that makes it fit (docs/memory-plan.md)"
 	@echo "  make store          the checkpoints in the store, with lineage and headline metrics"
+	@echo "  make serve-rm       RUN=<run> [PORT=8100]: its reward model over HTTP, for rewards=[http://127.0.0.1:8100]"
 	@echo "  make export         RUN=<run> STAGE=<sft|rm|ppo|dpo|grpo|rloo|reinforce> OUT=<folder> [MERGE=0]: a standalone"
 	@echo "                      transformers folder"
 	@echo "  make data-check     read every split of DATA without training: counts, skips, truncation, a first record"
@@ -118,6 +119,11 @@ eval: $(VENV)/.installed
 
 store: $(VENV)/.installed
 	$(PY) -m alignment store list $(if $(STORE),--root $(STORE))
+
+# A store reward model over HTTP (alignment/serve.py), for RL stages rewarded by it: rewards=[http://host:PORT]
+PORT ?= 8100
+serve-rm: $(VENV)/.installed
+	$(PY) -m alignment serve-rm $(or $(RUN),$(EVAL_RUN))/rm --port $(PORT) $(if $(STORE),--root $(STORE))
 
 # A checkpoint as a standalone folder for plain transformers (alignment/export.py); MERGE=0 keeps a LoRA adapter apart.
 export: $(VENV)/.installed

@@ -6,6 +6,7 @@
     python -m alignment generate CHECKPOINT "prompt"         one response from a policy checkpoint
     python -m alignment chat CHECKPOINT                      prompts from the terminal, one response each
     python -m alignment export CHECKPOINT OUT [--no-merge]   a standalone folder for plain transformers
+    python -m alignment serve-rm CHECKPOINT [--port 8100]    a reward model over HTTP (alignment/serve.py)
     python -m alignment plan [--nproc N] [--accelerate-config FILE] [--gpu-memory GIB] [key=value ...]
                                                              the memory each process holds in every stage, no weights
 
@@ -179,6 +180,11 @@ def main(argv: list[str]) -> None:
                         help="merge a LoRA adapter into its base (default); --no-merge: the adapter, naming its base")
     export.add_argument("--root", default="store", help="store root for a run/stage id")
     commands.add_parser("plan", help=PLAN_HELP + " (python -m alignment plan --help)")
+    serve = commands.add_parser("serve-rm", help="serve a reward model over HTTP: POST /score, GET /health")
+    serve.add_argument("checkpoint", help="reward-model checkpoint folder or store id run/rm")
+    serve.add_argument("--root", default="store", help="store root for a run/stage id")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8100)
     args = parser.parse_args(argv)
     if args.command == "store" and args.store_command == "list":
         store_list(args.root, args.json)
@@ -200,6 +206,18 @@ def main(argv: list[str]) -> None:
         except (StoreError, ExportError) as e:
             sys.exit(f"error: {e}")
         print(f"exported {args.checkpoint} -> {out}")
+    elif args.command == "serve-rm":
+        from alignment import serve
+        from alignment.store import StoreError
+
+        try:
+            checkpoint = find_checkpoint(args.checkpoint, args.root)
+        except StoreError as e:
+            sys.exit(f"error: {e}")
+        if checkpoint.manifest.get("stage") != "rm":
+            sys.exit(f"error: {args.checkpoint} is a '{checkpoint.manifest.get('stage')}' checkpoint, not a reward "
+                     "model: serve-rm takes run/rm")
+        serve.serve(checkpoint, args.host, args.port)
     elif args.command == "chat":
         model, tokenizer, spec = load_policy(args.checkpoint, args.root)
         print(f"{args.checkpoint} ({spec.name}, template '{spec.template}'). Each line is answered on its own; "

@@ -5,6 +5,7 @@ An RL stage's `rewards` names its sources, `reward_weights` their weights (empty
     model                        the reward model (the run's, or the stage's reward_model)
     module:function              a Python function, imported (alignment.rewards:length_penalty)
     path/to/file.py:function     a function of a Python file
+    http://host:port             a reward server (make serve-rm, alignment/serve.py), scoring the responses' text
 
 A function has TRL's reward-function signature, fn(prompts, completions, completion_ids, **columns) ->
 list[float | None]: prompts as the data gives them (strings, or lists of messages), completions as text (special
@@ -62,7 +63,7 @@ def terms(sources: list[str], weights: list[float]) -> list[Term]:
         if not math.isfinite(weight):
             raise ConfigError(f"reward_weights: {weight} is not a finite number")
         function = None if source == MODEL else load_function(source)
-        name = MODEL if function is None else source.rpartition(":")[2]  # (a function is never named model)
+        name = MODEL if function is None else "server" if _is_url(source) else source.rpartition(":")[2]
         while function is not None and name in names:  # two of one name, or one named model: name_2, ...
             name = re.sub(r"(_\d+)?$", lambda m: f"_{int(m.group(0)[1:] or 1) + 1}", name, count=1)
         names.add(name)
@@ -70,9 +71,23 @@ def terms(sources: list[str], weights: list[float]) -> list[Term]:
     return out
 
 
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
 def load_function(source: str) -> Callable:
-    """The function `module:function` or `path/to/file.py:function` names; a ConfigError in one line otherwise."""
+    """The function `module:function` or `path/to/file.py:function` names, or the client of the reward server at
+    `http://host:port` (which must answer now); a ConfigError in one line otherwise."""
     where = "rewards: "
+    if _is_url(source):
+        from alignment.serve import ServerReward
+
+        server = ServerReward(source)
+        try:
+            server.check()
+        except RuntimeError as e:
+            raise ConfigError(f"{where}{e}") from None
+        return server
     module_name, _, attribute = source.rpartition(":")
     if not module_name or not attribute:
         raise ConfigError(f"{where}{source!r} is not '{MODEL}', 'module:function' or 'path/to/file.py:function'")

@@ -79,6 +79,10 @@ ALLOWED = {
     "same make line as two machines on one",
     "make grpo ARGS='grpo.rewards=[model,my_rewards.py:exact_answer]'": "a user's own file; tests/test_rewards.py "
     "runs GRPO with a reward function of a file of its own",
+    "make serve-rm RUN=tiny-llama PORT=8100": "a server that runs until stopped; tests/test_serve.py starts it, "
+    "scores through it and stops it",
+    "make ppo ARGS='ppo.rewards=[http://127.0.0.1:8100]'": "needs the server of the line before it running; "
+    "tests/test_serve.py runs PPO through one",
     "make data": "rewrites data/task in the checkout; tests/test_task.py checks the generator against the files",
     'make ppo DATA=hh-rlhf ARGS="ppo.guard_collapse=true"': "the guard watches held-out points, which this check's "
     "tiny settings turn off (ppo.eval_every=0); tests/test_faults.py runs the guard of PPO and DPO",
