@@ -240,8 +240,6 @@ def held_out_point(r: dict, prompts: list, step: int) -> dict:
 def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) -> dict:
     """Headline figures of one policy's rollout on held-out prompts, against the SFT policy's on the same prompts."""
     out = {
-        "reward": stats.estimate(rollout["reward"], seed),
-        "win_rate_vs_sft": stats.estimate(stats.wins(rollout["reward"], sft_rollout["reward"]), seed),
         "kl_per_token": stats.estimate(rollout["kl_tokens"], seed),
         "kl_per_response": stats.estimate(rollout["kl"], seed),
         "response_length": stats.estimate(rollout["length"], seed),
@@ -249,6 +247,9 @@ def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) 
         "distinct_2": stats.distinct_n(rollout["responses"], 2),
         "ended_with_eos": stats.estimate(rollout["ended"], seed),
     }
+    if rollout["reward"]:  # (none without a reward model)
+        out["reward"] = stats.estimate(rollout["reward"], seed)
+        out["win_rate_vs_sft"] = stats.estimate(stats.wins(rollout["reward"], sft_rollout["reward"]), seed)
     if gold:
         out["gold"] = stats.estimate(rollout["gold"], seed)
         out["gold_win_rate_vs_sft"] = stats.estimate(stats.wins(rollout["gold"], sft_rollout["gold"]), seed)
@@ -259,15 +260,17 @@ def versus_sft(greedy: dict, sampled: dict, sft_greedy: dict, sft_sampled: dict,
                seed: int = 0) -> dict:
     """A policy against the SFT policy on the same held-out prompts, from rollout_scores of both: per mode
     (greedy; sampled, `samples` responses per prompt averaged before pairing) and score (reward; gold where
-    defined) the two means and the paired difference with its bootstrap interval over prompts; and the KL to
+    defined; reward where a reward model scored them) the two means and the paired difference with its bootstrap
+    interval over prompts; and the KL to
     SFT per response of the policy's own samples (greedy responses are not draws from the policy: no KL)."""
     def per_prompt(xs: list, n: int) -> list[float]:
         return [stats.mean(xs[i : i + n]) for i in range(0, len(xs), n)]
 
-    out: dict = {"prompts": len(greedy["reward"]), "samples": samples}
+    out: dict = {"prompts": len(greedy["responses"]), "samples": samples}
+    keys = [k for k, measured in (("gold", gold), ("reward", bool(greedy["reward"]))) if measured]
     for mode, after, before, n in (("greedy", greedy, sft_greedy, 1), ("sampled", sampled, sft_sampled, samples)):
         section = {}
-        for key in ("gold", "reward") if gold else ("reward",):
+        for key in keys:
             a, b = per_prompt(after[key], n), per_prompt(before[key], n)
             section[key] = {"policy": stats.mean(a), "sft": stats.mean(b),
                             "difference": stats.paired_difference(a, b, seed=seed)}

@@ -121,5 +121,5 @@ def collapse_line(name: str, policy: dict, sft: dict, reward_gain: float | None 
         return None
     gain = (f" while its reward-model score rose by {reward_gain:+.3f}" if reward_gain is not None and reward_gain > 0
             else "")
-    return (f"{name}'s answers collapsed{gain}: " + "; ".join(signs) + ". A reward model that pays for one "
-            "answer to every prompt is being gamed: read the side-by-side responses before trusting its gains.")
+    return (f"{name}'s answers collapsed{gain}: " + "; ".join(signs) + ". A reward that pays for one answer "
+            "to every prompt is being gamed: read the side-by-side responses before trusting its gains.")

@@ -169,7 +169,7 @@ def warnings(result: dict) -> list[str]:
             if collapse_signs(entry, stage):
                 out.append(health.collapse_line(name(stage), checkpoints[stage]["answers"]["greedy"],
                                                 checkpoints["sft"]["answers"]["greedy"],
-                                                vs["greedy"]["reward"]["difference"]["mean"]))
+                                                (vs["greedy"].get("reward") or {}).get("difference", {}).get("mean")))
             if judged := [s for s in rec.get("rewards") or [] if s.endswith(rewards.JUDGE_FUNCTIONS)]:
                 out.append(f"{name(stage)} was rewarded by the gold judge itself ({', '.join(judged)}): its gold "
                            "gains measure what it was trained on, not an independent improvement.")
@@ -217,7 +217,7 @@ def warnings(result: dict) -> list[str]:
 
 def _judge_prefers_base(judge: str, vs: dict) -> list[str]:
     """The reward model scores the untrained base above SFT (greedy or sampled): it will pull policies back."""
-    modes = [m for m in ("greedy", "sampled") if vs[m]["reward"]["difference"]["mean"] > 0]
+    modes = [m for m in ("greedy", "sampled") if "reward" in vs[m] and vs[m]["reward"]["difference"]["mean"] > 0]
     if not modes:
         return []
     sure = all(vs[m]["reward"]["difference"]["ci95"][0] > 0 for m in modes)
@@ -235,8 +235,8 @@ def _over_optimisation(name: str, vs: dict, curve: list[dict], prompts) -> list[
     curve (gold fell from its peak while the reward-model score rose past the peak's)."""
     out, found = [], []
     for mode in ("greedy", "sampled"):
-        r, g = vs[mode]["reward"]["difference"], (vs[mode].get("gold") or {}).get("difference")
-        if g and r["mean"] > 0 and g["mean"] < 0:
+        r, g = (vs[mode].get("reward") or {}).get("difference"), (vs[mode].get("gold") or {}).get("difference")
+        if r and g and r["mean"] > 0 and g["mean"] < 0:
             found.append((mode, r, g, r["ci95"][0] > 0 and g["ci95"][1] < 0))
     if found:
         out.append(f"Over-optimisation: {name} scores higher than SFT by the reward model but lower by the gold judge ("
@@ -301,7 +301,8 @@ def figures(result: dict, rows: list[dict]) -> dict[str, bytes]:
                      **{k: vs["sampled"][k]["policy"] for k in ("gold", "reward") if k in vs["sampled"]}}
             curves[label(run, stage, n_runs)] = {"points": rec.get("eval_curve", []), "final": final,
                                                  "prompts": rec.get("curve_prompts")}
-    y_keys = ([("gold", "gold score")] if gold else []) + [("reward", "reward-model score")]
+    judged = any("reward_greedy" in r for r in rows)  # (a run without a reward model: none)
+    y_keys = ([("gold", "gold score")] if gold else []) + ([("reward", "reward-model score")] if judged else [])
     out["frontier"] = plots.frontier(curves, y_keys, budget)
 
     held_out = [(t, b, "step", {f"{label(run, s, n_runs)} (n = {m['recorded'].get('curve_prompts')})":
@@ -420,7 +421,7 @@ intervals over held-out items; ↑ higher is better, ↓ lower is better.</p>
 <p>Every policy minus its run's SFT policy on the same held-out prompts (paired: the interval is over prompts).
 Green: the interval lies above zero; red: below. KL to SFT is what the method spent to get there (a cost).</p>
 <table><thead><tr><th>method</th>{% if gold %}<th>gold − SFT, greedy ↑</th><th>gold − SFT, sampled ↑</th>{% endif %}
-<th>RM reward − SFT, greedy ↑</th><th>RM reward − SFT, sampled ↑</th><th>KL to SFT, nats/response ↓</th>
+{% if judged %}<th>RM reward − SFT, greedy ↑</th><th>RM reward − SFT, sampled ↑</th>{% endif %}<th>KL to SFT, nats/response ↓</th>
 <th>stage wall time, s ↓</th><th>trained on</th><th>n prompts</th></tr></thead><tbody>
 {% for row in headline %}
 <tr{% if row.reference %} class="ref"{% endif %}><td><b>{{ row.method }}</b>{% if row.get("collapsed") %}
@@ -478,11 +479,12 @@ log records, from {{ log.source }}.</p>{% endfor %}{% endfor %}
 {% set stages = policies[run] %}
 <p>Run <code>{{ run }}</code>: greedy responses to {{ e.side_by_side | length }} held-out prompts spread over
 {{ ("the instruction kinds among them: " ~ (e.prompt_kinds | counts)) if e.get("prompt_kinds") else "the held-out prompts at random" }}
-(seed {{ r.settings.seed }}), with the reward-model score{{ " and the gold score" if e.gold }} of each.</p>
+(seed {{ r.settings.seed }}), with the {{ "reward-model score" if "rm" in e.checkpoints }}{{ " and the " if e.gold and "rm" in e.checkpoints }}{{ "gold score" if e.gold }} of each.</p>
 <table><thead><tr><th>prompt</th>{% for s in stages %}<th>{{ s }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in e.side_by_side %}<tr><td><span class="out">{{ row.prompt | prompt }}</span></td>
-{% for s in stages %}{% set x = row.get(s) %}<td>{% if x %}<span class="out">{{ x.response or "(empty)" }}</span><br><small>RM {{ x.reward | num(2) }}
-{%- if "gold" in x %}, gold {{ x.gold | num(2) }}{% endif %}</small>{% else %}–{% endif %}</td>{% endfor %}</tr>
+{% for s in stages %}{% set x = row.get(s) %}<td>{% if x %}<span class="out">{{ x.response or "(empty)" }}</span><br><small>
+{%- if "reward" in x %}RM {{ x.reward | num(2) }}{% endif %}{% if "reward" in x and "gold" in x %}, {% endif %}
+{%- if "gold" in x %}gold {{ x.gold | num(2) }}{% endif %}</small>{% else %}–{% endif %}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
 {% endfor %}
 
@@ -543,13 +545,15 @@ def write(result: dict, run_dir: Path) -> Path:
     with open(run_dir / "report.json", "w") as f:
         json.dump(result, f, indent=2, default=str)
     gold = any(e.get("gold") for e in result["runs"].values())
+    judged = any("reward_greedy" in row for row in result["headline"])  # by a reward model (a run may have none)
     page = PAGE.render(
         r=result,
         s=result["settings"]["eval"],
         headline=result["headline"],
         warnings=result["warnings"],
         gold=gold,
-        keys=[f"{k}_{m}" for k in (("gold", "reward") if gold else ("reward",)) for m in ("greedy", "sampled")],
+        judged=judged,
+        keys=[f"{k}_{m}" for k, on in (("gold", gold), ("reward", judged)) if on for m in ("greedy", "sampled")],
         images={k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in images.items()},
         policies={
             run: [s for s, m in e["checkpoints"].items() if m["kind"] == "policy"] for run, e in result["runs"].items()

@@ -95,9 +95,10 @@ def model_flops_per_token(path: Path, mean_length: float, reward_model: bool = F
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="sft,rm,ppo,dpo,grpo,rloo,memory", help="stages to measure, comma-separated "
-                    "(memory: bench/memory.py's PPO memory with 1 and 2 processes, on its own model; rm needs sft; "
-                    "ppo, dpo, grpo and rloo need sft and rm)")
+    ap.add_argument("--only", default="sft,rm,ppo,dpo,grpo,rloo,reinforce,memory", help="stages to measure, "
+                    "comma-separated (memory: bench/memory.py's PPO memory with 1 and 2 processes, on its own model; "
+                    "rm needs sft; ppo, dpo, grpo, rloo and reinforce need sft and rm; reinforce takes the --rloo-* "
+                    "sizes)")
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--sft-records", type=int, default=1024, help="Alpaca records trained on (one epoch)")
     ap.add_argument("--sft-batch", type=int, default=32)
@@ -195,7 +196,7 @@ def main() -> None:
         report["stages"]["rm"] = _train_stage(ours, peers, base, peaks, "samples_per_s", reward_model=True,
                                               per_sample=2)
 
-    if {"ppo", "dpo", "grpo", "rloo"} & set(stages):
+    if {"ppo", "dpo", "grpo", "rloo", "reinforce"} & set(stages):
         if a.ppo_from:  # copied in, so ours and the peer start from the same files and the source stays as it was;
             run = a.ppo_run  # under their own run's name: the reward model's manifest names its SFT parent by it
             common = [*common[:3], f"run={run}", *common[4:]]
@@ -204,8 +205,8 @@ def main() -> None:
                 shutil.rmtree(store.path(run, stage), ignore_errors=True)
                 shutil.copytree(source.get(a.ppo_run, stage).path, store.path(run, stage))
         if not (store.path(run, "sft").exists() and store.path(run, "rm").exists()):
-            raise SystemExit("[bench] ppo, dpo, grpo and rloo need the sft and rm measurements' checkpoints: run with "
-                             "--only sft,rm,... or give --ppo-from")
+            raise SystemExit("[bench] ppo, dpo, grpo, rloo and reinforce need the sft and rm measurements' "
+                             "checkpoints: run with --only sft,rm,... or give --ppo-from")
         sft, rm = store.get(run, "sft"), store.get(run, "rm")
         tokenizer = loading.load_tokenizer(sft.path, spec)
         tokenizer.truncation_side = "left"  # as our stages: a long prompt loses its oldest turns
@@ -275,23 +276,27 @@ def main() -> None:
         # a pair is two sequences; the reference's forward adds 2 FLOPs per parameter to training's 6
         report["stages"]["dpo"] = _train_stage(ours, peers, base, peaks, "samples_per_s", per_sample=2, flops=8 / 6)
 
-    for method in ("grpo", "rloo"):  # on PPO's prompts and lengths; the peer: TRL's GRPOTrainer, RLOOTrainer
+    # On PPO's prompts and lengths; the peer: TRL's GRPOTrainer, RLOOTrainer. REINFORCE++ has no peer of its own
+    # in TRL: it does RLOO's work (as many episodes a step, one response to each of group x as many prompts) against
+    # TRL's RLOOTrainer at REINFORCE++'s learning rate and KL coefficient.
+    for method, peer_method in (("grpo", "grpo"), ("rloo", "rloo"), ("reinforce", "rloo")):
         if method not in stages:
             continue
-        steps, prompts_per_step, group, mini_batch = (getattr(a, f"{method}_{k}") for k in
+        steps, prompts_per_step, group, mini_batch = (getattr(a, f"{peer_method}_{k}") for k in
                                                       ("steps", "prompts", "group", "mini_batch"))
+        ours_prompts, ours_group = (prompts_per_step * group, 1) if method == "reinforce" else (prompts_per_step, group)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=False)  # the prompts as cut to --ppo-prompt-length
         (work / f"{method}_prompts.json").write_text(json.dumps(texts))
         run_process(f"{method}-ours", [
             py, "-m", f"stages.{method}", "--config", f"configs/hh-rlhf/{method}.yaml", *common,
-            f"{method}.steps={steps}", f"{method}.batch_size={prompts_per_step}", f"{method}.group_size={group}",
+            f"{method}.steps={steps}", f"{method}.batch_size={ours_prompts}", f"{method}.group_size={ours_group}",
             f"{method}.mini_batch_size={mini_batch}", f"{method}.max_new_tokens={a.ppo_response_length}",
             f"{method}.max_prompt_length={a.ppo_prompt_length}", f"{method}.eval_every=0",
             f"{method}.eval_samples=1", "resume=false"], work)
         ours = store.get(run, method)
         cfg, peer_dir = ours.manifest["config"][method], work / f"{method}-trl"
         run_process(f"{method}-trl", [
-            py, "bench/peers/trl_grpo.py", "--trainer", method, "--sft", str(sft.path), "--rm", str(rm.path),
+            py, "bench/peers/trl_grpo.py", "--trainer", peer_method, "--sft", str(sft.path), "--rm", str(rm.path),
             "--prompts", str(work / f"{method}_prompts.json"), "--out", str(peer_dir), "--steps", str(steps),
             "--prompts-per-step", str(prompts_per_step), "--group", str(group), "--mini-batch", str(mini_batch),
             "--response-length", str(a.ppo_response_length), "--lr", str(cfg["learning_rate"]),
@@ -402,7 +407,7 @@ def format_table(report: dict) -> str:
                 f"{100 * r['share_of_matmul_peak']:>6.1f}% {r['peak_memory_mb']:>8.0f}  {ratio}"
             )
     for key, rows in report["stages"].items():
-        if not key.startswith(("ppo", "grpo", "rloo")):
+        if not key.startswith(("ppo", "grpo", "rloo", "reinforce")):
             continue
         stage, peer = key.split("-")[0], rows.get("peer", "trl112")  # reports before GRPO: PPO against TRL 1.12
         if stage == "ppo":

@@ -68,8 +68,8 @@ class Reference(NamedTuple):
     tokenizer: object
     spec: registry.ModelSpec
     sft_policy: torch.nn.Module
-    reward_model: torch.nn.Module
-    scorer: scoring.RewardScorer
+    reward_model: torch.nn.Module | None  # None: the run has none (its policies were rewarded by functions alone)
+    scorer: scoring.RewardScorer | None
     gold: bool  # a gold judge exists for the embedded task only
     demos: list[dict]  # held-out demonstrations (cross-entropy)
     pairs: list[dict]  # held-out preference pairs (reward-model accuracy)
@@ -91,14 +91,21 @@ def present(store: Store, run: str) -> list[str]:
 
 
 def load_reference(store: Store, run: str, cfg: Config) -> Reference:
-    sft, rm = store.get(run, "sft"), store.get(run, "rm")
+    """A run without a reward model (its policies rewarded by functions alone) is measured without one: by the gold
+    judge where there is one, the reward functions each policy was rewarded by, KL and the answers' health."""
+    sft = store.get(run, "sft")
+    rm = store.get(run, "rm") if "rm" in present(store, run) else None
     spec = registry.get(sft.manifest["model"], template=sft.manifest["template"], tokenizer=sft.path)
     profile = sft.manifest["data"]["profile"]
     tokenizer = loading.load_tokenizer(sft.path, spec)
     sft_policy = loading.on_device(loading.load_model(sft.path, AutoModelForCausalLM, spec, tokenizer=tokenizer)).eval()
-    reward_model = loading.on_device(loading.load_model(rm.path, AutoModelForSequenceClassification, spec,
-                                                        tokenizer=tokenizer)).eval()
-    scorer = scoring.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
+    reward_model = rm and loading.on_device(loading.load_model(rm.path, AutoModelForSequenceClassification, spec,
+                                                               tokenizer=tokenizer)).eval()
+    scorer = rm and scoring.RewardScorer(reward_model, tokenizer, spec, tokenizer, spec)
+    if rm is None:
+        print(f"[eval] {run} has no reward model: its policies are measured by "
+              f"{'the gold judge, ' if data.get_profile(profile).gold else ''}the reward functions they were "
+              "rewarded by, KL to SFT and their answers' health")
     held_out = [
         data.load(profile, split, cfg.limit, cfg.on_error) for split in ("sft_eval", "prefs_eval", "prompts_eval")
     ]
@@ -269,13 +276,15 @@ def main(argv: list[str]) -> None:
                 **reward_terms(ref, checkpoint, stage, greedy, sampled, sft_greedy, sft_sampled, cfg),
             }
             for row, i in zip(entry["side_by_side"], shown):
-                row[stage] = {"response": greedy["responses"][i], "reward": greedy["reward"][i],
+                row[stage] = {"response": greedy["responses"][i],
+                              **({"reward": greedy["reward"][i]} if ref.scorer else {}),
                               **({"gold": greedy["gold"][i]} if ref.gold else {})}
             del policy
 
         # 4. what the stages recorded: lineage and run times; their per-step logs (training curves)
         entry["base"], entry["lineage"], entry["training_logs"] = sft.manifest["base"], [], {}
-        for stage in ("sft", "rm", *(s for s in stages if s not in ("base", "sft", "rm"))):
+        judge = ["rm"] if ref.reward_model is not None else []
+        for stage in ("sft", *judge, *(s for s in stages if s not in ("base", "sft", "rm"))):
             checkpoint = store.get(r, stage)
             entry["lineage"].append(lineage(store, checkpoint))
             records, source = logs.read_log_history(checkpoint, store.run_dir(r) / "tensorboard" / stage)

@@ -113,7 +113,7 @@ def test_versus_sft_pairs_each_prompt_with_sfts():
     # 2 prompts, 2 samples each; per prompt the sampled scores are averaged before pairing
     sft = {"reward": [1.0, 1.0], "gold": [0.5, 0.5], "kl": [0.0, 0.0]}
     sft_sampled = {"reward": [0.0, 1.0, 2.0, 2.0], "gold": [0.0, 0.0, 1.0, 1.0], "kl": [0.0] * 4}
-    greedy = {"reward": [2.0, 3.0], "gold": [0.5, 1.0], "kl": [0.1, 0.1]}
+    greedy = {"reward": [2.0, 3.0], "gold": [0.5, 1.0], "kl": [0.1, 0.1], "responses": ["a", "b"]}
     sampled = {"reward": [1.0, 2.0, 2.0, 4.0], "gold": [0.0, 1.0, 1.0, 1.0], "kl": [1.0, 3.0, 2.0, 2.0]}
     vs = evaluation.versus_sft(greedy, sampled, sft, sft_sampled, samples=2, gold=True)
     assert vs["prompts"] == 2 and vs["greedy"]["reward"]["difference"]["mean"] == pytest.approx(1.5)  # (1 + 2) / 2
@@ -124,6 +124,11 @@ def test_versus_sft_pairs_each_prompt_with_sfts():
         1.25
     )
     assert vs["kl"]["mean"] == pytest.approx(2.0)  # the sampled responses' KL, never the greedy ones'
+    # no reward model (a run rewarded by functions alone): no reward scores, gold alone
+    unjudged = [{**r, "reward": []} for r in (greedy, sampled, sft, sft_sampled)]
+    vs = evaluation.versus_sft(*unjudged, samples=2, gold=True)
+    assert vs["prompts"] == 2 and set(vs["greedy"]) == set(vs["sampled"]) == {"gold"}
+    assert vs["greedy"]["gold"]["difference"]["mean"] == pytest.approx(0.25)
 
 
 def test_training_log_kept_in_the_checkpoint_or_read_from_tensorboard(tmp_path):

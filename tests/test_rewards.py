@@ -1,6 +1,6 @@
 """Reward terms (alignment/rewards.py): sources found or refused in one line, the mix by hand, the functions'
 values checked, the data's kept fields, GRPO rewarded by the model and a function of a file reading a kept field,
-and PPO rewarded by that function alone with no reward model in the store."""
+PPO rewarded by that function alone with no reward model in the store, and `make eval` of that run."""
 
 import json
 import math
@@ -14,6 +14,7 @@ from alignment import data, report, rewards, task
 from alignment.config import ConfigError
 from alignment.data import DataError
 from alignment.store import Store
+from stages import eval as eval_stage
 from stages import grpo as grpo_stage
 from stages import ppo as ppo_stage
 from stages import rm as rm_stage
@@ -203,6 +204,22 @@ def test_grpo_rewarded_by_the_model_and_a_function_reading_a_kept_field(tmp_path
     for mode in ("greedy", "sampled"):
         assert "reward" not in ckpt.metrics[mode] and ckpt.metrics[mode]["terms"]["exact"]["prompts"] == 24
     assert all("eval_reward" not in p and "eval_gold" in p for p in ckpt.metrics["eval_curve"])
+    # 3. `make eval` of the run without a reward model: each policy by the gold judge, its reward functions, KL and
+    #    its answers' health; no reward-model score anywhere, in the JSON, the headline or the page
+    eval_stage.main([f"store={store}", "run=kept", "limit=32", "threads=2", "eval.samples=1", "eval.max_new_tokens=8",
+                     "eval.side_by_side=2", "eval.checkpoints=[kept/sft,kept/ppo]"])
+    result = json.loads((store / "kept" / "report.json").read_text())
+    entry = result["runs"]["kept"]
+    assert set(entry["checkpoints"]) == {"sft", "ppo"} and [c["stage"] for c in entry["lineage"]] == ["sft", "ppo"]
+    ppo = entry["checkpoints"]["ppo"]
+    assert "reward" not in ppo and "win_rate_vs_sft" not in ppo and "gold" in ppo and "answers" in ppo
+    for mode in ("greedy", "sampled"):
+        assert set(ppo["vs_sft"][mode]) == {"gold"} and ppo["terms"][mode]["exact"]["prompts"] == 24
+    row = next(r for r in result["headline"] if r["stage"] == "ppo")
+    assert "gold_greedy" in row and "reward_greedy" not in row and row["terms"][0].startswith("exact − SFT: greedy")
+    assert all("reward" not in x["ppo"] and "gold" in x["ppo"] for x in entry["side_by_side"])
+    page = (store / "kept" / "report.html").read_text()
+    assert "RM reward" not in page and "exact − SFT" in page
 
 
 def test_the_report_says_each_term_against_sft():
