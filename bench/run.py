@@ -435,7 +435,8 @@ def format_table(report: dict) -> str:
         for name, row in memory["rows"].items():
             lines.append(f"{'':6} {name:12} ZeRO-{row['zero_stage']} {row['above_fixed_mb']} MB, planned "
                          f"{row['planned_mb']:.0f} MB ({row['planned_mb'] / max(row['above_fixed_mb']):.2f}x)")
-        lines.append(f"{'':6} {s['nproc']} processes / 1 process: {memory['ratio']:.2f}x")
+        for heap, ratio in (memory.get("ratios") or {"": memory["ratio"]}).items():
+            lines.append(f"{'':6} {s['nproc']} processes / 1 process{f' ({heap})' if heap else ''}: {ratio:.2f}x")
     return "\n".join(lines)
 
 

@@ -49,7 +49,9 @@ def test_table_names_every_ratio():
         "ours": {**speed, "episodes_per_s": 13.0, "time_s": {"generate": 6.0, "score": 2.0, "train": 20.0}},
         "trl": {**speed, "episodes_per_s": 10.0, "time_s": {"all": 38.0}},
         "ours_minus_peer_reward": {"mean": 0.01, "ci95": [-0.03, 0.05], "prompts": 311}}
-    report["memory"] = {"fixed_cost_mb": 424.0, "ratio": 0.97, "settings": {"hidden": 768, "layers": 12, "nproc": 2},
+    report["memory"] = {"fixed_cost_mb": 424.0, "ratio": 0.97, "ratios": {"glibc defaults": 0.97,
+                                                                         "1 MiB mmap threshold": 0.66},
+                        "settings": {"hidden": 768, "layers": 12, "nproc": 2},
                         "rows": {"1 process": {"zero_stage": 0, "above_fixed_mb": [3219.0], "planned_mb": 3244.0},
                                  "2 processes": {"zero_stage": 3, "above_fixed_mb": [2929.0, 3121.0],
                                                  "planned_mb": 2201.0}}}
@@ -57,7 +59,8 @@ def test_table_names_every_ratio():
     memory = table[table.index("memory PPO on a 768x12 LLaMA"):].splitlines()
     assert "ZeRO-0 [3219.0] MB, planned 3244 MB (1.01x)" in memory[1]
     assert "ZeRO-3 [2929.0, 3121.0] MB, planned 2201 MB (0.71x)" in memory[2]
-    assert "2 processes / 1 process: 0.97x" in memory[3]
+    assert "2 processes / 1 process (glibc defaults): 0.97x" in memory[3]
+    assert "2 processes / 1 process (1 MiB mmap threshold): 0.66x" in memory[4]
     assert "ours/trl = 20.00x" in table and "40.0%" in table and "5000.0 tokens/s" in table
     assert "ours/trl112 = 2.10x" in table and "paired on the same 311 prompts: -0.050 [-0.120, +0.020]" in table
     dpo = [line for line in table.splitlines() if line.startswith("dpo")]
