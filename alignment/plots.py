@@ -74,7 +74,7 @@ def frontier(curves: dict[str, dict], y_keys: list[tuple[str, str]], kl_budget: 
     {"points": [{"eval_kl", "eval_gold", "eval_reward", "step"}], "final": {"kl", "gold", "reward"} or None,
     "prompts": n per point}; y_keys: (key, axis label) per panel."""
     drawn = {m: c for m, c in curves.items() if any("eval_kl" in p for p in c["points"]) or c.get("final")}
-    if not drawn:
+    if not drawn or not y_keys:  # (no score to draw: no gold judge and no reward model)
         return None
     fig, axes = plt.subplots(1, len(y_keys), figsize=(6 * len(y_keys), 4.4), squeeze=False)
     finals = sorted({c["final"]["prompts"] for c in drawn.values() if c.get("final")})

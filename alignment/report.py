@@ -184,7 +184,8 @@ def warnings(result: dict) -> list[str]:
                            "values: its log says at which steps.")
             if rec.get("reward_model") and rec["reward_model"] != f"{run}/rm":
                 out.append(f"{name(stage)} was trained against the reward model {rec['reward_model']}; this report "
-                           f"judges it by {run}/rm.")
+                           + (f"judges it by {run}/rm." if "rm" in checkpoints else
+                              f"has no reward model of {run}'s to judge it by."))
         kinds = entry.get("prompt_kinds") or {}
         if kinds and len(kinds) < len(task.OPERATIONS):
             out.append(f"The {entry['prompts']} held-out prompts hold only {_counts(kinds)} of the task's "
@@ -193,8 +194,8 @@ def warnings(result: dict) -> list[str]:
         if not entry.get("gold") and any(s in checkpoints for s in METHODS[1:]):
             out.append(
                 f"No gold judge for {run}'s data: proxy reward rising while true quality falls cannot be seen in "
-                "these numbers; read the side-by-side responses, and take reward gains as the reward model's "
-                "opinion."
+                "these numbers; read the side-by-side responses, and take reward gains as "
+                + ("the reward model's opinion." if "rm" in checkpoints else "the reward functions' opinion.")
             )
         cut = [f"{name(s)} {1 - m['ended_with_eos']['mean']:.0%}" for s, m in checkpoints.items()
                if m["kind"] == "policy" and m["ended_with_eos"]["mean"] < 0.5]
@@ -330,7 +331,8 @@ def figures(result: dict, rows: list[dict]) -> dict[str, bytes]:
     loops = [
         (t, b, "step", {k: v for stage in pipeline.RL for k, v in lines(stage, key, batches(stage)).items()})
         for key, t, b in (
-            ("reward", "train reward (the RM's raw score; the terms' mix where several)", plots.HIGHER),
+            ("reward", "train reward (raw: the RM's score or the one term's; the terms' mix where several)",
+             plots.HIGHER),
             *((term, f"train reward term {term.removeprefix('reward/')} (raw)", "") for term in terms),
             ("kl", "train KL, nats/response", ""),
             ("entropy", "policy entropy", ""),
@@ -458,11 +460,11 @@ all</th><th>mean words</th><th>length / SFT's</th><th>words from the prompt</th>
 collapsed, reward up while gold falls, KL over budget, responses cut off, a reward model near chance or below
 "shorter wins", two reward-model accuracies).</p>{% endif %}
 
-<h2 id="frontier">3. {{ "Gold" if gold else "Reward-model score" }} against KL to SFT</h2>
+<h2 id="frontier">3. {{ "Gold" if gold else "Reward-model score" if judged else "Score" }} against KL to SFT</h2>
 <p>One curve per method from the held-out points its stage measured every <code>eval_every</code> steps; stars: this
 report's final measurement. Gao et al. (2022): as a policy moves away from its reference the proxy (reward-model)
-score keeps rising while the true score peaks and falls{% if not gold %}; this data has no gold judge, so only the
-proxy is drawn{% endif %}.</p>
+score keeps rising while the true score peaks and falls{% if not gold and judged %}; this data has no gold judge, so only
+the proxy is drawn{% elif not gold %}; this run has neither a gold judge nor a reward model: nothing to draw{% endif %}.</p>
 {% if "frontier" in images %}<p><img src="{{ images.frontier }}" alt="frontier"></p>{% else %}<p class="note">No method
 recorded held-out points.</p>{% endif %}
 
@@ -479,7 +481,7 @@ log records, from {{ log.source }}.</p>{% endfor %}{% endfor %}
 {% set stages = policies[run] %}
 <p>Run <code>{{ run }}</code>: greedy responses to {{ e.side_by_side | length }} held-out prompts spread over
 {{ ("the instruction kinds among them: " ~ (e.prompt_kinds | counts)) if e.get("prompt_kinds") else "the held-out prompts at random" }}
-(seed {{ r.settings.seed }}), with the {{ "reward-model score" if "rm" in e.checkpoints }}{{ " and the " if e.gold and "rm" in e.checkpoints }}{{ "gold score" if e.gold }} of each.</p>
+(seed {{ r.settings.seed }}){% if judged or e.gold %}, with the {{ "reward-model score" if judged }}{{ " and the " if e.gold and judged }}{{ "gold score" if e.gold }} of each{% endif %}.</p>
 <table><thead><tr><th>prompt</th>{% for s in stages %}<th>{{ s }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in e.side_by_side %}<tr><td><span class="out">{{ row.prompt | prompt }}</span></td>
 {% for s in stages %}{% set x = row.get(s) %}<td>{% if x %}<span class="out">{{ x.response or "(empty)" }}</span><br><small>

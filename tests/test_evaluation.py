@@ -305,6 +305,34 @@ def test_report_warns_in_words_where_the_numbers_say_so():
     assert "No gold judge for r's data" in unjudged and "Over-optimisation" not in unjudged
 
 
+def _without_reward_model(run: dict) -> dict:
+    """The run as stages/eval.py writes one whose store holds no reward model: no rm checkpoint, no reward scores."""
+    run["checkpoints"].pop("rm")
+    for m in run["checkpoints"].values():
+        m.pop("reward", None)
+        for mode in ("greedy", "sampled"):
+            m["vs_sft"][mode].pop("reward")
+        for p in (m.get("recorded") or {}).get("eval_curve", []):
+            p.pop("eval_reward", None)
+    for row in run["side_by_side"]:
+        for stage in ("sft", "ppo"):
+            row[stage].pop("reward")
+    return run
+
+
+def test_report_of_a_run_without_reward_model_or_gold_judge(tmp_path):
+    """Functions alone rewarded it and its data has no judge: the page has nothing to draw against KL, no
+    reward-model column, and says so instead of failing."""
+    result = _result({"r": _without_reward_model(_run(gold=False))})
+    report.write(result, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "RM reward" not in page and "reward-model score" not in page
+    assert "neither a gold judge nor a reward model: nothing to draw" in page
+    assert "frontier" not in {p.stem for p in (tmp_path / "plots").iterdir()}
+    assert all(k not in row for row in result["headline"] for k in ("reward_greedy", "reward_sampled"))
+    assert any("take reward gains as the reward functions' opinion" in w for w in result["warnings"])
+
+
 def test_report_agrees_with_the_reward_models_manifest_or_says_why():
     rm = _run(gold=True)["checkpoints"]["rm"]
     rm["stage_recorded"]["accuracy"] = 0.55
