@@ -259,10 +259,10 @@ def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) 
 def versus_sft(greedy: dict, sampled: dict, sft_greedy: dict, sft_sampled: dict, samples: int, gold: bool,
                seed: int = 0) -> dict:
     """A policy against the SFT policy on the same held-out prompts, from rollout_scores of both: per mode
-    (greedy; sampled, `samples` responses per prompt averaged before pairing) and score (reward; gold where
-    defined; reward where a reward model scored them) the two means and the paired difference with its bootstrap
-    interval over prompts; and the KL to
-    SFT per response of the policy's own samples (greedy responses are not draws from the policy: no KL)."""
+    (greedy; sampled, `samples` responses per prompt averaged before pairing) and score (gold where defined; reward
+    where a reward model scored them) the two means and the paired difference with its bootstrap interval over
+    prompts; and the KL to SFT per response of the policy's own samples (greedy responses are not draws from the
+    policy: no KL)."""
     def per_prompt(xs: list, n: int) -> list[float]:
         return [stats.mean(xs[i : i + n]) for i in range(0, len(xs), n)]
 

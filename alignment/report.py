@@ -275,6 +275,11 @@ def _over_budget(name: str, kl: dict, curve: list[dict], budget: float) -> list[
 # ---- figures -------------------------------------------------------------------------------------------
 
 
+def rm_scored(rows: list[dict]) -> bool:
+    """Whether a reward model scored the headline's policies (a run rewarded by functions alone has none)."""
+    return any("reward_greedy" in row for row in rows)
+
+
 def figures(result: dict, rows: list[dict]) -> dict[str, bytes]:
     """name -> PNG of every figure there is something to draw for."""
     n_runs, budget = len(result["runs"]), result["settings"]["eval"]["kl_budget"]
@@ -302,8 +307,7 @@ def figures(result: dict, rows: list[dict]) -> dict[str, bytes]:
                      **{k: vs["sampled"][k]["policy"] for k in ("gold", "reward") if k in vs["sampled"]}}
             curves[label(run, stage, n_runs)] = {"points": rec.get("eval_curve", []), "final": final,
                                                  "prompts": rec.get("curve_prompts")}
-    judged = any("reward_greedy" in r for r in rows)  # (a run without a reward model: none)
-    y_keys = ([("gold", "gold score")] if gold else []) + ([("reward", "reward-model score")] if judged else [])
+    y_keys = ([("gold", "gold score")] if gold else []) + ([("reward", "reward-model score")] if rm_scored(rows) else [])
     out["frontier"] = plots.frontier(curves, y_keys, budget)
 
     held_out = [(t, b, "step", {f"{label(run, s, n_runs)} (n = {m['recorded'].get('curve_prompts')})":
@@ -547,7 +551,7 @@ def write(result: dict, run_dir: Path) -> Path:
     with open(run_dir / "report.json", "w") as f:
         json.dump(result, f, indent=2, default=str)
     gold = any(e.get("gold") for e in result["runs"].values())
-    judged = any("reward_greedy" in row for row in result["headline"])  # by a reward model (a run may have none)
+    judged = rm_scored(result["headline"])
     page = PAGE.render(
         r=result,
         s=result["settings"]["eval"],
