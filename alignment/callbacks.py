@@ -60,7 +60,7 @@ class HeldOutCurve(TrainerCallback):
         state.log_history.append({**point, "eval_runtime": round(time.time() - started, 2)})
         if self.writer is not None:
             for key, value in point.items():
-                if key != "step":
+                if key != "step" and not isinstance(value, str):  # (the most frequent answer: text)
                     self.writer.add_scalar(key, value, step)
         if self.watch is not None and self.watch(self.points(state), step) and control is not None:
             control.should_training_stop = True

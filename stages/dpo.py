@@ -61,6 +61,8 @@ class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate,
     beta: float = field(0.1, "weight of the log-ratio to the reference in the implicit reward: higher keeps the "
                         "policy closer to the reference")
     loss_type: str = field("sigmoid", f"TRL's DPO loss: {', '.join(LOSS_TYPES)} (sigmoid: DPO)")
+    sft_weight: float = field(0.0, "weight of a negative log-likelihood term on the chosen responses added to the "
+                              "loss (RPO); it keeps their likelihood from falling with the rejected ones'. 0: off")
     eval_every: int = field(10, "a held-out point (reward, gold, KL) every N optimizer steps and before the first; "
                             "0: off")
     eval_prompts: int = field(64, "held-out prompts of those points")
@@ -75,6 +77,8 @@ class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate,
                                  "health.py), stop and publish the policy of the last healthy held-out point")
 
     def check(self) -> None:
+        if self.sft_weight < 0:
+            raise config.ConfigError("sft_weight must be 0 (off) or more")
         if self.guard_collapse and not self.eval_every:
             raise config.ConfigError("guard_collapse needs held-out points to watch: set eval_every to a number "
                                      "of steps")
@@ -93,6 +97,14 @@ class Config(config.StageConfig):
     dpo: DPOSettings = field(DPOSettings(), "DPO settings")
     lora: config.LoraSettings = field(config.LoraSettings(), "train LoRA adapters on the SFT policy; the reference "
                                       "is then the same weights with the adapters disabled (no second copy)")
+
+
+def losses(d: DPOSettings) -> dict:
+    """DPOConfig's loss arguments: TRL sums its losses with weights, here the preference loss and, with
+    sft_weight, the chosen responses' mean token NLL."""
+    if not d.sft_weight:
+        return dict(loss_type=[d.loss_type])
+    return dict(loss_type=[d.loss_type, "sft"], loss_weights=[1.0, d.sft_weight])
 
 
 def load_scorer(rm, spec, tokenizer, cfg: Config) -> scoring.RewardScorer:
@@ -134,7 +146,7 @@ def main(argv: list[str]) -> None:
     planned = publish.planned_peak_mb("dpo", cfg)  # the memory plan's figure, before DeepSpeed's config exists
     # the trainer's arguments before the models: under ZeRO-3 they make transformers load them partitioned over the
     # processes (DeepSpeed's zero.Init), so that no process holds one whole (training.trainer_config)
-    args = training.trainer_config(DPOConfig, "dpo", d, cfg, work_dir, beta=d.beta, loss_type=[d.loss_type],
+    args = training.trainer_config(DPOConfig, "dpo", d, cfg, work_dir, beta=d.beta, **losses(d),
                                    eval_strategy="no")  # held-out pairs once at the end
     distributed.check_shared_store(store.root)  # every process (every node) sees one store
     # a saved checkpoint resumes on the launch that saved it (another stops here, before the model loads)

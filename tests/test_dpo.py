@@ -44,10 +44,11 @@ def sequence_logprob(model, prompt_ids: list[int], completion_ids: list[int]) ->
     return picked[len(prompt_ids) - 1 :].sum().item()
 
 
-def test_trl_dpo_loss_is_the_formula_on_the_models_logprobs(tiny_cache, tmp_path):
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_trl_dpo_loss_is_the_formula_on_the_models_logprobs(tiny_cache, tmp_path, sft_weight):
     """TRL's DPOTrainer loss on a batch of two pairs equals the formula above applied to log-probs computed here from
     the same policy and reference (their logits, not TRL's fused LM head), the reference a perturbed copy so that
-    every log-ratio is non-zero."""
+    every log-ratio is non-zero; with dpo.sft_weight, plus that weight times the chosen tokens' mean NLL."""
     spec = registry.get("tiny-llama")
     path = registry.resolve(spec)
     tokenizer = loading.load_tokenizer(path, spec)
@@ -60,15 +61,16 @@ def test_trl_dpo_loss_is_the_formula_on_the_models_logprobs(tiny_cache, tmp_path
     pairs = [{"prompt": spec.format_prompt("sort: c a b"), "chosen": "a b c", "rejected": "a b c hope this helps"},
              {"prompt": spec.format_prompt("copy: d e"), "chosen": "d e", "rejected": "e d"}]
     beta = 0.5
+    settings = dpo_stage.DPOSettings(sft_weight=sft_weight)
     args = DPOConfig(output_dir=str(tmp_path), beta=beta, use_cpu=True, bf16=False, report_to=[],
-                     activation_checkpointing=False, per_device_train_batch_size=2)
+                     activation_checkpointing=False, per_device_train_batch_size=2, **dpo_stage.losses(settings))
     trainer = dpo_stage.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(pairs),
                                    processing_class=tokenizer)
     rows = [trainer.train_dataset[i] for i in range(2)]
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(trainer.data_collator(rows)))
 
-    expected = []
+    expected, chosen_logp, chosen_tokens = [], 0.0, 0
     for row in rows:  # TRL's tokens: the prompt, then each response with EOS appended
         assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == tokenizer.eos_token_id
         # log pi(c), log pi(r), log pi_ref(c), log pi_ref(r)
@@ -76,7 +78,11 @@ def test_trl_dpo_loss_is_the_formula_on_the_models_logprobs(tiny_cache, tmp_path
                  for k in ("chosen_ids", "rejected_ids")]
         assert all(abs(policy_logp - ref_logp) > 1e-2 for policy_logp, ref_logp in zip(logps[:2], logps[2:]))
         expected.append(dpo_loss(*logps, beta))
-    assert loss.item() == pytest.approx(sum(expected) / len(expected), abs=1e-4)  # the batch's mean
+        chosen_logp, chosen_tokens = chosen_logp + logps[0], chosen_tokens + len(row["chosen_ids"])
+    # the batch's mean, plus the weighted NLL per chosen token over the whole batch
+    nll = -chosen_logp / chosen_tokens
+    assert nll > 0.5  # a term that moves the loss where it is weighted
+    assert loss.item() == pytest.approx(sum(expected) / len(expected) + sft_weight * nll, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +153,12 @@ def test_lora_dpo_trains_adapters_on_the_sft_model(sft_and_rm, tmp_path):
     merged_sft = loading.load_model(sft.path, AutoModelForCausalLM, spec)
     merged_dpo = loading.load_model(dpo.path, AutoModelForCausalLM, spec)
     assert not torch.allclose(merged_sft(ids).logits, merged_dpo(ids).logits)
+
+
+def test_a_negative_sft_weight_stops_at_start_up(tmp_path):
+    with pytest.raises(SystemExit, match="sft_weight must be 0"):
+        dpo_stage.main([f"store={tmp_path}", "dpo.sft_weight=-1"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_an_unknown_loss_stops_at_start_up_before_anything_loads(tmp_path):

@@ -93,4 +93,5 @@ def test_a_held_out_point_watches_greedy_and_sampled_answers(capsys):
     out = capsys.readouterr().out
     assert out.startswith("[ppo] held-out point of step 20: the policy's greedy answers collapsed while its "
                           "reward-model score rose by +0.400")
+    assert f"get the same answer, {COLLAPSED[0].lower()!r} (SFT's most frequent: 20%)" in out  # the answer quoted
     assert health.watch([], "ppo", True) == []

@@ -116,6 +116,6 @@ def evaluate(accelerator, model, reference, scorer, tokenizer, spec, prompts: li
         ), prompts[: settings.eval_prompts])
     point = evaluation.held_out_point(r, prompts[: settings.eval_prompts], step)
     for key, value in point.items():
-        if key != "step" and writer:
+        if key != "step" and writer and not isinstance(value, str):  # (the most frequent answer: text)
             writer.add_scalar(f"{stage}/{key}", value, step)
     return point
