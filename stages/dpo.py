@@ -270,8 +270,12 @@ def main(argv: list[str]) -> None:
                      skipped={"prefs_train": train_skipped, "prefs_eval": eval_skipped}, metrics=metrics,
                      evaluated_with={"reward_model": rm.id, "uid": rm.manifest["uid"]})
     guard.clear_healthy(store, run, "dpo")
+    # the guard may publish step 0's policy: the SFT policy itself, whose implicit rewards are all 0 (TRL counts
+    # a tie as a wrong pair)
+    ties = " (the published policy is the SFT policy: every pair ties)" if \
+        guarded.get("guard", {}).get("published_step") == 0 else ""
     print(f"[dpo] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}, held-out "
-          f"implicit-reward accuracy {metrics['eval_reward_accuracy']:.3f} on {metrics['eval_pairs']} pairs")
+          f"implicit-reward accuracy {metrics['eval_reward_accuracy']:.3f} on {metrics['eval_pairs']} pairs{ties}")
     print(report.format_comparison(summary, "dpo"))
 
 

@@ -229,9 +229,11 @@ def test_the_guard_publishes_the_policy_of_the_last_healthy_held_out_point(prepa
     assert not (guarded / "tiny-llama" / ".healthy-ppo").exists()
 
 
-def test_dpos_guard_publishes_its_last_healthy_held_out_point(prepared, monkeypatch, capsys):
-    """dpo.guard_collapse: held-out points at steps 0, 4, 8; from step 8 on every held-out answer is made the
-    same: training stops there and the weights of step 4, as kept, are measured and published."""
+@pytest.mark.parametrize("collapse_at", [8, 4])
+def test_dpos_guard_publishes_its_last_healthy_held_out_point(prepared, monkeypatch, capsys, collapse_at):
+    """dpo.guard_collapse: held-out points at steps 0, 4, 8; from step 8 (or 4) on every held-out answer is made the
+    same: training stops there and the weights of step 4 (or 0: the SFT policy), as kept, are measured and
+    published."""
     from safetensors.torch import load_file
 
     from alignment import evaluation
@@ -239,19 +241,23 @@ def test_dpos_guard_publishes_its_last_healthy_held_out_point(prepared, monkeypa
     from stages import dpo as dpo_stage
 
     root, base = prepared
-    store = root / "dpo-guard"
+    store = root / f"dpo-guard-{collapse_at}"
     copy_inputs(base, store, ["sft", "rm"])
     point, same = evaluation.held_out_point, lambda r: ["a a a"] * len(r["responses"])
     monkeypatch.setattr(evaluation, "held_out_point", lambda r, prompts, step: point(
-        {**r, "responses": same(r), "greedy_responses": same(r)} if step >= 8 else r, prompts, step))
+        {**r, "responses": same(r), "greedy_responses": same(r)} if step >= collapse_at else r, prompts, step))
     monkeypatch.setattr(guard_module, "clear_healthy", lambda *args: None)  # kept, to compare with what was published
     dpo_stage.main([f"store={store}", *COMMON, *STAGE_ARGS["dpo"], "dpo.epochs=2", "save_every=100",
                     "dpo.guard_collapse=true"])  # 8 steps
     out = capsys.readouterr().out
-    assert re.search(r"\[dpo\] held-out point of step 8: the policy's (greedy|sampled) answers collapsed", out)
+    assert re.search(rf"\[dpo\] held-out point of step {collapse_at}: the policy's (greedy|sampled) answers collapsed",
+                     out)
     published = Store(store).get("tiny-llama", "dpo")
-    assert published.metrics["guard"]["collapsed_at_step"] == 8 and published.metrics["guard"]["published_step"] == 4
-    assert [p["step"] for p in published.metrics["eval_curve"]] == [0, 4, 8]
+    assert published.metrics["guard"] == {**published.metrics["guard"], "collapsed_at_step": collapse_at,
+                                          "published_step": collapse_at - 4}
+    assert [p["step"] for p in published.metrics["eval_curve"]] == list(range(0, collapse_at + 1, 4))
+    # step 0's policy is the SFT policy: its implicit rewards all 0, every held-out pair a tie, said so
+    assert ("every pair ties" in out) == (collapse_at == 4)
     weights = load_file(published.path / "model.safetensors")
     kept = load_file(store / "tiny-llama" / ".healthy-dpo" / "model.safetensors")
     assert kept and all(torch.equal(weights[k], kept[k]) for k in kept)
