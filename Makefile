@@ -5,6 +5,7 @@
 #            NPROC=<processes>  ACCELERATE_CONFIG=<configs/accelerate/*.yaml> (multi-process / DeepSpeed)
 #            NNODES=<machines> NODE_RANK=<this one's> MASTER_ADDR=<node 0's address> MASTER_PORT=<port> (NPROC each)
 #            GPU_MEMORY=<GiB per GPU> (make plan, default 80)  TABLE=1 (make plan: the table of docs/memory-plan.md)
+#            CPU_MEMORY=<GiB of CPU memory per process> (make plan: checks what is offloaded; unset: not checked)
 PYTHON ?= python3
 VENV   := .venv
 PY     ?= $(VENV)/bin/python
@@ -106,7 +107,7 @@ sft rm ppo grpo rloo reinforce dpo: $(INSTALL)
 GPU_MEMORY ?= 80
 plan: $(if $(INSTALL),$(VENV)/.installed)
 	$(PY) -m alignment plan --nproc $(NPROC) $(if $(ACCELERATE_CONFIG),--accelerate-config $(ACCELERATE_CONFIG)) \
-		--gpu-memory $(GPU_MEMORY) --configs $(CONFIGS) $(if $(TABLE),--table) \
+		--gpu-memory $(GPU_MEMORY) $(if $(CPU_MEMORY),--cpu-memory $(CPU_MEMORY)) --configs $(CONFIGS) $(if $(TABLE),--table) \
 		$(if $(MODEL),model=$(MODEL)) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 # The run: RUN, else the one MODEL and DATA name (as the stages name it), else the latest run in the store.

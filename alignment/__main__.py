@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def plan_parser(stages: tuple[str, ...]) -> argparse.ArgumentParser:
     parser.add_argument("--nproc", type=int, default=1, help="processes in all (GPUs)")
     parser.add_argument("--accelerate-config", default="", help="the launch file: configs/accelerate/<...>.yaml")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per process (GPU)")
+    parser.add_argument("--cpu-memory", type=float, default=0.0, help="GiB of CPU memory per process for what it "
+                        "offloads (a machine's memory over its GPUs); 0: not checked")
     parser.add_argument("--configs", default="configs", help="the folder of the stage YAMLs (configs/hh-rlhf for "
                         "DATA=hh-rlhf)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
@@ -128,13 +131,14 @@ def plan_command(argv: list[str]) -> None:
         if unknown or not stages:
             raise plan.PlanError(f"--stages: {','.join(unknown) or 'none'} not a stage; the stages are "
                                  f"{','.join(plan.STAGES)}")
-        if args.nproc < 1 or args.gpu_memory <= 0:
-            raise plan.PlanError("--nproc (NPROC) takes 1 or more processes, --gpu-memory (GPU_MEMORY) GiB over 0")
+        if args.nproc < 1 or args.gpu_memory <= 0 or args.cpu_memory < 0:
+            raise plan.PlanError("--nproc (NPROC) takes 1 or more processes, --gpu-memory (GPU_MEMORY) GiB over 0, "
+                                 "--cpu-memory (CPU_MEMORY) GiB, 0 for not checked")
         if args.table:
             print(plan_report.table(args.configs, args.gpu_memory * plan.GiB, args.overrides))
         else:
             plan_report.main(args.nproc, args.accelerate_config, args.gpu_memory, args.configs, args.device, stages,
-                             args.overrides)
+                             args.overrides, args.cpu_memory or math.inf)
     except (plan.PlanError, ConfigError, RegistryError) as e:
         sys.exit(f"error: {e}")
 

@@ -43,6 +43,7 @@ import difflib
 import functools
 import importlib.util
 import itertools
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -692,26 +693,30 @@ def refused(launch: Launch, work: Workload) -> str:
     return ""
 
 
-def fits(plan: Plan, budget: float, fixed: float) -> bool:
-    return plan.peak + fixed <= budget and not refused(plan.launch, plan.work)
+def fits(plan: Plan, budget: float, fixed: float, host_budget: float = math.inf) -> bool:
+    """The device's peak and the fixed cost within budget, what is offloaded within host_budget (CPU memory a
+    process may use; infinite: not checked), and settings the stage takes."""
+    return plan.peak + fixed <= budget and plan.host <= host_budget and not refused(plan.launch, plan.work)
 
 
 def plan_of(stage: str, shape: Shape, setup: Setup) -> Plan:
     return for_stage(stage, shape, setup.launch, setup.work)
 
 
-def first_fit(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float) -> Fit:
+def first_fit(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float,
+              host_budget: float = math.inf) -> Fit:
     """The setup as given if it fits; else the fewest changes of CHANGES that make it fit, the earliest in the
     list first (one change alone before any two), each change's lightest candidate first; else why not."""
-    if fits(plan_of(stage, shape, setup), budget, fixed):
+    if fits(plan_of(stage, shape, setup), budget, fixed, host_budget):
         return Fit(setup, plan_of(stage, shape, setup), True, "", [])
     for size in range(1, len(CHANGES) + 1):
         for combination in itertools.combinations(CHANGES, size):
             for candidate in _applied(setup, [change for _, change in combination]):
-                if fits(plan_of(stage, shape, candidate), budget, fixed):
+                if fits(plan_of(stage, shape, candidate), budget, fixed, host_budget):
                     names = " + ".join(name for name, _ in combination)
                     return Fit(candidate, plan_of(stage, shape, candidate), True, names, [])
-    return Fit(setup, plan_of(stage, shape, setup), False, "", why_not(stage, shape, setup, budget, fixed))
+    return Fit(setup, plan_of(stage, shape, setup), False, "",
+               why_not(stage, shape, setup, budget, fixed, host_budget))
 
 
 def _applied(setup: Setup, changes: list) -> list[Setup]:
@@ -721,7 +726,8 @@ def _applied(setup: Setup, changes: list) -> list[Setup]:
     return [out for candidate in changes[0](setup) for out in _applied(candidate, changes[1:])]
 
 
-def why_not(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float) -> list[Blocker]:
+def why_not(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float,
+            host_budget: float = math.inf) -> list[Blocker]:
     """What stands in the way on the two routes there are, each at its lightest: ZeRO-3 with everything
     offloaded, LoRA, micro batch 1 and activation checkpointing; and 4-bit weights (ZeRO-2) with the same."""
     lightest = dict(micro_batch=1, activation_checkpointing=True, lora=True)
@@ -735,7 +741,11 @@ def why_not(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float)
                             ("4-bit (ZeRO-2), micro batch 1, activation checkpointing", "in 4-bit", four_bit)):
         plan = plan_of(stage, shape, s)
         largest = max((i for i in plan.items if not i.host or plan.launch.device == "cpu"), key=lambda i: i.bytes)
-        if largest.bytes + fixed > budget:
+        if plan.host > host_budget and plan.peak + fixed <= budget:
+            out.append(Blocker(route, f"{plan.host / GiB:.1f} GiB of CPU memory a process offloaded, over the "
+                               f"{host_budget / GiB:.0f} GiB there are", f"{short} {plan.host / GiB:.0f} GiB of CPU "
+                               "memory a process"))
+        elif largest.bytes + fixed > budget:
             out.append(Blocker(route, f"the {largest.name} alone is {largest.bytes / GiB:.1f} GiB ({largest.note})",
                                f"{short} the {largest.name} alone is {largest.bytes / GiB:.0f} GiB"))
         else:

@@ -3,6 +3,7 @@ that makes it fit, and the table of docs/memory-plan.md (`make plan TABLE=1`).""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from alignment import plan
@@ -61,21 +62,22 @@ def setup_text(setup: Setup) -> str:
     return f"{what}, {how}"
 
 
-def report(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float) -> str:
-    """One stage: its items by phase, the peak, whether it fits and, if not, the first change that makes it fit
-    (planned again with it: what that changes) or what stands in the way of every route."""
+def report(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float, host_budget: float = math.inf) -> str:
+    """One stage: its items by phase, the peak, whether it fits (on the device, and in host_budget of CPU memory
+    what is offloaded) and, if not, the first change that makes it fit (planned again with it: what that changes)
+    or what stands in the way of every route."""
     given = plan.plan_of(stage, shape, setup)
-    found = plan.first_fit(stage, shape, setup, budget, fixed)
+    found = plan.first_fit(stage, shape, setup, budget, fixed, host_budget)
     verdict = "fits" if found.fits and not found.change else "does not fit"
     lines = [f"{stage}: {_workload_text(setup.work)}", *_items_text(given),
              (f"  {'peak':44s} {given.peak / GiB:8.2f} GiB ({given.peak_phase}) + fixed {fixed / GiB:.2f} = "
-              f"{(given.peak + fixed) / GiB:.2f} of {budget / GiB:.0f} GiB: {verdict}{_host_text(given)}")]
+              f"{(given.peak + fixed) / GiB:.2f} of {budget / GiB:.0f} GiB: {verdict}{_host_text(given, host_budget)}")]
     if plan.refused(setup.launch, setup.work):
         lines.append(f"  the stage stops at start-up: {plan.refused(setup.launch, setup.work)}")
     if found.fits and found.change:
         lines.append(f"  first fix ({found.change}): {' '.join(changes_text(setup, found.setup))} -> "
                      f"{setup_text(found.setup)}, peak {found.plan.peak / GiB:.2f} GiB ({found.plan.peak_phase}) + "
-                     f"fixed {fixed / GiB:.2f}: fits{_host_text(found.plan)}; what it changes:")
+                     f"fixed {fixed / GiB:.2f}: fits{_host_text(found.plan, host_budget)}; what it changes:")
         lines += ["  " + line for line in _items_text(found.plan, changed_from=given)]
     elif not found.fits:
         lines.append("  nothing fits; at the lightest of each route:")
@@ -83,8 +85,13 @@ def report(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float) 
     return "\n".join(lines)
 
 
-def _host_text(p: Plan) -> str:
-    return f"; CPU memory {p.host / GiB:.1f} GiB a process (offloaded)" if p.host else ""
+def _host_text(p: Plan, host_budget: float = math.inf) -> str:
+    if not p.host:
+        return ""
+    if math.isinf(host_budget):
+        return f"; CPU memory {p.host / GiB:.1f} GiB a process (offloaded)"
+    return (f"; CPU memory {p.host / GiB:.1f} of {host_budget / GiB:.0f} GiB a process (offloaded)"
+            + (": more than there is" if p.host > host_budget else ""))
 
 
 def _workload_text(w: Workload) -> str:
@@ -161,8 +168,9 @@ def _cell(found: Fit, given: Setup) -> str:
 
 
 def main(processes: int, accelerate_config: str, gpu_memory: float, configs: str, device: str,
-         stages: tuple[str, ...], overrides: list[str]) -> None:
-    """`make plan`: the header, then each stage's report."""
+         stages: tuple[str, ...], overrides: list[str], cpu_memory: float = math.inf) -> None:
+    """`make plan`: the header, then each stage's report (cpu_memory: GiB of CPU memory a process may fill with
+    what it offloads; infinite: not checked)."""
     launch = plan.launch_from(accelerate_config, processes, device)
     cfgs = plan.stage_configs(stages, configs, overrides)
     m = plan.model(cfgs[stages[0]].model)
@@ -170,4 +178,4 @@ def main(processes: int, accelerate_config: str, gpu_memory: float, configs: str
     print(header(m.name, m.shape, launch, gpu_memory * GiB, fixed))
     for stage in stages:
         setup = Setup(launch, plan.workload(stage, cfgs[stage], m, device))
-        print(f"\n{report(stage, m.shape, setup, gpu_memory * GiB, fixed[0])}")
+        print(f"\n{report(stage, m.shape, setup, gpu_memory * GiB, fixed[0], cpu_memory * GiB)}")

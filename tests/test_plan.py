@@ -204,6 +204,29 @@ def test_the_first_fix_is_the_first_of_the_ordered_list(configs):
     assert plan.fits(plan.for_stage("ppo", shape, setup.launch, checkpointed), 80 * GiB, plan.CUDA_CONTEXT)
 
 
+def test_what_is_offloaded_must_fit_the_cpu_memory_given(configs):
+    """8B SFT on one GPU with everything offloaded: the device holds little, CPU memory the most (the optimizer
+    states, 16 bytes a parameter in fp32). Unchecked it fits; with less CPU memory than that, the plan says it does
+    not, and its first fix offloads only the optimizer (the parameters back on the GPU)."""
+    shape, setup = eight_b("sft", configs, 1, launch="zero3_offload.yaml")
+    given = plan.plan_of("sft", shape, setup)
+    host = given.host
+    assert host > 16 * shape.lm_parameters and given.peak + plan.CUDA_CONTEXT < 40 * GiB
+    assert plan.first_fit("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT).change == ""  # unchecked
+    assert plan.first_fit("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT, host_budget=host).change == ""
+    found = plan.first_fit("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT, host_budget=host - GiB)
+    assert found.fits and found.change == "offload"
+    assert found.setup.launch.offload_optimizer and not found.setup.launch.offload_parameters
+    assert found.plan.host <= host - GiB and found.plan.peak > given.peak  # the parameters came back to the GPU
+    text = plan_report.report("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT, host - GiB)
+    assert f"does not fit; CPU memory {host / GiB:.1f} of {(host - GiB) / GiB:.0f} GiB a process (offloaded): more " \
+           "than there is" in text and "first fix (offload)" in text
+    # where no route fits the CPU memory, the offloading route says so
+    nothing = plan.first_fit("sft", shape, setup, 5 * GiB, plan.CUDA_CONTEXT, host_budget=GiB)  # 4-bit: 5.3 GiB
+    assert not nothing.fits and any("of CPU memory a process offloaded, over the 1 GiB there are" in b.text
+                                    for b in nothing.why_not)
+
+
 def test_4bit_is_never_planned_under_zero3(configs):
     m = plan.model("llama-3-8b-instruct")
     setup = Setup(Launch(8, zero=3), plan.workload("grpo", configs["grpo"], m))
@@ -235,7 +258,8 @@ def test_a_users_mistake_is_one_line(tmp_path):
                            ([f"model={tmp_path}"], "has no config.json"),
                            (["ppo.mini_batchsize=2"], "did you mean 'ppo.mini_batch_size'"),
                            (["--accelerate-config", "configs/accelerate/zero4.yaml"], "zero3.yaml"),
-                           (["--stages", "ppo,sfr"], "sfr")):
+                           (["--stages", "ppo,sfr"], "sfr"),
+                           (["--cpu-memory", "-1"], "--cpu-memory (CPU_MEMORY) GiB, 0 for not checked")):
         with pytest.raises(SystemExit) as stopped:
             alignment_main(["plan", "--stages", "ppo", *args])
         message = str(stopped.value.code)
@@ -255,6 +279,7 @@ def test_make_plan_needs_no_deepspeed_and_trains_nothing():
     assert out.returncode == 0, out.stderr
     assert "-m alignment plan --nproc 8 --accelerate-config configs/accelerate/zero3.yaml" in out.stdout
     assert "--gpu-memory 40" in out.stdout and "model=llama-3-8b-instruct" in out.stdout
+    assert "--cpu-memory" not in out.stdout  # unchecked unless CPU_MEMORY is given
     assert "deepspeed" not in out.stdout and "stages." not in out.stdout
 
 
