@@ -13,6 +13,12 @@ the reward before and after; 5. TRL 1.12's PPOTrainer in bf16 on the same PPO wo
 where TRL 1.12 is installed, e.g. `pip install --target`), and the ratio of episodes/s. Prints a summary; writes it as
 JSON to --out (default bench/results/gpu_check.json). Nothing is downloaded. --smoke runs every step at a
 toy size (on a CPU too), to check the script itself; --stages picks stage 3's methods (sft and rm always run).
+
+--largest instead (a run of its own, a few minutes plus the model's loading): the largest LLaMA shape of a ladder
+(1B to 13B, vocabulary 128,256, random bf16 weights built from config) whose SFT, RM and full-parameter PPO the
+memory plan says fit this one GPU under ZeRO-3 with the optimizer offloaded, or else with the parameters too
+(configs/accelerate/zero3_offload.yaml), within this machine's CPU memory and disk; then one step of each, and
+every stage's measured peak beside the plan's figure (their manifests hold both).
 """
 
 from __future__ import annotations
@@ -90,6 +96,156 @@ def build_half_billion_llama(folder: Path, tokenizer_from: Path, smoke: bool) ->
     return folder
 
 
+# LLaMA shapes, largest first: hidden, intermediate, layers, attention heads, key-value heads (LLaMA-2-13B, LLaMA-3-8B,
+# LLaMA-3.2-3B, LLaMA-3.2-1B); the vocabulary is LLaMA-3's, of which the tiny tokenizer uses the first rows
+LADDER = (("13b", 5120, 13824, 40, 40, 40), ("8b", 4096, 14336, 32, 32, 8), ("3b", 3072, 8192, 28, 24, 8),
+          ("1b", 2048, 8192, 16, 32, 8))
+SMOKE_LADDER = (("toy-256", 256, 512, 2, 4, 4), ("toy-128", 128, 384, 2, 4, 4))
+VOCAB = 128256
+LARGEST_STAGES = ("sft", "rm", "ppo")
+LARGEST_ARGS = {  # one optimizer step each: what is measured is the memory of a step, not what it learns
+    "sft": "limit=16 sft.epochs=1 sft.batch_size=8 sft.max_length=256",
+    "rm": "limit=16 rm.epochs=1 rm.batch_size=8 rm.max_length=256",
+    "ppo": "limit=16 ppo.steps=1 ppo.batch_size=8 ppo.mini_batch_size=4 ppo.ppo_epochs=1 ppo.max_new_tokens=16 "
+           "ppo.max_prompt_length=64 ppo.eval_every=0 ppo.eval_samples=1 ppo.activation_checkpointing=true",
+}
+OFFLOAD = ROOT / "configs" / "accelerate" / "zero3_offload.yaml"
+
+
+def llama_config(rung: tuple, tokenizer, vocab: int):
+    from transformers import LlamaConfig
+
+    _, hidden, intermediate, layers, heads, kv_heads = rung
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       tie_word_embeddings=False, dtype="bfloat16")
+
+
+def machine_budgets(cuda: bool) -> tuple[float, float, str]:
+    """Bytes of GPU memory (on a CPU: the memory the smoke run may use), of CPU memory, and the device's name."""
+    with open("/proc/meminfo") as f:
+        cpu = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    if cuda:
+        return torch.cuda.get_device_properties(0).total_memory, 0.9 * cpu, torch.cuda.get_device_name()
+    return 0.5 * cpu, 0.5 * cpu, "cpu"
+
+
+def choose_rung(ladder: tuple, tokenizer, work: Path, budgets: tuple[float, float], device: str,
+                precision: str, free_disk: float | None = None) -> tuple[tuple | None, object, dict]:
+    """The largest rung whose every stage the plan says fits under ZeRO-3 with the optimizer offloaded, or failing
+    that with the parameters offloaded too (device memory, and CPU memory for what is offloaded), and whose
+    checkpoints fit the disk (the base, SFT, RM and PPO: about five bf16 copies). -> (rung, its plan.Launch, why
+    each larger one was passed over); (None, None, ...) where none fits. free_disk: bytes (default: measured)."""
+    import shutil
+
+    from alignment import plan
+
+    gpu, cpu = budgets
+    fixed = plan.CUDA_CONTEXT if device == "gpu" else plan.fixed_cost("cpu")[0]
+    passed = {}
+    for rung in ladder:
+        folder = work / f"plan-{rung[0]}"
+        llama_config(rung, tokenizer, VOCAB if device == "gpu" else len(tokenizer)).save_pretrained(folder)
+        m = plan.model(str(folder))
+        disk = 5 * 2 * m.shape.lm_parameters
+        free = shutil.disk_usage(work).free if free_disk is None else free_disk
+        if disk > free:
+            passed[rung[0]] = f"its checkpoints want {disk / plan.GiB:.0f} GiB of disk, {free / plan.GiB:.0f} free"
+            continue
+        why = []
+        for launch in (plan.Launch(1, 3, True, False, device), plan.Launch(1, 3, True, True, device)):
+            for stage in LARGEST_STAGES:
+                cfg = plan.stage_configs((stage,), ROOT / "configs", [f"model={folder}", f"precision={precision}",
+                                                                       *LARGEST_ARGS[stage].split()])[stage]
+                p = plan.plan_of(stage, m.shape, plan.Setup(launch, plan.workload(stage, cfg, m, device)))
+                if not plan.fits(p, gpu, fixed, cpu):
+                    why.append(f"{stage} with {'everything' if launch.offload_parameters else 'the optimizer'} "
+                               f"offloaded: {(p.peak + fixed) / plan.GiB:.1f} of {gpu / plan.GiB:.0f} GiB on the "
+                               f"device, {p.host / plan.GiB:.0f} of {cpu / plan.GiB:.0f} GiB of CPU memory")
+                    break
+            else:
+                return rung, launch, passed
+        passed[rung[0]] = "; ".join(why)
+    return None, None, passed
+
+
+def accelerate_file(launch, work: Path) -> Path:
+    """configs/accelerate/zero3_offload.yaml, with the parameters kept on the GPU where the launch does not offload
+    them."""
+    import yaml
+
+    config = yaml.safe_load(OFFLOAD.read_text())
+    config["num_processes"] = 1
+    if not launch.offload_parameters:
+        config["deepspeed_config"]["offload_param_device"] = "none"
+    path = work / ("zero3_offload.yaml" if launch.offload_parameters else "zero3_offload_optimizer.yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def build_llama(rung: tuple, folder: Path, tokenizer, cuda: bool) -> Path:
+    """The rung's LLaMA with random weights, built on the GPU where there is one, saved in bf16 with the tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(rung, tokenizer, VOCAB if cuda else len(tokenizer))
+    torch.manual_seed(0)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return folder
+
+
+def largest(a, cuda: bool, work: Path, results: dict) -> None:
+    """--largest: the rung the plan picks, then one step of SFT, RM and PPO under ZeRO-3 with everything offloaded,
+    each stage's measured peak beside the plan's."""
+    from transformers import AutoTokenizer
+
+    from alignment import registry
+    from alignment.store import Store
+
+    tokenizer = AutoTokenizer.from_pretrained(registry.resolve(registry.get("tiny-llama")))
+    gpu, cpu, name = machine_budgets(cuda)
+    precision = "bf16" if cuda else "fp32"
+    rung, launch, passed = choose_rung(SMOKE_LADDER if a.smoke else LADDER, tokenizer, work,
+                                       (gpu, cpu), "gpu" if cuda else "cpu", precision)
+    results["largest"] = {"device": name, "gpu_memory_gib": round(gpu / 2**30, 1),
+                          "cpu_memory_gib": round(cpu / 2**30, 1), "passed_over": passed}
+    for size, why in passed.items():
+        print(f"[gpu-check] largest: {size} passed over: {why}", flush=True)
+    if rung is None:
+        print("[gpu-check] largest: no rung of the ladder fits this machine by the plan", flush=True)
+        return
+    folder = build_llama(rung, work / f"llama-{rung[0]}", tokenizer, cuda)
+    store, run = work / "store", f"largest-{rung[0]}"
+    launch_file = accelerate_file(launch, work)
+    results["largest"]["offloaded"] = "optimizer and parameters" if launch.offload_parameters else "optimizer"
+    print(f"[gpu-check] largest: {rung[0]} under ZeRO-3, {results['largest']['offloaded']} offloaded", flush=True)
+    make = ["make", "-s", f"PY={a.python}", "INSTALL=", f"STORE={store}", f"ACCELERATE_CONFIG={launch_file}"]
+    for stage in LARGEST_STAGES:
+        args = f"{LARGEST_ARGS[stage]} precision={precision}"
+        if not step(f"largest-{rung[0]}-{stage}", [*make, stage, f"MODEL={folder}", f"RUN={run}", f"ARGS={args}"],
+                    results, work, timeout=900):
+            break
+    s = Store(store)
+    out = results["largest"]
+    out["model"] = {"name": rung[0], "hidden": rung[1], "layers": rung[3], "folder": str(folder)}
+    for stage in LARGEST_STAGES:
+        if not results["steps"].get(f"largest-{rung[0]}-{stage}", {}).get("ok"):  # (reported by step())
+            continue
+        m = s.get(run, stage).metrics
+        measured, planned = m.get("peak_memory_mb"), m.get("planned_peak_mb")
+        out[stage] = {"peak_memory_mb": measured, "planned_peak_mb": planned,
+                      "measured_over_planned": round(measured / planned, 2) if measured and planned else None}
+        print(f"[gpu-check] largest {rung[0]} {stage}: measured peak {measured} MB ({'the CUDA allocator' if cuda else
+              'resident memory, the fixed cost of a process included'}), planned {planned} MB", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python", default=sys.executable, help="the interpreter the stages run with")
@@ -99,6 +255,8 @@ def main() -> None:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--stages", default="ppo,dpo,grpo", help="stage-3 methods to run after sft and rm")
     ap.add_argument("--modes", default="zero2,zero3,4bit,8bit", help="how step 3 runs the tiny model's stages")
+    ap.add_argument("--largest", action="store_true", help="only the largest model whose PPO the plan says fits "
+                    "this GPU under ZeRO-3 with offload, and its measured peaks beside the plan's")
     a = ap.parse_args()
     stages = ["sft", "rm", *a.stages.split(",")]
     cuda = torch.cuda.is_available()
@@ -109,6 +267,9 @@ def main() -> None:
     store = work / "store"
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "steps": {}}
     make = ["make", "-s", f"PY={a.python}", "INSTALL=", f"STORE={store}"]
+    if a.largest:
+        largest(a, cuda, work, results)
+        finish(results, a.out)
 
     # 1. the matmul peak, measured here
     results["bf16_peak_tflops"] = round(cuda_peak(), 1) if cuda else None
@@ -243,11 +404,16 @@ def main() -> None:
             results["0.5b_ppo_trl112"] = peer
             results["0.5b_ppo"]["vs_trl112"] = round(results["0.5b_ppo"]["episodes_per_s"] / peer["episodes_per_s"], 2)
 
-    results["all_ok"] = all(v["ok"] for v in results["steps"].values())
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1))
+    finish(results, a.out)
+
+
+def finish(results: dict, out: str) -> None:
+    """The summary printed and written as JSON; exit 1 where a step failed."""
+    results["all_ok"] = all(v["ok"] for v in results["steps"].values()) and bool(results["steps"])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k != "steps"}, indent=1))
-    print(f"[gpu-check] {'all green' if results['all_ok'] else 'FAILED'}; {a.out}")
+    print(f"[gpu-check] {'all green' if results['all_ok'] else 'FAILED'}; {out}")
     sys.exit(0 if results["all_ok"] else 1)
 
 

@@ -75,3 +75,32 @@ def test_reward_model_flops_have_a_scalar_head_not_the_lm_head(tiny_cache):
     bench = _bench()
     lm, rm = bench.model_flops_per_token(path, 100), bench.model_flops_per_token(path, 100, reward_model=True)
     assert lm - rm == 6 * (340 * 128 - 128)  # the LM head (vocab x width) against a one-output score head
+
+
+def test_the_gpu_checks_largest_model_is_the_plans_largest_fit(tiny_cache, tmp_path):
+    """bench/gpu_check.py --largest picks, by the memory plan alone (no GPU, no weights), the largest LLaMA shape
+    whose SFT, RM and PPO fit: on an 80 GiB GPU with 115 GiB of CPU memory the 3B shape with the optimizer
+    offloaded (8B's PPO wants 206 GiB of CPU memory so; with everything offloaded its SFT 125); with 60 GiB of
+    CPU memory 3B's PPO (91, or 117 GiB) passes over to 1B; a disk too small for five copies passes over as well."""
+    from transformers import AutoTokenizer
+
+    from alignment.plan import GiB
+    from bench import gpu_check
+
+    tokenizer = AutoTokenizer.from_pretrained(registry.resolve(registry.get("tiny-llama")))
+
+    def choose(cpu, disk=1e15):
+        return gpu_check.choose_rung(gpu_check.LADDER, tokenizer, tmp_path, (80 * GiB, cpu * GiB), "gpu", "bf16",
+                                     free_disk=disk)
+
+    rung, launch, passed = choose(115)
+    assert rung[0] == "3b" and launch.zero == 3 and launch.offload_optimizer and not launch.offload_parameters
+    assert list(passed) == ["13b", "8b"]
+    assert "ppo with the optimizer offloaded: 75.5 of 80 GiB on the device, 206 of 115 GiB of CPU memory" \
+        in passed["8b"]
+    assert "sft with everything offloaded" in passed["8b"] and "125 of 115 GiB of CPU memory" in passed["8b"]
+    rung, _, passed = choose(60)
+    assert rung[0] == "1b" and "ppo with the optimizer offloaded" in passed["3b"]
+    rung, _, passed = choose(115, disk=30 * GiB)  # 3B's five bf16 copies: 36 GiB
+    assert rung[0] == "1b" and "of disk, 30 free" in passed["3b"]
+    assert gpu_check.accelerate_file(launch, tmp_path).read_text().count("offload_param_device: none") == 1
