@@ -242,8 +242,9 @@ def largest(a, cuda: bool, work: Path, results: dict) -> None:
         measured, planned = m.get("peak_memory_mb"), m.get("planned_peak_mb")
         out[stage] = {"peak_memory_mb": measured, "planned_peak_mb": planned,
                       "measured_over_planned": round(measured / planned, 2) if measured and planned else None}
-        print(f"[gpu-check] largest {rung[0]} {stage}: measured peak {measured} MB ({'the CUDA allocator' if cuda else
-              'resident memory, the fixed cost of a process included'}), planned {planned} MB", flush=True)
+        how = "the CUDA allocator's" if cuda else "resident memory, the fixed cost of a process included"
+        print(f"[gpu-check] largest {rung[0]} {stage}: measured peak {measured} MB ({how}), planned {planned} MB",
+              flush=True)
 
 
 def main() -> None:
