@@ -131,11 +131,15 @@ def plan_command(argv: list[str]) -> None:
         if unknown or not stages:
             raise plan.PlanError(f"--stages: {','.join(unknown) or 'none'} not a stage; the stages are "
                                  f"{','.join(plan.STAGES)}")
-        if args.nproc < 1 or args.gpu_memory <= 0 or args.cpu_memory < 0:
+        if not (args.nproc >= 1 and args.gpu_memory > 0 and args.cpu_memory >= 0):  # (NaN too)
             raise plan.PlanError("--nproc (NPROC) takes 1 or more processes, --gpu-memory (GPU_MEMORY) GiB over 0, "
                                  "--cpu-memory (CPU_MEMORY) GiB, 0 for not checked")
+        if args.cpu_memory and args.device == "cpu":
+            raise plan.PlanError("--cpu-memory (CPU_MEMORY) is for what a GPU's process offloads; on --device cpu "
+                                 "all of it is CPU memory: give it as --gpu-memory (GPU_MEMORY)")
         if args.table:
-            print(plan_report.table(args.configs, args.gpu_memory * plan.GiB, args.overrides))
+            print(plan_report.table(args.configs, args.gpu_memory * plan.GiB, args.overrides,
+                                    (args.cpu_memory or math.inf) * plan.GiB))
         else:
             plan_report.main(args.nproc, args.accelerate_config, args.gpu_memory, args.configs, args.device, stages,
                              args.overrides, args.cpu_memory or math.inf)

@@ -308,6 +308,12 @@ class StageConfig:
     precision: str = field("auto", "training arithmetic: bf16 (autocast), fp32, or auto: bf16 on a GPU that has it "
                            "and on a CPU whose bf16 matmul is measured faster than fp32 at start-up, else fp32")
 
+    def check(self) -> None:
+        """The keys every stage has (config.load calls this; a stage's Config that has its own calls it too)."""
+        if self.save_every < 1:
+            raise ConfigError(f"save_every={self.save_every}: it takes 1 or more (optimizer steps between resumable "
+                              "states)")
+
     def check_combinations(self, trains_weights: bool, lora: bool) -> None:
         """Settings that cannot work together stop here, at start-up, saying what to change."""
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -741,25 +741,28 @@ def why_not(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float,
                             ("4-bit (ZeRO-2), micro batch 1, activation checkpointing", "in 4-bit", four_bit)):
         plan = plan_of(stage, shape, s)
         largest = max((i for i in plan.items if not i.host or plan.launch.device == "cpu"), key=lambda i: i.bytes)
-        if plan.host > host_budget and plan.peak + fixed <= budget:
-            out.append(Blocker(route, f"{plan.host / GiB:.1f} GiB of CPU memory a process offloaded, over the "
-                               f"{host_budget / GiB:.0f} GiB there are", f"{short} {plan.host / GiB:.0f} GiB of CPU "
-                               "memory a process"))
-        elif largest.bytes + fixed > budget:
-            out.append(Blocker(route, f"the {largest.name} alone is {largest.bytes / GiB:.1f} GiB ({largest.note})",
-                               f"{short} the {largest.name} alone is {largest.bytes / GiB:.0f} GiB"))
-        else:
+        texts, shorts = [], []
+        if largest.bytes + fixed > budget:
+            texts.append(f"the {largest.name} alone is {largest.bytes / GiB:.1f} GiB ({largest.note})")
+            shorts.append(f"{short} the {largest.name} alone is {largest.bytes / GiB:.0f} GiB")
+        elif plan.peak + fixed > budget or plan.host <= host_budget:
             top = sorted((i for i in plan.items if i.phase in (HELD, plan.peak_phase)), key=lambda i: -i.bytes)[:3]
-            out.append(Blocker(route, f"{plan.peak / GiB:.1f} GiB at the peak ({plan.peak_phase}), mostly "
-                               + ", ".join(f"{i.name} {i.bytes / GiB:.1f}" for i in top),
-                               f"{short} {plan.peak / GiB:.0f} GiB at the peak"))
+            texts.append(f"{plan.peak / GiB:.1f} GiB at the peak ({plan.peak_phase}), mostly "
+                         + ", ".join(f"{i.name} {i.bytes / GiB:.1f}" for i in top))
+            shorts.append(f"{short} {plan.peak / GiB:.0f} GiB at the peak")
+        if plan.host > host_budget:  # (on the device it may fit, or not: both are said)
+            texts.append(f"{plan.host / GiB:.1f} GiB of CPU memory a process offloaded, over the "
+                         f"{host_budget / GiB:g} GiB there are")
+            shorts.append(f"{short} {plan.host / GiB:.0f} GiB of CPU memory a process")
+        out.append(Blocker(route, "; ".join(texts), "; ".join(shorts)))
     return out
 
 
 # ---- the table's search: the lightest departure from full-parameter training that fits ---------------------
 
 
-def lightest_fit(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float) -> Fit:
+def lightest_fit(stage: str, shape: Shape, setup: Setup, budget: float, fixed: float,
+                 host_budget: float = math.inf) -> Fit:
     """For the table of docs/memory-plan.md: full parameters, then LoRA, then 4-bit QLoRA; for each, the launch
     without DeepSpeed, then ZeRO-3, with the optimizer offloaded, with everything offloaded (4-bit: ZeRO-2 with the
     optimizer offloaded); for each, the configured micro batch, halved down to 1, then the same with activation
@@ -771,6 +774,7 @@ def lightest_fit(stage: str, shape: Shape, setup: Setup, budget: float, fixed: f
         for launch in launches:
             for checkpointing in (launch, *_checkpointing(launch)):
                 for candidate in (checkpointing, *_smaller_micro_batch(checkpointing)):
-                    if fits(plan_of(stage, shape, candidate), budget, fixed):
+                    if fits(plan_of(stage, shape, candidate), budget, fixed, host_budget):
                         return Fit(candidate, plan_of(stage, shape, candidate), True, "", [])
-    return Fit(setup, plan_of(stage, shape, setup), False, "", why_not(stage, shape, setup, budget, fixed))
+    return Fit(setup, plan_of(stage, shape, setup), False, "",
+               why_not(stage, shape, setup, budget, fixed, host_budget))

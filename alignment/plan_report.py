@@ -90,7 +90,7 @@ def _host_text(p: Plan, host_budget: float = math.inf) -> str:
         return ""
     if math.isinf(host_budget):
         return f"; CPU memory {p.host / GiB:.1f} GiB a process (offloaded)"
-    return (f"; CPU memory {p.host / GiB:.1f} of {host_budget / GiB:.0f} GiB a process (offloaded)"
+    return (f"; CPU memory {p.host / GiB:.1f} of {host_budget / GiB:g} GiB a process (offloaded)"
             + (": more than there is" if p.host > host_budget else ""))
 
 
@@ -142,9 +142,11 @@ TABLE_PROCESSES = (1, 8, 16, 64)
 TABLE_STAGES = ("sft", "rm", "ppo", "grpo", "dpo")  # RLOO and REINFORCE++ hold what GRPO holds, at their own batch
 
 
-def table(configs: str | Path = plan.ROOT / "configs", budget: float = 80 * GiB, overrides: list[str] = ()) -> str:
+def table(configs: str | Path = plan.ROOT / "configs", budget: float = 80 * GiB, overrides: list[str] = (),
+          host_budget: float = math.inf) -> str:
     """A markdown table: for each model and number of GPUs, each stage's lightest setup that fits
-    (plan.lightest_fit) with its peak per GPU, or what stands in the way."""
+    (plan.lightest_fit; what it offloads within host_budget of CPU memory a process) with its peak per GPU, or what
+    stands in the way."""
     cfgs = plan.stage_configs(TABLE_STAGES, configs, list(overrides))
     lines = ["| model | GPUs | " + " | ".join(TABLE_STAGES) + " |", "|---|---|" + "---|" * len(TABLE_STAGES)]
     for name in TABLE_MODELS:
@@ -153,7 +155,8 @@ def table(configs: str | Path = plan.ROOT / "configs", budget: float = 80 * GiB,
             cells = []
             for stage in TABLE_STAGES:
                 setup = Setup(Launch(n), plan.workload(stage, cfgs[stage], m))
-                cells.append(_cell(plan.lightest_fit(stage, m.shape, setup, budget, plan.CUDA_CONTEXT), setup))
+                found = plan.lightest_fit(stage, m.shape, setup, budget, plan.CUDA_CONTEXT, host_budget)
+                cells.append(_cell(found, setup))
             lines.append(f"| {name} ({plan.count_text(m.shape.lm_parameters)}) | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -65,11 +65,21 @@ def cuda_peak(dtype=torch.bfloat16, n: int = 8192) -> float:
 
 
 def step(name: str, cmd: list[str], results: dict, log_dir: Path, env: dict | None = None, timeout: int = 600) -> bool:
+    """cmd, its output to log_dir/<name>.log; past timeout seconds it and every process it started are stopped (a
+    failed step), so that the summary is still written."""
+    import signal
+
     log = log_dir / f"{name}.log"
     started = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # make, accelerate and the stage's processes alike
+            proc.wait()
+            f.write(f"\n[gpu-check] stopped after {timeout} s\n")
     ok = proc.returncode == 0
     results["steps"][name] = {"ok": ok, "seconds": round(time.time() - started, 1)}
     print(f"[gpu-check] {'ok  ' if ok else 'FAIL'} {name} ({time.time() - started:.0f} s; log {log})", flush=True)
@@ -136,7 +146,7 @@ def choose_rung(ladder: tuple, tokenizer, work: Path, budgets: tuple[float, floa
                 precision: str, free_disk: float | None = None) -> tuple[tuple | None, object, dict]:
     """The largest rung whose every stage the plan says fits under ZeRO-3 with the optimizer offloaded, or failing
     that with the parameters offloaded too (device memory, and CPU memory for what is offloaded), and whose
-    checkpoints fit the disk (the base, SFT, RM and PPO: about five bf16 copies). -> (rung, its plan.Launch, why
+    checkpoints and PPO's resumable state fit the disk. -> (rung, its plan.Launch, why
     each larger one was passed over); (None, None, ...) where none fits. free_disk: bytes (default: measured)."""
     import shutil
 
@@ -149,10 +159,13 @@ def choose_rung(ladder: tuple, tokenizer, work: Path, budgets: tuple[float, floa
         folder = work / f"plan-{rung[0]}"
         llama_config(rung, tokenizer, VOCAB if device == "gpu" else len(tokenizer)).save_pretrained(folder)
         m = plan.model(str(folder))
-        disk = 5 * 2 * m.shape.lm_parameters
+        # five bf16 copies (base, SFT, RM, PPO's policy and critic), and PPO's resumable state of its last step,
+        # kept until it publishes: the trained models' fp32 weights, Adam's two moments and bf16 weights
+        disk = 5 * 2 * m.shape.lm_parameters + 14 * (m.shape.lm_parameters + m.shape.classifier_parameters)
         free = shutil.disk_usage(work).free if free_disk is None else free_disk
         if disk > free:
-            passed[rung[0]] = f"its checkpoints want {disk / plan.GiB:.0f} GiB of disk, {free / plan.GiB:.0f} free"
+            passed[rung[0]] = (f"its checkpoints and PPO's resumable state want {disk / plan.GiB:.0f} GiB of disk, "
+                               f"{free / plan.GiB:.0f} free")
             continue
         why = []
         for launch in (plan.Launch(1, 3, True, False, device), plan.Launch(1, 3, True, True, device)):

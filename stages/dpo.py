@@ -62,7 +62,8 @@ class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate,
                         "policy closer to the reference")
     loss_type: str = field("sigmoid", f"TRL's DPO loss: {', '.join(LOSS_TYPES)} (sigmoid: DPO)")
     sft_weight: float = field(0.0, "weight of a negative log-likelihood term on the chosen responses added to the "
-                              "loss (RPO); it keeps their likelihood from falling with the rejected ones'. 0: off")
+                              "loss (RPO; the train and held-out losses then include it); it keeps their likelihood "
+                              "from falling with the rejected ones'. 0: off")
     eval_every: int = field(10, "a held-out point (reward, gold, KL) every N optimizer steps and before the first; "
                             "0: off")
     eval_prompts: int = field(64, "held-out prompts of those points")
@@ -79,6 +80,8 @@ class DPOSettings(config.TrainerSettings):  # epochs, batch_size, learning_rate,
     def check(self) -> None:
         if self.sft_weight < 0:
             raise config.ConfigError("sft_weight must be 0 (off) or more")
+        if self.sft_weight and self.loss_type == "sft":
+            raise config.ConfigError("sft_weight adds the NLL that loss_type=sft already is: set one of them")
         if self.guard_collapse and not self.eval_every:
             raise config.ConfigError("guard_collapse needs held-out points to watch: set eval_every to a number "
                                      "of steps")
@@ -273,7 +276,7 @@ def main(argv: list[str]) -> None:
     # the guard may publish step 0's policy: the SFT policy itself, whose implicit rewards are all 0 (TRL counts
     # a tie as a wrong pair)
     ties = " (the published policy is the SFT policy: every pair ties)" if \
-        guarded.get("guard", {}).get("published_step") == 0 else ""
+        guarded.get("guard", {}).get("published_step") == 0 and metrics["eval_reward_accuracy"] == 0 else ""
     print(f"[dpo] train loss {metrics['train_loss']:.4f}, held-out loss {metrics['eval_loss']:.4f}, held-out "
           f"implicit-reward accuracy {metrics['eval_reward_accuracy']:.3f} on {metrics['eval_pairs']} pairs{ties}")
     print(report.format_comparison(summary, "dpo"))

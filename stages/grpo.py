@@ -49,6 +49,7 @@ class Config(RLConfig):
 
     def check(self) -> None:
         """GRPO's settings that cannot work stop at start-up (config.load calls this)."""
+        super().check()  # the keys every stage has
         g = self.grpo
         if g.group_size < 2:
             raise ConfigError(f"grpo.group_size={g.group_size}: a group needs 2 responses or more (its mean is the "

@@ -42,6 +42,7 @@ class Config(RLConfig):
 
     def check(self) -> None:
         """REINFORCE++'s settings that cannot work stop at start-up (config.load calls this)."""
+        super().check()  # the keys every stage has
         r = self.reinforce
         if r.group_size < 1:
             raise ConfigError(f"reinforce.group_size={r.group_size}: at least 1 response per prompt")

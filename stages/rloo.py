@@ -46,6 +46,7 @@ class Config(RLConfig):
 
     def check(self) -> None:
         """RLOO's settings that cannot work stop at start-up (config.load calls this)."""
+        super().check()  # the keys every stage has
         r = self.rloo
         if r.group_size < 2:
             raise ConfigError(f"rloo.group_size={r.group_size}: a leave-one-out baseline needs 2 responses or more "

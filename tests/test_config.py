@@ -133,3 +133,14 @@ def test_a_mapping_is_set_key_by_key_and_a_broken_value_is_one_line():
     with pytest.raises(config.ConfigError, match=r"sft.trainer_args: '\{adam_beta2:' is not a YAML value .*"
                                                  r"sft.trainer_args.<name>=<value>"):
         config.load(sft_stage.Config, None, ["sft.trainer_args={adam_beta2:", "0.95}"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "grpo", "rloo", "reinforce", "dpo"])
+def test_save_every_below_one_stops_at_start_up_in_every_stage(stage):
+    """save_every=0 would divide by zero at the first PPO step, or hand the trainer save_steps=0: one line first."""
+    import importlib
+
+    module = importlib.import_module(f"stages.{stage}")
+    with pytest.raises(config.ConfigError, match=r"save_every=0: it takes 1 or more"):
+        config.load(module.Config, None, ["save_every=0"])
+    assert config.load(module.Config, None, ["save_every=1"]).save_every == 1

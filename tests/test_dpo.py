@@ -155,9 +155,11 @@ def test_lora_dpo_trains_adapters_on_the_sft_model(sft_and_rm, tmp_path):
     assert not torch.allclose(merged_sft(ids).logits, merged_dpo(ids).logits)
 
 
-def test_a_negative_sft_weight_stops_at_start_up(tmp_path):
+def test_a_negative_or_doubled_sft_weight_stops_at_start_up(tmp_path):
     with pytest.raises(SystemExit, match="sft_weight must be 0"):
         dpo_stage.main([f"store={tmp_path}", "dpo.sft_weight=-1"])
+    with pytest.raises(SystemExit, match="sft_weight adds the NLL that loss_type=sft already is"):
+        dpo_stage.main([f"store={tmp_path}", "dpo.sft_weight=1", "dpo.loss_type=sft"])
     assert not any(tmp_path.iterdir())
 
 

@@ -214,17 +214,25 @@ def test_what_is_offloaded_must_fit_the_cpu_memory_given(configs):
     assert host > 16 * shape.lm_parameters and given.peak + plan.CUDA_CONTEXT < 40 * GiB
     assert plan.first_fit("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT).change == ""  # unchecked
     assert plan.first_fit("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT, host_budget=host).change == ""
-    found = plan.first_fit("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT, host_budget=host - GiB)
+    assert host > 120 * GiB
+    found = plan.first_fit("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT, host_budget=120 * GiB)
     assert found.fits and found.change == "offload"
     assert found.setup.launch.offload_optimizer and not found.setup.launch.offload_parameters
-    assert found.plan.host <= host - GiB and found.plan.peak > given.peak  # the parameters came back to the GPU
-    text = plan_report.report("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT, host - GiB)
-    assert f"does not fit; CPU memory {host / GiB:.1f} of {(host - GiB) / GiB:.0f} GiB a process (offloaded): more " \
-           "than there is" in text and "first fix (offload)" in text
+    assert found.plan.host <= 120 * GiB and found.plan.peak > given.peak  # the parameters came back to the GPU
+    text = plan_report.report("sft", shape, setup, 139 * GiB, plan.CUDA_CONTEXT, 120 * GiB)
+    assert f"does not fit; CPU memory {host / GiB:.1f} of 120 GiB a process (offloaded): more than there is" in text
+    assert "first fix (offload)" in text
     # where no route fits the CPU memory, the offloading route says so
     nothing = plan.first_fit("sft", shape, setup, 5 * GiB, plan.CUDA_CONTEXT, host_budget=GiB)  # 4-bit: 5.3 GiB
     assert not nothing.fits and any("of CPU memory a process offloaded, over the 1 GiB there are" in b.text
                                     for b in nothing.why_not)
+    # too much for the device and for the CPU memory: both said
+    both = plan.first_fit("sft", shape, setup, 2 * GiB, plan.CUDA_CONTEXT, host_budget=GiB).why_not[0]
+    assert "GiB at the peak" in both.text and "over the 1 GiB there are" in both.text
+    # the table's search takes the CPU memory too: 8B SFT on 1 GPU of 40 GiB, offloading, with 20 GiB a process
+    loose = plan.lightest_fit("sft", shape, setup, 40 * GiB, plan.CUDA_CONTEXT)
+    tight = plan.lightest_fit("sft", shape, setup, 40 * GiB, plan.CUDA_CONTEXT, host_budget=20 * GiB)
+    assert loose.plan.host > 20 * GiB >= tight.plan.host
 
 
 def test_4bit_is_never_planned_under_zero3(configs):
@@ -259,7 +267,9 @@ def test_a_users_mistake_is_one_line(tmp_path):
                            (["ppo.mini_batchsize=2"], "did you mean 'ppo.mini_batch_size'"),
                            (["--accelerate-config", "configs/accelerate/zero4.yaml"], "zero3.yaml"),
                            (["--stages", "ppo,sfr"], "sfr"),
-                           (["--cpu-memory", "-1"], "--cpu-memory (CPU_MEMORY) GiB, 0 for not checked")):
+                           (["--cpu-memory", "-1"], "--cpu-memory (CPU_MEMORY) GiB, 0 for not checked"),
+                           (["--cpu-memory", "nan"], "--cpu-memory (CPU_MEMORY) GiB, 0 for not checked"),
+                           (["--cpu-memory", "64", "--device", "cpu"], "give it as --gpu-memory (GPU_MEMORY)")):
         with pytest.raises(SystemExit) as stopped:
             alignment_main(["plan", "--stages", "ppo", *args])
         message = str(stopped.value.code)
