@@ -233,8 +233,8 @@ def held_out_point(r: dict, prompts: list, step: int) -> dict:
     found = health.measures(prompts, r["responses"])
     greedy = health.measures(prompts, r["greedy_responses"]) if r.get("greedy_responses") else {}
     return {"step": step, **{f"eval_{k}": stats.mean(r[k]) for k in ("reward", "gold", "kl") if r[k]},
-            **{f"eval_{k}": found[k] for k in (*health.POINT_KEYS, health.POINT_TEXT) if k in found},
-            **{f"eval_greedy_{k}": greedy[k] for k in (*health.POINT_KEYS, health.POINT_TEXT) if k in greedy}}
+            **{f"eval_{k}": found[k] for k in health.POINT_KEYS if k in found},
+            **{f"eval_greedy_{k}": greedy[k] for k in health.POINT_KEYS if k in greedy}}
 
 
 def policy_metrics(rollout: dict, sft_rollout: dict, gold: bool, seed: int = 0) -> dict:

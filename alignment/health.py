@@ -83,16 +83,16 @@ def collapse(policy: dict, sft: dict) -> list[str]:
     return out
 
 
-POINT_KEYS = ("distinct_responses", "top_response_share", "mean_length", "prompt_overlap")  # in held-out points
-# and the most frequent answer itself, so that a collapse said in the log quotes it (text: no TensorBoard scalar)
-POINT_TEXT = "top_response"
+# in held-out points; with the most frequent answer itself, so that a collapse said in the log quotes it (text: the
+# TensorBoard writers leave it out)
+POINT_KEYS = ("distinct_responses", "top_response_share", "top_response", "mean_length", "prompt_overlap")
 
 
 def of_point(point: dict, mode: str = "sampled") -> dict:
     """The measures a held-out point holds of its sampled answers (eval_<name>) or its greedy ones
     (eval_greedy_<name>: evaluation.held_out_point), as measures() gives them."""
     prefix = "eval_greedy_" if mode == "greedy" else "eval_"
-    return {k: point[f"{prefix}{k}"] for k in (*POINT_KEYS, POINT_TEXT) if f"{prefix}{k}" in point}
+    return {k: point[f"{prefix}{k}"] for k in POINT_KEYS if f"{prefix}{k}" in point}
 
 
 def watch(points: list[dict], stage: str, main_process: bool) -> list[str]:

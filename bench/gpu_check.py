@@ -91,19 +91,11 @@ def step(name: str, cmd: list[str], results: dict, log_dir: Path, env: dict | No
 def build_half_billion_llama(folder: Path, tokenizer_from: Path, smoke: bool) -> Path:
     """A LLaMA of ~0.46B parameters (hidden 1536, 16 layers) with random weights saved in bf16, and the tiny
     model's tokenizer: MODEL=<folder> takes the llama family's settings."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    size = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4) if smoke else \
-        dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, num_key_value_heads=size[
-        "num_attention_heads"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, dtype="bfloat16", **size)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    rung = SMOKE_LADDER[-1] if smoke else ("0.5b", 1536, 4096, 16, 12, 12)
+    return build_llama(rung, folder, tokenizer, torch.cuda.is_available(), vocab=len(tokenizer))
 
 
 # LLaMA shapes, largest first: hidden, intermediate, layers, attention heads, key-value heads (LLaMA-2-13B, LLaMA-3-8B,
@@ -198,11 +190,12 @@ def accelerate_file(launch, work: Path) -> Path:
     return path
 
 
-def build_llama(rung: tuple, folder: Path, tokenizer, cuda: bool) -> Path:
-    """The rung's LLaMA with random weights, built on the GPU where there is one, saved in bf16 with the tokenizer."""
+def build_llama(rung: tuple, folder: Path, tokenizer, cuda: bool, vocab: int | None = None) -> Path:
+    """The rung's LLaMA with random weights, built on the GPU where there is one, saved in bf16 with the tokenizer;
+    its vocabulary LLaMA-3's on a GPU, the tokenizer's on a CPU, unless given."""
     from transformers import LlamaForCausalLM
 
-    config = llama_config(rung, tokenizer, VOCAB if cuda else len(tokenizer))
+    config = llama_config(rung, tokenizer, vocab or (VOCAB if cuda else len(tokenizer)))
     torch.manual_seed(0)
     with torch.device("cuda" if cuda else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -215,7 +208,7 @@ def build_llama(rung: tuple, folder: Path, tokenizer, cuda: bool) -> Path:
 
 
 def largest(a, cuda: bool, work: Path, results: dict) -> None:
-    """--largest: the rung the plan picks, then one step of SFT, RM and PPO under ZeRO-3 with everything offloaded,
+    """--largest: the rung the plan picks, then one step of SFT, RM and PPO under ZeRO-3 with what the plan offloads,
     each stage's measured peak beside the plan's."""
     from transformers import AutoTokenizer
 

@@ -73,7 +73,7 @@ def test_grpo_end_to_end(inputs, tmp_path):
         assert lo <= metrics[mode]["gold"]["difference"]["mean"] <= hi
     assert [p["step"] for p in metrics["eval_curve"]] == [0, 1, 2]
     # the scores of the sampled answers, and the measures of the sampled and greedy answers as sets (health.py)
-    measures = {f"eval_{mode}{k}" for mode in ("", "greedy_") for k in (*health.POINT_KEYS, health.POINT_TEXT)}
+    measures = {f"eval_{mode}{k}" for mode in ("", "greedy_") for k in health.POINT_KEYS}
     assert all(set(p) == {"step", "eval_reward", "eval_gold", "eval_kl", *measures} for p in metrics["eval_curve"])
     assert metrics["eval_curve"][0]["eval_kl"] == 0.0  # step 0: the policy is the reference
     assert metrics["episodes"] == 2 * 4 * 4 and metrics["steps"] == 2 and metrics["skipped_non_finite"] == 0
